@@ -1,0 +1,309 @@
+//! `ResponseBody`: a cached body, an untouched inner body, or an inner body recorded on its
+//! way to the client (a tee bounded by the size limit).
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::header::{self, HeaderName};
+use http::{HeaderMap, StatusCode};
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+
+use crate::entry::Entry;
+use crate::layer::CacheLayer;
+use crate::policy::TTL_OVERRIDE_HEADER;
+use crate::status::{Counters, CACHE_STATUS};
+
+pin_project! {
+    /// The response body of [`CacheService`](crate::CacheService).
+    ///
+    /// On a hit it yields the stored bytes (exact size hint) and trailers; otherwise it
+    /// forwards the inner body frame by frame, size hint and end of stream included, and
+    /// records it when the response may be stored.
+    pub struct ResponseBody<B> {
+        #[pin]
+        kind: Kind<B>,
+    }
+}
+
+pin_project! {
+    #[project = KindProj]
+    enum Kind<B> {
+        Cached {
+            data: Option<Bytes>,
+            trailers: Option<HeaderMap>,
+        },
+        Passthrough {
+            #[pin]
+            body: B,
+        },
+        Recording {
+            #[pin]
+            body: B,
+            recorder: Option<Recorder>,
+        },
+    }
+}
+
+impl<B> ResponseBody<B> {
+    pub(crate) fn cached(data: Option<Bytes>, trailers: Option<HeaderMap>) -> Self {
+        ResponseBody {
+            kind: Kind::Cached {
+                data: data.filter(|d| !d.is_empty()),
+                trailers,
+            },
+        }
+    }
+
+    pub(crate) fn passthrough(body: B) -> Self {
+        ResponseBody {
+            kind: Kind::Passthrough { body },
+        }
+    }
+
+    pub(crate) fn recording(body: B, recorder: Recorder) -> Self
+    where
+        B: Body,
+    {
+        if body.is_end_stream() {
+            // An empty body may never be polled: store it now.
+            recorder.finish(None);
+            return Self::passthrough(body);
+        }
+        ResponseBody {
+            kind: Kind::Recording {
+                body,
+                recorder: Some(recorder),
+            },
+        }
+    }
+}
+
+impl<B> std::fmt::Debug for ResponseBody<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match &self.kind {
+            Kind::Cached { .. } => "cached",
+            Kind::Passthrough { .. } => "passthrough",
+            Kind::Recording { .. } => "recording",
+        };
+        f.debug_struct("ResponseBody").field("kind", &kind).finish()
+    }
+}
+
+impl<B> Body for ResponseBody<B>
+where
+    B: Body<Data = Bytes>,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        match self.project().kind.project() {
+            KindProj::Cached { data, trailers } => {
+                if let Some(d) = data.take() {
+                    return Poll::Ready(Some(Ok(Frame::data(d))));
+                }
+                Poll::Ready(trailers.take().map(|t| Ok(Frame::trailers(t))))
+            }
+            KindProj::Passthrough { body } => body.poll_frame(cx),
+            KindProj::Recording { mut body, recorder } => {
+                let frame = match body.as_mut().poll_frame(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(f) => f,
+                };
+                match &frame {
+                    None => {
+                        if let Some(r) = recorder.take() {
+                            r.finish(None);
+                        }
+                    }
+                    Some(Err(_)) => {
+                        // Dropping the recorder abandons the entry.
+                        recorder.take();
+                    }
+                    Some(Ok(f)) => {
+                        if let Some(data) = f.data_ref() {
+                            let over = recorder.as_mut().is_some_and(|r| !r.push(data));
+                            if over {
+                                recorder.take();
+                            }
+                        } else if let Some(t) = f.trailers_ref() {
+                            if let Some(r) = recorder.take() {
+                                r.finish(Some(t.clone()));
+                            }
+                        }
+                        // A body may say it is done without yielding `None`; callers such as
+                        // hyper then stop polling.
+                        if body.is_end_stream() {
+                            if let Some(r) = recorder.take() {
+                                r.finish(None);
+                            }
+                        }
+                    }
+                }
+                Poll::Ready(frame)
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Cached { data, trailers } => data.is_none() && trailers.is_none(),
+            Kind::Passthrough { body } | Kind::Recording { body, .. } => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Cached { data, .. } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+            Kind::Passthrough { body } | Kind::Recording { body, .. } => body.size_hint(),
+        }
+    }
+}
+
+/// Collects a response body on its way out and stores it at a clean end of stream.
+/// Dropped before that (client gone, body error, over the limit), it stores nothing.
+pub(crate) struct Recorder {
+    shared: Arc<CacheLayer>,
+    key: String,
+    ttl: Duration,
+    status: StatusCode,
+    headers: HeaderMap,
+    chunks: Vec<Bytes>,
+    len: usize,
+    limit: usize,
+    finished: bool,
+}
+
+impl Recorder {
+    pub(crate) fn new(
+        shared: Arc<CacheLayer>,
+        key: String,
+        ttl: Duration,
+        status: StatusCode,
+        headers: HeaderMap,
+        limit: usize,
+    ) -> Self {
+        Recorder {
+            shared,
+            key,
+            ttl,
+            status,
+            headers,
+            chunks: Vec::new(),
+            len: 0,
+            limit,
+            finished: false,
+        }
+    }
+
+    /// Records a chunk (a reference count, not a copy); false once over the limit.
+    fn push(&mut self, data: &Bytes) -> bool {
+        self.len = self.len.saturating_add(data.len());
+        if self.len > self.limit {
+            tracing::debug!(key = %self.key, limit = self.limit, "response body over the limit; not stored");
+            return false;
+        }
+        if !data.is_empty() {
+            self.chunks.push(data.clone());
+        }
+        true
+    }
+
+    /// Encodes the entry and writes it in the background, within the bound on pending writes.
+    fn finish(mut self, trailers: Option<HeaderMap>) {
+        self.finished = true;
+        let shared = Arc::clone(&self.shared);
+        let counters = &shared.runtime.counters;
+        let Ok(permit) = Arc::clone(&shared.runtime.writes).try_acquire_owned() else {
+            Counters::incr(&counters.writes_dropped);
+            tracing::debug!(key = %self.key, "too many pending cache writes; write dropped");
+            return;
+        };
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            Counters::incr(&counters.writes_dropped);
+            return;
+        };
+        let stored_at_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+            .unwrap_or(0);
+        let ttl_ms = u64::try_from(self.ttl.as_millis()).unwrap_or(u64::MAX);
+        let value = Entry::encode(
+            self.status,
+            &self.headers,
+            trailers.as_ref(),
+            &self.chunks,
+            stored_at_ms,
+            ttl_ms,
+        );
+        let key = std::mem::take(&mut self.key);
+        let ttl = self.ttl;
+        let task_shared = Arc::clone(&shared);
+        rt.spawn(async move {
+            let counters = &task_shared.runtime.counters;
+            match task_shared.settings.store.set(&key, value, ttl).await {
+                Ok(()) => {
+                    Counters::incr(&counters.stored);
+                    tracing::debug!(key = %key, ttl_ms, "response stored");
+                }
+                Err(e) => {
+                    Counters::incr(&counters.write_errors);
+                    tracing::debug!(key = %key, error = %e.details(), "cache write failed");
+                }
+            }
+            drop(permit);
+        });
+    }
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        if !self.finished {
+            Counters::incr(&self.shared.runtime.counters.abandoned);
+            tracing::debug!(key = %self.key, "response ended early; not stored");
+        }
+    }
+}
+
+/// The response headers worth storing: without hop-by-hop headers (and those named by
+/// `Connection`), `Content-Length` (recomputed on a hit), `Age` and the cache's own headers.
+pub(crate) fn storable_headers(headers: &HeaderMap) -> HeaderMap {
+    let mut out = headers.clone();
+    let named_by_connection: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for name in named_by_connection {
+        out.remove(name);
+    }
+    for name in [
+        header::CONNECTION,
+        header::TRANSFER_ENCODING,
+        header::TE,
+        header::TRAILER,
+        header::UPGRADE,
+        header::PROXY_AUTHENTICATE,
+        header::PROXY_AUTHORIZATION,
+        header::CONTENT_LENGTH,
+        header::AGE,
+        CACHE_STATUS,
+        TTL_OVERRIDE_HEADER,
+    ] {
+        out.remove(name);
+    }
+    out.remove("keep-alive");
+    out.remove("proxy-connection");
+    out
+}

@@ -1,0 +1,320 @@
+//! The stored envelope: a versioned binary encoding of a response.
+//!
+//! Layout (all integers big-endian):
+//!
+//! ```text
+//! magic "TRC" | version u8 | stored_at_ms u64 | ttl_ms u64 | status u16
+//! | n_headers u16 | (name_len u16, name, value_len u32, value)*
+//! | has_trailers u8 | [n_trailers u16 | (name_len u16, name, value_len u32, value)*]
+//! | body_len u64 | body
+//! ```
+//!
+//! Decoding checks every length against the remaining input and requires the input to end
+//! exactly after the body, so a truncated, extended or foreign value is rejected, never
+//! misread. On a hit the body is a slice of the Redis reply (no copy).
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+
+const MAGIC: &[u8; 3] = b"TRC";
+/// The envelope format version; bump on any layout change.
+pub(crate) const FORMAT_VERSION: u8 = 1;
+
+/// A response as stored in Redis.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Entry {
+    pub(crate) status: StatusCode,
+    pub(crate) headers: HeaderMap,
+    pub(crate) trailers: Option<HeaderMap>,
+    pub(crate) body: Bytes,
+    /// Unix time in milliseconds at which the entry was stored.
+    pub(crate) stored_at_ms: u64,
+    /// The time to live the entry was stored with, in milliseconds.
+    pub(crate) ttl_ms: u64,
+}
+
+/// Why a stored value could not be decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum DecodeError {
+    /// Not one of our envelopes (wrong magic).
+    Foreign,
+    /// An envelope of another format version.
+    Version(u8),
+    /// Truncated, over-long or otherwise malformed.
+    Malformed,
+}
+
+impl std::fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DecodeError::Foreign => f.write_str("not a tower-redis-cache entry"),
+            DecodeError::Version(v) => write!(f, "unsupported entry format version {v}"),
+            DecodeError::Malformed => f.write_str("malformed entry"),
+        }
+    }
+}
+
+impl Entry {
+    /// Encodes the entry. `body` is given as chunks so that a recorded body is copied once.
+    pub(crate) fn encode(
+        status: StatusCode,
+        headers: &HeaderMap,
+        trailers: Option<&HeaderMap>,
+        body: &[Bytes],
+        stored_at_ms: u64,
+        ttl_ms: u64,
+    ) -> Bytes {
+        let body_len: usize = body.iter().map(Bytes::len).sum();
+        let map_len = |m: &HeaderMap| {
+            m.iter()
+                .map(|(n, v)| 6 + n.as_str().len() + v.len())
+                .sum::<usize>()
+                + 2
+        };
+        let cap = 3
+            + 1
+            + 8
+            + 8
+            + 2
+            + map_len(headers)
+            + 1
+            + trailers.map(map_len).unwrap_or(0)
+            + 8
+            + body_len;
+        let mut out = BytesMut::with_capacity(cap);
+        out.put_slice(MAGIC);
+        out.put_u8(FORMAT_VERSION);
+        out.put_u64(stored_at_ms);
+        out.put_u64(ttl_ms);
+        out.put_u16(status.as_u16());
+        put_map(&mut out, headers);
+        match trailers {
+            Some(t) => {
+                out.put_u8(1);
+                put_map(&mut out, t);
+            }
+            None => out.put_u8(0),
+        }
+        out.put_u64(body_len as u64);
+        for chunk in body {
+            out.put_slice(chunk);
+        }
+        out.freeze()
+    }
+
+    /// Decodes an envelope; the body shares `raw`'s allocation.
+    pub(crate) fn decode(raw: &Bytes) -> Result<Entry, DecodeError> {
+        let mut cur = Cursor {
+            buf: raw.clone(),
+            err: DecodeError::Malformed,
+        };
+        if raw.len() < 4 || &raw[..3] != MAGIC {
+            return Err(DecodeError::Foreign);
+        }
+        cur.buf.advance(3);
+        let version = cur.u8()?;
+        if version != FORMAT_VERSION {
+            return Err(DecodeError::Version(version));
+        }
+        let stored_at_ms = cur.u64()?;
+        let ttl_ms = cur.u64()?;
+        let status = StatusCode::from_u16(cur.u16()?).map_err(|_| DecodeError::Malformed)?;
+        let headers = cur.map()?;
+        let trailers = match cur.u8()? {
+            0 => None,
+            1 => Some(cur.map()?),
+            _ => return Err(DecodeError::Malformed),
+        };
+        let body_len = usize::try_from(cur.u64()?).map_err(|_| DecodeError::Malformed)?;
+        let body = cur.take(body_len)?;
+        if cur.buf.has_remaining() {
+            return Err(DecodeError::Malformed);
+        }
+        Ok(Entry {
+            status,
+            headers,
+            trailers,
+            body,
+            stored_at_ms,
+            ttl_ms,
+        })
+    }
+}
+
+fn put_map(out: &mut BytesMut, map: &HeaderMap) {
+    // Header maps built by `http` cannot hold more than u16::MAX entries' worth of names
+    // in practice; the count is checked anyway so the length prefix never lies.
+    let n = map.len().min(usize::from(u16::MAX));
+    out.put_u16(n as u16);
+    for (name, value) in map.iter().take(n) {
+        out.put_u16(name.as_str().len() as u16);
+        out.put_slice(name.as_str().as_bytes());
+        out.put_u32(value.len() as u32);
+        out.put_slice(value.as_bytes());
+    }
+}
+
+struct Cursor {
+    buf: Bytes,
+    err: DecodeError,
+}
+
+impl Cursor {
+    fn need(&self, n: usize) -> Result<(), DecodeError> {
+        if self.buf.remaining() < n {
+            Err(self.err)
+        } else {
+            Ok(())
+        }
+    }
+    fn u8(&mut self) -> Result<u8, DecodeError> {
+        self.need(1)?;
+        Ok(self.buf.get_u8())
+    }
+    fn u16(&mut self) -> Result<u16, DecodeError> {
+        self.need(2)?;
+        Ok(self.buf.get_u16())
+    }
+    fn u32(&mut self) -> Result<u32, DecodeError> {
+        self.need(4)?;
+        Ok(self.buf.get_u32())
+    }
+    fn u64(&mut self) -> Result<u64, DecodeError> {
+        self.need(8)?;
+        Ok(self.buf.get_u64())
+    }
+    fn take(&mut self, n: usize) -> Result<Bytes, DecodeError> {
+        self.need(n)?;
+        Ok(self.buf.split_to(n))
+    }
+    fn map(&mut self) -> Result<HeaderMap, DecodeError> {
+        let n = usize::from(self.u16()?);
+        // Each pair takes at least 6 bytes: never reserve more than the input can hold.
+        let mut map = HeaderMap::with_capacity(n.min(self.buf.remaining() / 6));
+        for _ in 0..n {
+            let name_len = usize::from(self.u16()?);
+            let name = self.take(name_len)?;
+            let name = HeaderName::from_bytes(&name).map_err(|_| DecodeError::Malformed)?;
+            let value_len = self.u32()? as usize;
+            let value = self.take(value_len)?;
+            let value =
+                HeaderValue::from_maybe_shared(value).map_err(|_| DecodeError::Malformed)?;
+            map.append(name, value);
+        }
+        Ok(map)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Entry {
+        let mut headers = HeaderMap::new();
+        headers.insert("content-type", HeaderValue::from_static("application/json"));
+        headers.append("x-multi", HeaderValue::from_static("a"));
+        headers.append("x-multi", HeaderValue::from_static("b"));
+        let mut trailers = HeaderMap::new();
+        trailers.insert("grpc-status", HeaderValue::from_static("0"));
+        Entry {
+            status: StatusCode::OK,
+            headers,
+            trailers: Some(trailers),
+            body: Bytes::from_static(b"{\"hello\":\"world\"}"),
+            stored_at_ms: 1_700_000_000_123,
+            ttl_ms: 60_000,
+        }
+    }
+
+    fn encode(e: &Entry) -> Bytes {
+        // Split the body in two chunks to exercise chunked encoding.
+        let (a, b) = e.body.split_at(3);
+        Entry::encode(
+            e.status,
+            &e.headers,
+            e.trailers.as_ref(),
+            &[Bytes::copy_from_slice(a), Bytes::copy_from_slice(b)],
+            e.stored_at_ms,
+            e.ttl_ms,
+        )
+    }
+
+    #[test]
+    fn round_trip_keeps_repeated_headers_trailers_and_body() {
+        let e = sample();
+        let raw = encode(&e);
+        let d = Entry::decode(&raw).unwrap();
+        assert_eq!(d, e);
+        let multi: Vec<_> = d.headers.get_all("x-multi").iter().collect();
+        assert_eq!(multi, ["a", "b"]);
+    }
+
+    #[test]
+    fn round_trip_without_trailers_and_empty_body() {
+        let e = Entry {
+            trailers: None,
+            body: Bytes::new(),
+            ..sample()
+        };
+        let raw = Entry::encode(e.status, &e.headers, None, &[], e.stored_at_ms, e.ttl_ms);
+        assert_eq!(Entry::decode(&raw).unwrap(), e);
+    }
+
+    #[test]
+    fn every_truncation_is_rejected() {
+        let raw = encode(&sample());
+        for cut in 0..raw.len() {
+            assert!(Entry::decode(&raw.slice(..cut)).is_err(), "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn trailing_garbage_is_rejected() {
+        let mut raw = BytesMut::from(&encode(&sample())[..]);
+        raw.put_u8(0);
+        assert_eq!(
+            Entry::decode(&raw.freeze()),
+            Err(DecodeError::Malformed)
+        );
+    }
+
+    #[test]
+    fn foreign_and_future_versions_are_rejected() {
+        assert_eq!(
+            Entry::decode(&Bytes::from_static(b"{\"json\":1}")),
+            Err(DecodeError::Foreign)
+        );
+        let mut raw = BytesMut::from(&encode(&sample())[..]);
+        raw[3] = FORMAT_VERSION + 1;
+        assert_eq!(
+            Entry::decode(&raw.freeze()),
+            Err(DecodeError::Version(FORMAT_VERSION + 1))
+        );
+    }
+
+    #[test]
+    fn random_bytes_never_panic() {
+        // A small deterministic xorshift generator: the decoder must return, never panic.
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        for len in 0..2000usize {
+            let mut v = Vec::with_capacity(len + 4);
+            v.extend_from_slice(b"TRC\x01");
+            for _ in 0..len {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                v.push(x as u8);
+            }
+            let _ = Entry::decode(&Bytes::from(v));
+        }
+    }
+
+    #[test]
+    fn decoded_body_shares_the_reply_allocation() {
+        let raw = encode(&sample());
+        let d = Entry::decode(&raw).unwrap();
+        let start = raw.as_ptr() as usize;
+        let body = d.body.as_ptr() as usize;
+        assert!(body >= start && body < start + raw.len());
+    }
+}

@@ -1,0 +1,298 @@
+//! `ResponseFuture`: lookup, then either a hit or the inner service.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::header::{AGE, CONTENT_LENGTH};
+use http::{HeaderName, HeaderValue, Request, Response};
+use pin_project_lite::pin_project;
+use sync_wrapper::SyncWrapper;
+use tower_service::Service;
+
+use crate::body::{storable_headers, Recorder, ResponseBody};
+use crate::entry::Entry;
+use crate::layer::CacheLayer;
+use crate::policy::{handler_override, response_ttl, Policy, TTL_OVERRIDE_HEADER};
+use crate::status::{set_headers, BypassReason, CacheStatus, Counters};
+
+type Lookup = Pin<Box<dyn Future<Output = Result<Option<Bytes>, ()>> + Send>>;
+
+pin_project! {
+    /// The response future of [`CacheService`](crate::CacheService).
+    pub struct ResponseFuture<S, ReqB>
+    where
+        S: Service<Request<ReqB>>,
+    {
+        #[pin]
+        state: State<S, ReqB>,
+        mode: Mode,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    #[project_replace = StateOwn]
+    enum State<S, ReqB>
+    where
+        S: Service<Request<ReqB>>,
+    {
+        Lookup {
+            lookup: SyncWrapper<Lookup>,
+            service: S,
+            request: Request<ReqB>,
+        },
+        Call {
+            #[pin]
+            future: S::Future,
+        },
+        Done,
+    }
+}
+
+/// What to do with the inner response.
+enum Mode {
+    /// Not a GET/HEAD: untouched.
+    Passthrough,
+    /// GET/HEAD that did not use the cache.
+    Bypass(BypassReason, Option<HeaderName>),
+    /// Looked up; on a miss the response may be stored.
+    Cache(Box<Ctx>),
+}
+
+struct Ctx {
+    shared: Arc<CacheLayer>,
+    key: String,
+    policy: Arc<Policy>,
+    head: bool,
+    status: CacheStatus,
+}
+
+impl<S, ReqB> ResponseFuture<S, ReqB>
+where
+    S: Service<Request<ReqB>>,
+{
+    pub(crate) fn passthrough(future: S::Future) -> Self {
+        ResponseFuture {
+            state: State::Call { future },
+            mode: Mode::Passthrough,
+        }
+    }
+
+    pub(crate) fn bypass(
+        future: S::Future,
+        reason: BypassReason,
+        x_cache: Option<HeaderName>,
+    ) -> Self {
+        ResponseFuture {
+            state: State::Call { future },
+            mode: Mode::Bypass(reason, x_cache),
+        }
+    }
+
+    pub(crate) fn lookup(
+        shared: Arc<CacheLayer>,
+        key: String,
+        policy: Arc<Policy>,
+        head: bool,
+        service: S,
+        request: Request<ReqB>,
+    ) -> Self {
+        let store = shared.settings.store.clone();
+        let lookup_key = key.clone();
+        let lookup: Lookup = Box::pin(async move { store.get(&lookup_key).await.map_err(|_| ()) });
+        ResponseFuture {
+            state: State::Lookup {
+                lookup: SyncWrapper::new(lookup),
+                service,
+                request,
+            },
+            mode: Mode::Cache(Box::new(Ctx {
+                shared,
+                key,
+                policy,
+                head,
+                status: CacheStatus::Miss,
+            })),
+        }
+    }
+}
+
+impl<S, ReqB, ResB> Future for ResponseFuture<S, ReqB>
+where
+    S: Service<Request<ReqB>, Response = Response<ResB>>,
+    ResB: http_body::Body<Data = Bytes>,
+{
+    type Output = Result<Response<ResponseBody<ResB>>, S::Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            match this.state.as_mut().project() {
+                StateProj::Lookup { lookup, .. } => {
+                    let found = ready!(lookup.get_mut().as_mut().poll(cx));
+                    let Mode::Cache(ctx) = this.mode else {
+                        // Only `lookup` builds this state, always with `Mode::Cache`.
+                        unreachable!("lookup state without cache context")
+                    };
+                    let counters = &ctx.shared.runtime.counters;
+                    match found {
+                        Ok(Some(raw)) => match Entry::decode(&raw) {
+                            Ok(entry) => {
+                                this.state.set(State::Done);
+                                Counters::incr(&counters.hits);
+                                tracing::debug!(key = %ctx.key, "cache hit");
+                                return Poll::Ready(Ok(hit(entry, ctx)));
+                            }
+                            Err(e) => {
+                                Counters::incr(&counters.undecodable);
+                                Counters::incr(&counters.misses);
+                                tracing::warn!(key = %ctx.key, error = %e, "undecodable cache entry; treated as a miss");
+                                remove_if_unchanged(&ctx.shared, ctx.key.clone(), raw);
+                            }
+                        },
+                        Ok(None) => {
+                            Counters::incr(&counters.misses);
+                            tracing::debug!(key = %ctx.key, "cache miss");
+                        }
+                        Err(()) => {
+                            Counters::incr(&counters.unavailable);
+                            ctx.status = CacheStatus::Unavailable;
+                        }
+                    }
+                    let StateOwn::Lookup {
+                        mut service,
+                        request,
+                        ..
+                    } = this.state.as_mut().project_replace(State::Done)
+                    else {
+                        // We are in the `Lookup` arm of this very match.
+                        unreachable!("state changed during poll")
+                    };
+                    let future = service.call(request);
+                    this.state.set(State::Call { future });
+                }
+                StateProj::Call { future } => {
+                    let response = ready!(future.poll(cx))?;
+                    this.state.set(State::Done);
+                    return Poll::Ready(Ok(respond(response, this.mode)));
+                }
+                StateProj::Done => {
+                    // Polled after completion: a contract violation by the caller; stay
+                    // pending rather than panic on a request path.
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// Builds the response for a hit: the stored head, exact `Content-Length`, `Age`, and the
+/// cache status headers. HEAD gets the headers only.
+fn hit<B>(entry: Entry, ctx: &Ctx) -> Response<ResponseBody<B>> {
+    let now = now_ms();
+    let age_secs = now.saturating_sub(entry.stored_at_ms) / 1000;
+    let ttl_secs = (entry.stored_at_ms.saturating_add(entry.ttl_ms)).saturating_sub(now) / 1000;
+    let len = entry.body.len();
+    let body = if ctx.head {
+        ResponseBody::cached(None, None)
+    } else {
+        ResponseBody::cached(Some(entry.body), entry.trailers)
+    };
+    let mut res = Response::new(body);
+    *res.status_mut() = entry.status;
+    *res.headers_mut() = entry.headers;
+    let headers = res.headers_mut();
+    headers.insert(CONTENT_LENGTH, HeaderValue::from(len));
+    headers.insert(AGE, HeaderValue::from(age_secs));
+    set_headers(
+        headers,
+        CacheStatus::Hit,
+        ttl_secs,
+        ctx.shared.settings.x_cache.as_ref(),
+    );
+    res.extensions_mut().insert(CacheStatus::Hit);
+    res
+}
+
+/// Wraps the inner response: marks it, and on a storable GET miss records its body.
+fn respond<B>(response: Response<B>, mode: &Mode) -> Response<ResponseBody<B>>
+where
+    B: http_body::Body<Data = Bytes>,
+{
+    let ctx = match mode {
+        Mode::Passthrough => return response.map(ResponseBody::passthrough),
+        Mode::Bypass(reason, x_cache) => {
+            let (mut parts, body) = response.into_parts();
+            parts.headers.remove(TTL_OVERRIDE_HEADER);
+            let status = CacheStatus::Bypass(*reason);
+            set_headers(&mut parts.headers, status, 0, x_cache.as_ref());
+            parts.extensions.insert(status);
+            return Response::from_parts(parts, ResponseBody::passthrough(body));
+        }
+        Mode::Cache(ctx) => ctx,
+    };
+    let (mut parts, body) = response.into_parts();
+    let over = handler_override(&parts.headers, &parts.extensions);
+    parts.headers.remove(TTL_OVERRIDE_HEADER);
+
+    let counters = &ctx.shared.runtime.counters;
+    let body = if ctx.head {
+        ResponseBody::passthrough(body)
+    } else {
+        match response_ttl(parts.status, &parts.headers, over, &ctx.policy) {
+            Err(why) => {
+                tracing::debug!(key = %ctx.key, reason = why.as_str(), "response not stored");
+                ResponseBody::passthrough(body)
+            }
+            Ok(ttl) => {
+                let limit = ctx.policy.max_body_size;
+                if http_body::Body::size_hint(&body).lower() > limit as u64 {
+                    Counters::incr(&counters.abandoned);
+                    tracing::debug!(key = %ctx.key, limit, "response larger than the limit; not stored");
+                    ResponseBody::passthrough(body)
+                } else {
+                    let recorder = Recorder::new(
+                        Arc::clone(&ctx.shared),
+                        ctx.key.clone(),
+                        ttl,
+                        parts.status,
+                        storable_headers(&parts.headers),
+                        limit,
+                    );
+                    ResponseBody::recording(body, recorder)
+                }
+            }
+        }
+    };
+    set_headers(
+        &mut parts.headers,
+        ctx.status,
+        0,
+        ctx.shared.settings.x_cache.as_ref(),
+    );
+    parts.extensions.insert(ctx.status);
+    Response::from_parts(parts, body)
+}
+
+/// Removes an undecodable entry, off the request path, only if it still holds the same bytes.
+fn remove_if_unchanged(shared: &Arc<CacheLayer>, key: String, raw: Bytes) {
+    let store = shared.settings.store.clone();
+    if let Ok(rt) = tokio::runtime::Handle::try_current() {
+        rt.spawn(async move {
+            if let Err(e) = store.delete_if_equal(&key, raw).await {
+                tracing::debug!(key = %key, error = %e.details(), "could not remove undecodable entry");
+            }
+        });
+    }
+}

@@ -1,0 +1,205 @@
+//! `CacheHandle`: invalidation, health and counters, for the application's own code.
+
+use std::fmt;
+use std::time::Duration;
+
+use http::{HeaderMap, HeaderName, HeaderValue, Uri};
+
+use crate::key::KeyInput;
+use crate::layer::CacheLayer;
+use crate::status::Stats;
+
+/// A cheap, cloneable handle on a [`CacheLayer`]'s store, for the application's own code
+/// (for example in axum state, to invalidate after a write).
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use tower_redis_cache::{CacheLayer, RedisConfig, RedisStore, RequestKey};
+///
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// let store = RedisStore::connect(RedisConfig::from_env()?).await?;
+/// let cache = CacheLayer::new(store, Duration::from_secs(60))
+///     .route("/users/{id}/menu", tower_redis_cache::Policy::per_user(Duration::from_secs(900)))?;
+/// let handle = cache.handle();
+/// // After user 42's roles change:
+/// handle.invalidate(&RequestKey::new("/users/42/menu").identity("42")).await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct CacheHandle {
+    layer: CacheLayer,
+}
+
+/// The state of Redis as seen by [`CacheHandle::health`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RedisStatus {
+    /// Redis answered a PING within the command deadline.
+    Connected,
+    /// Redis did not answer; requests are served uncached.
+    Unavailable,
+}
+
+impl RedisStatus {
+    /// `"connected"` or `"unavailable"`, as the Python utility's `/health` said.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RedisStatus::Connected => "connected",
+            RedisStatus::Unavailable => "unavailable",
+        }
+    }
+}
+
+/// The result of a health check.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Health {
+    /// Whether Redis answered.
+    pub redis: RedisStatus,
+    /// The PING round-trip time, when it answered.
+    pub round_trip: Option<Duration>,
+}
+
+/// A Redis operation of the handle failed (Redis down, too slow, or refusing the command).
+#[derive(Debug)]
+pub struct CacheError {
+    source: fred::error::Error,
+}
+
+impl CacheError {
+    /// Whether the command ran out of time (or was not sent because Redis is unreachable).
+    pub fn is_timeout(&self) -> bool {
+        matches!(
+            self.source.kind(),
+            fred::error::ErrorKind::Timeout | fred::error::ErrorKind::Canceled
+        )
+    }
+}
+
+impl fmt::Display for CacheError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "cache operation failed: {}", self.source.details())
+    }
+}
+
+impl std::error::Error for CacheError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.source)
+    }
+}
+
+/// One request as the layer would key it, to invalidate its entry.
+///
+/// The route template is found in the layer's route table when not given; give it with
+/// [`route`](Self::route) when the layer learned it from axum's `MatchedPath` instead (a
+/// layer per route).
+#[derive(Clone, Debug)]
+pub struct RequestKey {
+    uri: String,
+    route: Option<String>,
+    identity: Option<String>,
+    headers: HeaderMap,
+}
+
+impl RequestKey {
+    /// The request's path and query, for example `/prompts/welcome?lang=en`.
+    pub fn new(path_and_query: impl Into<String>) -> Self {
+        RequestKey {
+            uri: path_and_query.into(),
+            route: None,
+            identity: None,
+            headers: HeaderMap::new(),
+        }
+    }
+
+    /// The route template (`/users/{id}/menu`), when the layer's table does not have it.
+    pub fn route(mut self, template: impl Into<String>) -> Self {
+        self.route = Some(template.into());
+        self
+    }
+
+    /// The caller's identity on a per-user route, exactly as the layer's
+    /// [`Identity`](crate::Identity) extracts it (for `Identity::extension`, its `Display`).
+    pub fn identity(mut self, identity: impl Into<String>) -> Self {
+        self.identity = Some(identity.into());
+        self
+    }
+
+    /// A value of a header the route keys on ([`Policy::key_header`](crate::Policy::key_header)).
+    pub fn header(mut self, name: HeaderName, value: HeaderValue) -> Self {
+        self.headers.append(name, value);
+        self
+    }
+}
+
+impl CacheHandle {
+    pub(crate) fn new(layer: CacheLayer) -> Self {
+        CacheHandle { layer }
+    }
+
+    /// Counters since the layer was built.
+    pub fn stats(&self) -> Stats {
+        self.layer.runtime.counters.snapshot()
+    }
+
+    /// Pings Redis within the command deadline.
+    pub async fn health(&self) -> Health {
+        match self.layer.settings.store.ping().await {
+            Ok(rtt) => Health {
+                redis: RedisStatus::Connected,
+                round_trip: Some(rtt),
+            },
+            Err(_) => Health {
+                redis: RedisStatus::Unavailable,
+                round_trip: None,
+            },
+        }
+    }
+
+    /// The Redis key of a request (for inspection and tests).
+    pub fn key(&self, request: &RequestKey) -> String {
+        let uri: Option<Uri> = request.uri.parse().ok();
+        let (path, query) = match &uri {
+            Some(u) => (u.path(), u.query()),
+            None => (request.uri.as_str(), None),
+        };
+        let routes = &self.layer.routes;
+        let (route, policy) = match &request.route {
+            Some(r) => (Some(r.as_str()), routes.lookup(Some(r.as_str()), path).1),
+            None => routes.lookup(None, path),
+        };
+        let identity = if policy.is_per_user() {
+            request.identity.as_deref().map(str::as_bytes)
+        } else {
+            None
+        };
+        self.layer.settings.keyer.key(&KeyInput {
+            route,
+            identity,
+            path,
+            query,
+            key_headers: &policy.key_headers,
+            headers: &request.headers,
+        })
+    }
+
+    /// Removes the entry of one request (GET and HEAD share it). Returns how many entries
+    /// were removed (0 or 1).
+    pub async fn invalidate(&self, request: &RequestKey) -> Result<u64, CacheError> {
+        let key = self.key(request);
+        self.layer
+            .settings
+            .store
+            .delete(vec![key])
+            .await
+            .map_err(|source| CacheError { source })
+    }
+}
+
+impl fmt::Debug for CacheHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CacheHandle")
+            .field("namespace", &self.layer.settings.keyer.namespace())
+            .finish()
+    }
+}

@@ -1,0 +1,381 @@
+//! Cache keys and caller identity.
+//!
+//! A key looks like `{namespace}:v1:{route}:{scope}:{request}`:
+//! - `route` is 16 hex digits of a hash of the route template (`-` when there is none);
+//! - `scope` is `s` for shared entries or `u` + 32 hex digits of a keyed hash of the identity;
+//! - `request` is 32 hex digits (128 bits) of a BLAKE3 hash over the route, the scope, the exact
+//!   path, the normalized query and the keyed request headers, each part length-prefixed, so
+//!   that no two distinct requests share a key.
+//!
+//! Keys are therefore bounded in length whatever the request, contain no `{`/`}` (so Redis
+//! Cluster hash tags never group unrelated keys) and never hold a header, cookie or token in
+//! clear.
+
+use std::fmt;
+use std::sync::Arc;
+
+use http::request::Parts;
+use http::{header, HeaderMap, HeaderName, HeaderValue};
+
+use crate::entry::FORMAT_VERSION;
+
+/// Where the caller's identity comes from, for per-user routes.
+///
+/// The identity goes into the cache key hashed (BLAKE3, keyed by the namespace), never in
+/// clear. An empty identity counts as none: the request is passed through, not cached.
+///
+/// ```
+/// use tower_redis_cache::Identity;
+///
+/// #[derive(Clone)]
+/// struct UserId(u64);
+/// impl std::fmt::Display for UserId {
+///     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+///         self.0.fmt(f)
+///     }
+/// }
+///
+/// // Set by an authentication layer that runs before the cache layer.
+/// let by_user = Identity::extension::<UserId>();
+/// let by_header = Identity::header(http::HeaderName::from_static("x-user-id"));
+/// let by_cookie = Identity::cookie("session");
+/// let by_fn = Identity::from_fn(|parts| {
+///     parts.headers.get("x-tenant")?.to_str().ok().map(str::to_owned)
+/// });
+/// # let _ = (by_user, by_header, by_cookie, by_fn);
+/// ```
+///
+/// **Identify callers by something they cannot forge.** A header such as `x-user-id` is only
+/// safe when a proxy or an earlier layer sets it and strips any value sent by the client;
+/// otherwise a client can claim another user's identity and read their cached responses.
+#[derive(Clone)]
+pub struct Identity(Kind);
+
+#[derive(Clone)]
+enum Kind {
+    Header(HeaderName),
+    Cookie(Arc<str>),
+    Extension(fn(&http::Extensions) -> Option<String>, &'static str),
+    Fn(Arc<dyn Fn(&Parts) -> Option<String> + Send + Sync>),
+}
+
+impl Identity {
+    /// The value of a request header (all of it, for example `Bearer <token>`).
+    pub fn header(name: HeaderName) -> Self {
+        Identity(Kind::Header(name))
+    }
+
+    /// The value of a cookie of the `Cookie` request header.
+    pub fn cookie(name: impl Into<String>) -> Self {
+        Identity(Kind::Cookie(name.into().into()))
+    }
+
+    /// A request extension of type `T`, inserted by an upstream layer (for example the
+    /// authenticated user id), rendered with `Display`.
+    pub fn extension<T>() -> Self
+    where
+        T: fmt::Display + Send + Sync + 'static,
+    {
+        fn get<T: fmt::Display + Send + Sync + 'static>(ext: &http::Extensions) -> Option<String> {
+            ext.get::<T>().map(ToString::to_string)
+        }
+        Identity(Kind::Extension(get::<T>, std::any::type_name::<T>()))
+    }
+
+    /// A closure over the request head.
+    pub fn from_fn<F>(f: F) -> Self
+    where
+        F: Fn(&Parts) -> Option<String> + Send + Sync + 'static,
+    {
+        Identity(Kind::Fn(Arc::new(f)))
+    }
+
+    /// The identity of this request, if any (empty counts as none).
+    pub(crate) fn extract(&self, parts: &Parts) -> Option<Vec<u8>> {
+        let id = match &self.0 {
+            Kind::Header(name) => parts.headers.get(name).map(|v| v.as_bytes().to_vec()),
+            Kind::Cookie(name) => cookie(&parts.headers, name).map(|v| v.as_bytes().to_vec()),
+            Kind::Extension(get, _) => get(&parts.extensions).map(String::into_bytes),
+            Kind::Fn(f) => f(parts).map(String::into_bytes),
+        }?;
+        (!id.is_empty()).then_some(id)
+    }
+}
+
+impl Default for Identity {
+    /// The `Authorization` header: one entry per credential.
+    fn default() -> Self {
+        Identity::header(header::AUTHORIZATION)
+    }
+}
+
+impl fmt::Debug for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.0 {
+            Kind::Header(n) => f.debug_tuple("Identity::header").field(n).finish(),
+            Kind::Cookie(n) => f.debug_tuple("Identity::cookie").field(n).finish(),
+            Kind::Extension(_, t) => write!(f, "Identity::extension::<{t}>"),
+            Kind::Fn(_) => f.write_str("Identity::from_fn(..)"),
+        }
+    }
+}
+
+/// Finds a cookie by name in every `Cookie` header.
+fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(n, _)| n.trim() == name)
+        .map(|(_, v)| v.trim())
+}
+
+/// Hashes identities and requests into keys for one namespace.
+#[derive(Clone, Debug)]
+pub(crate) struct Keyer {
+    namespace: Arc<str>,
+    identity_key: [u8; 32],
+}
+
+/// Everything a key is derived from.
+pub(crate) struct KeyInput<'a> {
+    pub(crate) route: Option<&'a str>,
+    pub(crate) identity: Option<&'a [u8]>,
+    pub(crate) path: &'a str,
+    pub(crate) query: Option<&'a str>,
+    pub(crate) key_headers: &'a [HeaderName],
+    pub(crate) headers: &'a HeaderMap,
+}
+
+impl Keyer {
+    pub(crate) fn new(namespace: &str) -> Self {
+        let identity_key =
+            blake3::derive_key("tower-redis-cache identity key v1", namespace.as_bytes());
+        Keyer {
+            namespace: namespace.into(),
+            identity_key,
+        }
+    }
+
+    pub(crate) fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    pub(crate) fn key(&self, input: &KeyInput<'_>) -> String {
+        let route_tag = match input.route {
+            Some(route) => hex(&blake3::hash(route.as_bytes()).as_bytes()[..8]),
+            None => "-".to_owned(),
+        };
+        let scope = match input.identity {
+            Some(id) => {
+                let h = blake3::keyed_hash(&self.identity_key, id);
+                format!("u{}", hex(&h.as_bytes()[..16]))
+            }
+            None => "s".to_owned(),
+        };
+
+        let mut h = blake3::Hasher::new();
+        let mut part = |bytes: &[u8]| {
+            h.update(&(bytes.len() as u64).to_le_bytes());
+            h.update(bytes);
+        };
+        part(input.route.unwrap_or("").as_bytes());
+        part(&[u8::from(input.route.is_some())]);
+        part(scope.as_bytes());
+        part(input.path.as_bytes());
+        let pairs = normalized_query(input.query);
+        part(&(pairs.len() as u64).to_le_bytes());
+        for pair in pairs {
+            part(pair.as_bytes());
+        }
+        part(&(input.key_headers.len() as u64).to_le_bytes());
+        for name in input.key_headers {
+            part(name.as_str().as_bytes());
+            let values: Vec<&HeaderValue> = input.headers.get_all(name).iter().collect();
+            part(&(values.len() as u64).to_le_bytes());
+            for v in values {
+                part(v.as_bytes());
+            }
+        }
+        let request = hex(&h.finalize().as_bytes()[..16]);
+        format!(
+            "{}:v{}:{}:{}:{}",
+            self.namespace, FORMAT_VERSION, route_tag, scope, request
+        )
+    }
+}
+
+/// The query's parameters, sorted by name; parameters of the same name keep their order,
+/// since `?tag=a&tag=b` and `?tag=b&tag=a` can mean different things. Empty pieces
+/// (`?a=1&&b=2`, a trailing `&`) are dropped. Values are kept exactly as sent.
+pub(crate) fn normalized_query(query: Option<&str>) -> Vec<&str> {
+    let mut pairs: Vec<&str> = query
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .collect();
+    pairs.sort_by_key(|p| p.split('=').next().unwrap_or(""));
+    pairs
+}
+
+fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(char::from(DIGITS[usize::from(b >> 4)]));
+        s.push(char::from(DIGITS[usize::from(b & 0xf)]));
+    }
+    s
+}
+
+/// Checks a namespace: 1 to 64 characters of `A-Z a-z 0-9 _ - .`.
+pub(crate) fn valid_namespace(ns: &str) -> bool {
+    !ns.is_empty()
+        && ns.len() <= 64
+        && ns
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(route: Option<&str>, id: Option<&[u8]>, path: &str, query: Option<&str>) -> String {
+        Keyer::new("ns").key(&KeyInput {
+            route,
+            identity: id,
+            path,
+            query,
+            key_headers: &[],
+            headers: &HeaderMap::new(),
+        })
+    }
+
+    #[test]
+    fn query_order_is_one_entry() {
+        assert_eq!(
+            key(None, None, "/p", Some("a=1&b=2")),
+            key(None, None, "/p", Some("b=2&a=1"))
+        );
+        assert_eq!(
+            key(None, None, "/p", Some("a=1&&b=2&")),
+            key(None, None, "/p", Some("b=2&a=1"))
+        );
+        assert_eq!(key(None, None, "/p", Some("")), key(None, None, "/p", None));
+        // Repeated parameters keep their relative order.
+        assert_ne!(
+            key(None, None, "/p", Some("t=a&t=b")),
+            key(None, None, "/p", Some("t=b&t=a"))
+        );
+    }
+
+    #[test]
+    fn distinct_requests_get_distinct_keys() {
+        let cases = [
+            key(None, None, "/a", None),
+            key(None, None, "/a/", None),
+            key(None, None, "/a", Some("x=1")),
+            key(None, None, "/a", Some("x=1&y")),
+            key(None, None, "/a", Some("x=1y")),
+            key(None, None, "/a?x=1", None),
+            key(None, None, "/a", Some("x%3D1")),
+            key(Some("/a"), None, "/a", None),
+            key(Some(""), None, "/a", None),
+            key(None, Some(b"1"), "/a", None),
+            key(None, Some(b"2"), "/a", None),
+            key(Some("/a"), Some(b"1"), "/a", None),
+        ];
+        let set: std::collections::HashSet<_> = cases.iter().collect();
+        assert_eq!(set.len(), cases.len(), "{cases:#?}");
+    }
+
+    #[test]
+    fn keyed_headers_split_entries() {
+        let k = Keyer::new("ns");
+        let names = [header::ACCEPT_LANGUAGE];
+        let mut en = HeaderMap::new();
+        en.insert(header::ACCEPT_LANGUAGE, HeaderValue::from_static("en"));
+        let mut de = HeaderMap::new();
+        de.insert(header::ACCEPT_LANGUAGE, HeaderValue::from_static("de"));
+        let input = |headers| KeyInput {
+            route: None,
+            identity: None,
+            path: "/",
+            query: None,
+            key_headers: &names,
+            headers,
+        };
+        let none = HeaderMap::new();
+        let keys = [
+            k.key(&input(&en)),
+            k.key(&input(&de)),
+            k.key(&input(&none)),
+        ];
+        assert_ne!(keys[0], keys[1]);
+        assert_ne!(keys[0], keys[2]);
+        assert_ne!(keys[1], keys[2]);
+    }
+
+    #[test]
+    fn keys_are_bounded_and_hide_identity() {
+        let long = "x".repeat(100_000);
+        let token = b"Bearer super-secret-token";
+        let k = key(Some(&long), Some(token), &long, Some(&long));
+        assert!(k.len() < 64 + 100, "{}", k.len());
+        assert!(!k.contains("secret"));
+        assert!(!k.contains('{') && !k.contains('}'));
+        // Stable across processes: a fixed input gives a fixed key.
+        assert_eq!(key(None, None, "/", None), key(None, None, "/", None));
+    }
+
+    #[test]
+    fn namespace_separates_identity_hashes() {
+        let input = KeyInput {
+            route: None,
+            identity: Some(b"42"),
+            path: "/",
+            query: None,
+            key_headers: &[],
+            headers: &HeaderMap::new(),
+        };
+        let a = Keyer::new("a").key(&input);
+        let b = Keyer::new("b").key(&input);
+        assert_ne!(a.split(':').nth(3), b.split(':').nth(3));
+    }
+
+    #[test]
+    fn identity_sources() {
+        let req = http::Request::builder()
+            .header("x-user", "7")
+            .header("cookie", "a=1; session=abc ; z=2")
+            .extension(42u32)
+            .body(())
+            .unwrap();
+        let (parts, _) = req.into_parts();
+        assert_eq!(
+            Identity::header(HeaderName::from_static("x-user")).extract(&parts),
+            Some(b"7".to_vec())
+        );
+        assert_eq!(Identity::cookie("session").extract(&parts), Some(b"abc".to_vec()));
+        assert_eq!(Identity::cookie("sess").extract(&parts), None);
+        assert_eq!(Identity::extension::<u32>().extract(&parts), Some(b"42".to_vec()));
+        assert_eq!(Identity::extension::<u64>().extract(&parts), None);
+        assert_eq!(
+            Identity::from_fn(|_| Some(String::new())).extract(&parts),
+            None
+        );
+        assert_eq!(Identity::default().extract(&parts), None);
+    }
+
+    #[test]
+    fn namespaces() {
+        assert!(valid_namespace("backend"));
+        assert!(valid_namespace("a.b-c_1"));
+        for bad in ["", "a b", "a:b", "a{b}", "a*", &"x".repeat(65)] {
+            assert!(!valid_namespace(bad), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,213 @@
+//! `CacheLayer`: the builder, the per-route policy table and what every service shares.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+
+use http::HeaderName;
+use tokio::sync::Semaphore;
+use tower_layer::Layer;
+
+use crate::config::ConfigError;
+use crate::handle::CacheHandle;
+use crate::key::{valid_namespace, Identity, Keyer};
+use crate::policy::Policy;
+use crate::service::CacheService;
+use crate::status::Counters;
+use crate::store::RedisStore;
+
+/// The default namespace, the first part of every key.
+pub const DEFAULT_NAMESPACE: &str = "cache";
+/// The default bound on Redis writes in flight; past it, new writes are dropped and counted.
+pub const DEFAULT_MAX_PENDING_WRITES: usize = 1024;
+
+/// A Tower layer that caches GET (and HEAD) responses in Redis.
+///
+/// See the [crate docs](crate) for an example with axum.
+#[derive(Clone)]
+#[must_use]
+pub struct CacheLayer {
+    pub(crate) settings: Settings,
+    pub(crate) routes: Arc<Routes>,
+    pub(crate) runtime: Arc<Runtime>,
+}
+
+/// What the services of one layer read on every request.
+#[derive(Clone)]
+pub(crate) struct Settings {
+    pub(crate) store: RedisStore,
+    pub(crate) keyer: Keyer,
+    pub(crate) identity: Identity,
+    pub(crate) x_cache: Option<HeaderName>,
+}
+
+/// Counters and the write bound: shared by every clone of a layer, its services and handle.
+#[derive(Debug)]
+pub(crate) struct Runtime {
+    pub(crate) counters: Counters,
+    pub(crate) writes: Arc<Semaphore>,
+}
+
+impl Runtime {
+    fn new(max_pending_writes: usize) -> Self {
+        Runtime {
+            counters: Counters::default(),
+            writes: Arc::new(Semaphore::new(max_pending_writes)),
+        }
+    }
+}
+
+/// The default policy and the table of route templates.
+#[derive(Clone)]
+pub(crate) struct Routes {
+    pub(crate) default: Arc<Policy>,
+    pub(crate) by_template: HashMap<String, Arc<Policy>>,
+    pub(crate) matcher: matchit::Router<String>,
+}
+
+impl Routes {
+    /// The route template and policy of a request: axum's `MatchedPath` when the layer runs
+    /// inside a router, otherwise the table's own match of the path.
+    pub(crate) fn lookup<'a>(
+        &'a self,
+        matched: Option<&'a str>,
+        path: &str,
+    ) -> (Option<&'a str>, &'a Arc<Policy>) {
+        if let Some(template) = matched {
+            let policy = self.by_template.get(template).unwrap_or(&self.default);
+            return (Some(template), policy);
+        }
+        match self.matcher.at(path) {
+            Ok(m) => {
+                let template = m.value.as_str();
+                let policy = self.by_template.get(template).unwrap_or(&self.default);
+                (Some(template), policy)
+            }
+            Err(_) => (None, &self.default),
+        }
+    }
+}
+
+impl CacheLayer {
+    /// A layer over `store` whose routes are cached with `policy` (a `Duration` means
+    /// [`Policy::shared`] with that TTL).
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    /// use tower_redis_cache::{CacheLayer, RedisConfig, RedisStore};
+    ///
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// let store = RedisStore::connect(RedisConfig::from_env()?).await?;
+    /// let cache = CacheLayer::new(store, Duration::from_secs(60)).namespace("backend")?;
+    /// # Ok(()) }
+    /// ```
+    pub fn new(store: RedisStore, policy: impl Into<Policy>) -> Self {
+        CacheLayer {
+            settings: Settings {
+                store,
+                keyer: Keyer::new(DEFAULT_NAMESPACE),
+                identity: Identity::default(),
+                x_cache: Some(HeaderName::from_static("x-cache")),
+            },
+            routes: Arc::new(Routes {
+                default: Arc::new(policy.into()),
+                by_template: HashMap::new(),
+                matcher: matchit::Router::new(),
+            }),
+            runtime: Arc::new(Runtime::new(DEFAULT_MAX_PENDING_WRITES)),
+        }
+    }
+
+    /// The namespace, first part of every key (default `cache`): 1 to 64 characters of
+    /// `A-Z a-z 0-9 _ - .`. Services sharing a Redis use different namespaces.
+    pub fn namespace(mut self, namespace: &str) -> Result<Self, ConfigError> {
+        if !valid_namespace(namespace) {
+            return Err(ConfigError::InvalidNamespace(namespace.to_owned()));
+        }
+        self.settings.keyer = Keyer::new(namespace);
+        Ok(self)
+    }
+
+    /// Where the caller's identity comes from on per-user routes (default: the
+    /// `Authorization` header, so one entry per credential).
+    pub fn identity(mut self, identity: Identity) -> Self {
+        self.settings.identity = identity;
+        self
+    }
+
+    /// Replaces the policy of routes that have none in the table. With
+    /// `Router::route_layer`, give each route a clone of one layer with its own policy:
+    /// they share the store, the counters and the handle.
+    pub fn policy(mut self, policy: impl Into<Policy>) -> Self {
+        Arc::make_mut(&mut self.routes).default = Arc::new(policy.into());
+        self
+    }
+
+    /// Sets the policy of a route template, in axum's syntax (`/users/{id}/menu`,
+    /// `/files/{*path}`). Inside an axum router the template is compared with the route's
+    /// `MatchedPath`; elsewhere (a layer around the whole router, tonic) the request path is
+    /// matched against the templates.
+    pub fn route(mut self, template: &str, policy: impl Into<Policy>) -> Result<Self, ConfigError> {
+        let routes = Arc::make_mut(&mut self.routes);
+        if !routes.by_template.contains_key(template) {
+            routes
+                .matcher
+                .insert(template, template.to_owned())
+                .map_err(|e| ConfigError::InvalidRoute {
+                    route: template.to_owned(),
+                    reason: e.to_string(),
+                })?;
+        }
+        routes
+            .by_template
+            .insert(template.to_owned(), Arc::new(policy.into()));
+        Ok(self)
+    }
+
+    /// The name of the short status header (default `x-cache`: `HIT`, `MISS` or `BYPASS`).
+    /// `Cache-Status` (RFC 9211) is always sent.
+    pub fn status_header(mut self, name: HeaderName) -> Self {
+        self.settings.x_cache = Some(name);
+        self
+    }
+
+    /// Sends no short status header, only `Cache-Status`.
+    pub fn no_status_header(mut self) -> Self {
+        self.settings.x_cache = None;
+        self
+    }
+
+    /// The most Redis writes in flight at once (default 1024, at least 1). Past it new
+    /// writes are dropped and counted in [`Stats::writes_dropped`](crate::Stats); the
+    /// response is never delayed. Resets the counters: call it before [`handle`](Self::handle).
+    pub fn max_pending_writes(mut self, n: usize) -> Self {
+        self.runtime = Arc::new(Runtime::new(n.max(1)));
+        self
+    }
+
+    /// A handle for invalidation, health and counters, shared by every clone of this layer.
+    /// Take it after the other settings: it keeps the namespace it was taken with.
+    pub fn handle(&self) -> CacheHandle {
+        CacheHandle::new(self.clone())
+    }
+}
+
+impl<S> Layer<S> for CacheLayer {
+    type Service = CacheService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        CacheService::new(inner, self.clone())
+    }
+}
+
+impl fmt::Debug for CacheLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CacheLayer")
+            .field("namespace", &self.settings.keyer.namespace())
+            .field("identity", &self.settings.identity)
+            .field("default", &self.routes.default)
+            .field("routes", &self.routes.by_template)
+            .field("store", &self.settings.store)
+            .finish()
+    }
+}

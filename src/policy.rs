@@ -1,0 +1,468 @@
+//! What may be cached and for how long. Pure functions: no I/O, time passed in.
+
+use std::time::Duration;
+
+use http::{header, HeaderMap, HeaderName, Method, StatusCode};
+
+use crate::status::{BypassReason, NotStored};
+
+/// The default limit on a cached body: 1 MiB.
+pub const DEFAULT_MAX_BODY_SIZE: usize = 1024 * 1024;
+
+/// The response header through which a handler changes the TTL of one response, or skips
+/// caching it. The layer strips it before the response leaves.
+///
+/// Its value is a whole number of seconds (`x-cache-ttl: 30`); `0` or `skip` means "do not
+/// store this response". Any other value also means "do not store" and is logged, so a typo
+/// never caches something for longer than intended.
+pub const TTL_OVERRIDE_HEADER: HeaderName = HeaderName::from_static("x-cache-ttl");
+
+/// Whether entries of a route are shared between callers or kept per caller.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Scope {
+    /// One entry for everybody. Requests with `Authorization` or `Cookie` are bypassed.
+    Shared,
+    /// One entry for everybody, even for requests with `Authorization` or `Cookie`.
+    SharedForAuthenticated,
+    /// One entry per caller identity; requests without identity are not cached.
+    PerUser,
+}
+
+/// How the layer caches one route (or every route without a policy of its own).
+///
+/// ```
+/// use std::time::Duration;
+/// use http::{header, StatusCode};
+/// use tower_redis_cache::Policy;
+///
+/// // One entry per user for 10 minutes, 404s kept for 30 s.
+/// let perms = Policy::per_user(Duration::from_secs(600))
+///     .status(StatusCode::NOT_FOUND, Duration::from_secs(30));
+/// // One entry for everybody, a variant per `Accept-Language`.
+/// let roles = Policy::shared(Duration::from_secs(3600)).key_header(header::ACCEPT_LANGUAGE);
+/// # let _ = (perms, roles);
+/// ```
+#[derive(Clone, Debug)]
+pub struct Policy {
+    pub(crate) enabled: bool,
+    pub(crate) ttl: Duration,
+    pub(crate) scope: Scope,
+    pub(crate) key_headers: Vec<HeaderName>,
+    pub(crate) status_ttls: Vec<(StatusCode, Duration)>,
+    pub(crate) max_body_size: usize,
+}
+
+impl Policy {
+    fn new(ttl: Duration, scope: Scope) -> Self {
+        Policy {
+            enabled: true,
+            ttl,
+            scope,
+            key_headers: Vec::new(),
+            status_ttls: Vec::new(),
+            max_body_size: DEFAULT_MAX_BODY_SIZE,
+        }
+    }
+
+    /// One entry for every caller, kept for `ttl`.
+    ///
+    /// Requests that carry `Authorization` or `Cookie` are not served from nor stored in a
+    /// shared entry (see [`shared_for_authenticated`](Self::shared_for_authenticated)).
+    /// A `ttl` below one millisecond stores nothing.
+    pub fn shared(ttl: Duration) -> Self {
+        Self::new(ttl, Scope::Shared)
+    }
+
+    /// One entry per caller identity, kept for `ttl`.
+    ///
+    /// The identity comes from the layer's [`Identity`](crate::Identity) and goes into the
+    /// key hashed. A request without an identity is passed through, never cached.
+    pub fn per_user(ttl: Duration) -> Self {
+        Self::new(ttl, Scope::PerUser)
+    }
+
+    /// Never cache: requests pass through (marked `BYPASS`).
+    pub fn bypass() -> Self {
+        Policy {
+            enabled: false,
+            ..Self::new(Duration::ZERO, Scope::Shared)
+        }
+    }
+
+    /// Declares a shared route's response the same for every caller, authenticated or not,
+    /// so that requests with `Authorization` or `Cookie` are cached too.
+    ///
+    /// **Only use this when the handler ignores who is calling.** Otherwise one user's
+    /// response is served to everybody. Has no effect on per-user policies.
+    pub fn shared_for_authenticated(mut self) -> Self {
+        if self.scope == Scope::Shared {
+            self.scope = Scope::SharedForAuthenticated;
+        }
+        self
+    }
+
+    /// Keys entries on the values of a request header as well (for example
+    /// `Accept-Language`), so that each value gets its own entry. A response whose `Vary`
+    /// names a header that is not keyed is not stored.
+    pub fn key_header(mut self, name: HeaderName) -> Self {
+        if !self.key_headers.contains(&name) {
+            self.key_headers.push(name);
+        }
+        self
+    }
+
+    /// Also stores responses with this status (by default only 2xx other than 206 are),
+    /// with their own, usually short, time to live. 206 is never stored.
+    pub fn status(mut self, status: StatusCode, ttl: Duration) -> Self {
+        self.status_ttls.retain(|(s, _)| *s != status);
+        self.status_ttls.push((status, ttl));
+        self
+    }
+
+    /// The largest body that is stored, in bytes (default 1 MiB). A larger body streams to
+    /// the client untouched and is not stored.
+    pub fn max_body_size(mut self, bytes: usize) -> Self {
+        self.max_body_size = bytes;
+        self
+    }
+
+    pub(crate) fn is_per_user(&self) -> bool {
+        self.scope == Scope::PerUser
+    }
+}
+
+impl From<Duration> for Policy {
+    /// A shared policy with this TTL.
+    fn from(ttl: Duration) -> Self {
+        Policy::shared(ttl)
+    }
+}
+
+/// A per-response instruction from the handler, put in the response extensions.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_redis_cache::CacheOverride;
+///
+/// let mut res = http::Response::new(String::from("rarely changes"));
+/// res.extensions_mut().insert(CacheOverride::ttl(Duration::from_secs(86_400)));
+/// ```
+///
+/// The same can be said with the [`TTL_OVERRIDE_HEADER`] response header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CacheOverride(Option<Duration>);
+
+impl CacheOverride {
+    /// Store this response for `ttl` instead of the route's TTL.
+    pub fn ttl(ttl: Duration) -> Self {
+        CacheOverride(Some(ttl))
+    }
+
+    /// Do not store this response.
+    pub fn skip() -> Self {
+        CacheOverride(None)
+    }
+}
+
+/// Decides whether a GET/HEAD request may use the cache at all.
+pub(crate) fn request_bypass(headers: &HeaderMap, policy: &Policy) -> Option<BypassReason> {
+    if !policy.enabled {
+        return Some(BypassReason::Route);
+    }
+    if headers.contains_key(header::RANGE) {
+        return Some(BypassReason::Range);
+    }
+    if policy.scope == Scope::Shared {
+        if headers.contains_key(header::AUTHORIZATION) {
+            return Some(BypassReason::Authorization);
+        }
+        if headers.contains_key(header::COOKIE) {
+            return Some(BypassReason::Cookie);
+        }
+    }
+    None
+}
+
+/// The directives of `Cache-Control` that decide storability.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Directives {
+    pub(crate) no_store: bool,
+    pub(crate) no_cache: bool,
+    pub(crate) private: bool,
+}
+
+/// Parses every `Cache-Control` header by token, case-insensitively. Quoted arguments
+/// (`private="set-cookie, x-a"`) may contain commas; unknown directives are ignored.
+pub(crate) fn cache_control(headers: &HeaderMap) -> Directives {
+    let mut d = Directives::default();
+    for value in headers.get_all(header::CACHE_CONTROL) {
+        let Ok(value) = value.to_str() else {
+            // Not visible ASCII: we cannot tell what it says, so be safe.
+            d.no_store = true;
+            continue;
+        };
+        for directive in split_directives(value) {
+            let name = directive.split('=').next().unwrap_or("").trim();
+            if name.eq_ignore_ascii_case("no-store") {
+                d.no_store = true;
+            } else if name.eq_ignore_ascii_case("no-cache") {
+                d.no_cache = true;
+            } else if name.eq_ignore_ascii_case("private") {
+                d.private = true;
+            }
+        }
+    }
+    d
+}
+
+/// Splits a list on commas that are not inside a quoted string.
+fn split_directives(value: &str) -> impl Iterator<Item = &str> {
+    let mut parts = Vec::new();
+    let mut start = 0;
+    let mut quoted = false;
+    let mut escaped = false;
+    for (i, c) in value.char_indices() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' if quoted => escaped = true,
+            '"' => quoted = !quoted,
+            ',' if !quoted => {
+                parts.push(&value[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    parts.push(&value[start..]);
+    parts.into_iter().map(str::trim).filter(|s| !s.is_empty())
+}
+
+/// The handler's instruction for one response, from the extension or the header.
+pub(crate) fn handler_override(
+    headers: &HeaderMap,
+    extensions: &http::Extensions,
+) -> Option<CacheOverride> {
+    if let Some(o) = extensions.get::<CacheOverride>() {
+        return Some(*o);
+    }
+    let value = headers.get(TTL_OVERRIDE_HEADER)?;
+    let parsed = value.to_str().ok().and_then(|s| {
+        let s = s.trim();
+        if s.eq_ignore_ascii_case("skip") {
+            Some(CacheOverride::skip())
+        } else {
+            s.parse::<u64>().ok().map(|secs| {
+                if secs == 0 {
+                    CacheOverride::skip()
+                } else {
+                    CacheOverride::ttl(Duration::from_secs(secs))
+                }
+            })
+        }
+    });
+    match parsed {
+        Some(o) => Some(o),
+        None => {
+            tracing::warn!(
+                value = ?value,
+                "invalid {TTL_OVERRIDE_HEADER} header: expected seconds or `skip`; response not stored"
+            );
+            Some(CacheOverride::skip())
+        }
+    }
+}
+
+/// Decides, from the response head, whether and for how long it may be stored.
+pub(crate) fn response_ttl(
+    status: StatusCode,
+    headers: &HeaderMap,
+    over: Option<CacheOverride>,
+    policy: &Policy,
+) -> Result<Duration, NotStored> {
+    let mut ttl = if status == StatusCode::PARTIAL_CONTENT {
+        return Err(NotStored::Status);
+    } else if let Some((_, ttl)) = policy.status_ttls.iter().find(|(s, _)| *s == status) {
+        *ttl
+    } else if status.is_success() {
+        policy.ttl
+    } else {
+        return Err(NotStored::Status);
+    };
+    match over {
+        Some(CacheOverride(None)) => return Err(NotStored::Handler),
+        Some(CacheOverride(Some(t))) => ttl = t,
+        None => {}
+    }
+    if headers.contains_key(header::SET_COOKIE) {
+        return Err(NotStored::SetCookie);
+    }
+    let cc = cache_control(headers);
+    if cc.no_store || cc.no_cache {
+        return Err(NotStored::NoStore);
+    }
+    if cc.private && !policy.is_per_user() {
+        return Err(NotStored::Private);
+    }
+    for value in headers.get_all(header::VARY) {
+        let Ok(value) = value.to_str() else {
+            return Err(NotStored::Vary);
+        };
+        for name in value.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            let covered = policy
+                .key_headers
+                .iter()
+                .any(|k| k.as_str().eq_ignore_ascii_case(name));
+            if name == "*" || !covered {
+                return Err(NotStored::Vary);
+            }
+        }
+    }
+    if ttl < Duration::from_millis(1) {
+        return Err(NotStored::Handler);
+    }
+    Ok(ttl)
+}
+
+/// Whether a request of this method is handled by the cache at all.
+pub(crate) fn cacheable_method(method: &Method) -> bool {
+    method == Method::GET || method == Method::HEAD
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn h(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut m = HeaderMap::new();
+        for (n, v) in pairs {
+            m.append(*n, HeaderValue::from_static(v));
+        }
+        m
+    }
+
+    const TTL: Duration = Duration::from_secs(60);
+
+    #[test]
+    fn cache_control_by_token_case_insensitive() {
+        assert!(cache_control(&h(&[("cache-control", "No-Store")])).no_store);
+        assert!(cache_control(&h(&[("cache-control", "max-age=5, PRIVATE")])).private);
+        assert!(cache_control(&h(&[("cache-control", "public"), ("cache-control", "no-cache")])).no_cache);
+        // Tokens, not substrings.
+        let d = cache_control(&h(&[("cache-control", "x-no-store-ish, max-age=3")]));
+        assert_eq!(d, Directives::default());
+        // A quoted argument may contain commas and directive names.
+        let d = cache_control(&h(&[("cache-control", "private=\"set-cookie, no-store\", max-age=3")]));
+        assert!(d.private && !d.no_store);
+    }
+
+    #[test]
+    fn statuses() {
+        let p = Policy::shared(TTL);
+        assert_eq!(response_ttl(StatusCode::OK, &HeaderMap::new(), None, &p), Ok(TTL));
+        assert_eq!(response_ttl(StatusCode::NO_CONTENT, &HeaderMap::new(), None, &p), Ok(TTL));
+        assert_eq!(
+            response_ttl(StatusCode::PARTIAL_CONTENT, &HeaderMap::new(), None, &p),
+            Err(NotStored::Status)
+        );
+        assert_eq!(
+            response_ttl(StatusCode::NOT_FOUND, &HeaderMap::new(), None, &p),
+            Err(NotStored::Status)
+        );
+        let p = p.status(StatusCode::NOT_FOUND, Duration::from_secs(5));
+        assert_eq!(
+            response_ttl(StatusCode::NOT_FOUND, &HeaderMap::new(), None, &p),
+            Ok(Duration::from_secs(5))
+        );
+        let p = p.status(StatusCode::PARTIAL_CONTENT, TTL);
+        assert_eq!(
+            response_ttl(StatusCode::PARTIAL_CONTENT, &HeaderMap::new(), None, &p),
+            Err(NotStored::Status)
+        );
+    }
+
+    #[test]
+    fn never_stored() {
+        let shared = Policy::shared(TTL);
+        let per_user = Policy::per_user(TTL);
+        let cases = [
+            (h(&[("set-cookie", "a=b")]), NotStored::SetCookie),
+            (h(&[("cache-control", "no-store")]), NotStored::NoStore),
+            (h(&[("cache-control", "no-cache")]), NotStored::NoStore),
+            (h(&[("vary", "*")]), NotStored::Vary),
+            (h(&[("vary", "accept-encoding")]), NotStored::Vary),
+        ];
+        for (headers, why) in cases {
+            assert_eq!(response_ttl(StatusCode::OK, &headers, None, &shared), Err(why));
+            assert_eq!(response_ttl(StatusCode::OK, &headers, None, &per_user), Err(why));
+        }
+        let private = h(&[("cache-control", "private, max-age=60")]);
+        assert_eq!(
+            response_ttl(StatusCode::OK, &private, None, &shared),
+            Err(NotStored::Private)
+        );
+        assert_eq!(response_ttl(StatusCode::OK, &private, None, &per_user), Ok(TTL));
+    }
+
+    #[test]
+    fn vary_covered_by_key_headers() {
+        let p = Policy::shared(TTL).key_header(header::ACCEPT_LANGUAGE);
+        let headers = h(&[("vary", "Accept-Language")]);
+        assert_eq!(response_ttl(StatusCode::OK, &headers, None, &p), Ok(TTL));
+        let headers = h(&[("vary", "accept-language, accept-encoding")]);
+        assert_eq!(response_ttl(StatusCode::OK, &headers, None, &p), Err(NotStored::Vary));
+    }
+
+    #[test]
+    fn handler_overrides() {
+        let p = Policy::shared(TTL);
+        let ext = http::Extensions::new();
+        let o = handler_override(&h(&[("x-cache-ttl", "5")]), &ext);
+        assert_eq!(
+            response_ttl(StatusCode::OK, &HeaderMap::new(), o, &p),
+            Ok(Duration::from_secs(5))
+        );
+        for v in ["0", "skip", "SKIP", "-1", "soon", "1.5"] {
+            let mut m = HeaderMap::new();
+            m.insert("x-cache-ttl", HeaderValue::from_str(v).unwrap());
+            let o = handler_override(&m, &ext);
+            assert_eq!(
+                response_ttl(StatusCode::OK, &HeaderMap::new(), o, &p),
+                Err(NotStored::Handler),
+                "{v}"
+            );
+        }
+        let mut ext = http::Extensions::new();
+        ext.insert(CacheOverride::ttl(Duration::from_secs(9)));
+        let o = handler_override(&h(&[("x-cache-ttl", "5")]), &ext);
+        assert_eq!(o, Some(CacheOverride::ttl(Duration::from_secs(9))));
+        // An override does not make an uncacheable status cacheable.
+        assert_eq!(
+            response_ttl(StatusCode::INTERNAL_SERVER_ERROR, &HeaderMap::new(), o, &p),
+            Err(NotStored::Status)
+        );
+    }
+
+    #[test]
+    fn request_bypass_rules() {
+        let shared = Policy::shared(TTL);
+        let auth = h(&[("authorization", "Bearer x")]);
+        let cookie = h(&[("cookie", "s=1")]);
+        assert_eq!(request_bypass(&auth, &shared), Some(BypassReason::Authorization));
+        assert_eq!(request_bypass(&cookie, &shared), Some(BypassReason::Cookie));
+        let open = shared.clone().shared_for_authenticated();
+        assert_eq!(request_bypass(&auth, &open), None);
+        assert_eq!(request_bypass(&cookie, &open), None);
+        assert_eq!(request_bypass(&auth, &Policy::per_user(TTL)), None);
+        assert_eq!(
+            request_bypass(&h(&[("range", "bytes=0-1")]), &Policy::per_user(TTL)),
+            Some(BypassReason::Range)
+        );
+        assert_eq!(
+            request_bypass(&HeaderMap::new(), &Policy::bypass()),
+            Some(BypassReason::Route)
+        );
+        // A client's no-cache does not bypass.
+        assert_eq!(request_bypass(&h(&[("cache-control", "no-cache")]), &shared), None);
+    }
+}

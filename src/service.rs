@@ -1,0 +1,154 @@
+//! `CacheService`: decides per request, then hands over to `ResponseFuture`.
+
+use std::fmt;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::{Method, Request, Response};
+use tower_service::Service;
+
+use crate::body::ResponseBody;
+use crate::future::ResponseFuture;
+use crate::key::KeyInput;
+use crate::layer::CacheLayer;
+use crate::policy::{cacheable_method, request_bypass};
+use crate::status::{BypassReason, Counters};
+
+/// The service made by [`CacheLayer`]. See the [crate docs](crate) for an example.
+pub struct CacheService<S> {
+    inner: S,
+    shared: Arc<CacheLayer>,
+}
+
+impl<S> CacheService<S> {
+    pub(crate) fn new(inner: S, layer: CacheLayer) -> Self {
+        CacheService {
+            inner,
+            shared: Arc::new(layer),
+        }
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Consumes `self`, returning the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S: Clone> Clone for CacheService<S> {
+    fn clone(&self) -> Self {
+        CacheService {
+            inner: self.inner.clone(),
+            shared: Arc::clone(&self.shared),
+        }
+    }
+}
+
+impl<S: fmt::Debug> fmt::Debug for CacheService<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CacheService")
+            .field("inner", &self.inner)
+            .field("layer", &self.shared)
+            .finish()
+    }
+}
+
+impl<S, ReqB, ResB> Service<Request<ReqB>> for CacheService<S>
+where
+    S: Service<Request<ReqB>, Response = Response<ResB>> + Clone,
+    ResB: http_body::Body<Data = bytes::Bytes>,
+{
+    type Response = Response<ResponseBody<ResB>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S, ReqB>;
+
+    #[inline]
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<ReqB>) -> Self::Future {
+        // The readied service goes into the future; a clone stays for the next request.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+
+        if !cacheable_method(req.method()) {
+            return ResponseFuture::passthrough(inner.call(req));
+        }
+        let shared = &self.shared;
+        let counters = &shared.runtime.counters;
+        let (parts, body) = req.into_parts();
+
+        let matched = matched_path(&parts);
+        let (route, policy) = shared.routes.lookup(matched, parts.uri.path());
+        let bypass = |reason: BypassReason, parts, body| {
+            Counters::incr(&counters.bypassed);
+            tracing::debug!(uri = %uri_for_log(&parts), reason = reason.as_str(), "cache bypass");
+            (reason, Request::from_parts(parts, body))
+        };
+        if let Some(reason) = request_bypass(&parts.headers, policy) {
+            let (reason, req) = bypass(reason, parts, body);
+            return ResponseFuture::bypass(inner.call(req), reason, shared.settings.x_cache.clone());
+        }
+        let identity = if policy.is_per_user() {
+            match shared.settings.identity.extract(&parts) {
+                Some(id) => Some(id),
+                None => {
+                    let (reason, req) = bypass(BypassReason::NoIdentity, parts, body);
+                    return ResponseFuture::bypass(
+                        inner.call(req),
+                        reason,
+                        shared.settings.x_cache.clone(),
+                    );
+                }
+            }
+        } else {
+            None
+        };
+        let key = shared.settings.keyer.key(&KeyInput {
+            route,
+            identity: identity.as_deref(),
+            path: parts.uri.path(),
+            query: parts.uri.query(),
+            key_headers: &policy.key_headers,
+            headers: &parts.headers,
+        });
+        let policy = Arc::clone(policy);
+        let head = parts.method == Method::HEAD;
+        ResponseFuture::lookup(
+            Arc::clone(shared),
+            key,
+            policy,
+            head,
+            inner,
+            Request::from_parts(parts, body),
+        )
+    }
+}
+
+#[cfg(feature = "axum")]
+fn matched_path(parts: &http::request::Parts) -> Option<&str> {
+    parts
+        .extensions
+        .get::<axum::extract::MatchedPath>()
+        .map(|m| m.as_str())
+}
+
+#[cfg(not(feature = "axum"))]
+fn matched_path(_: &http::request::Parts) -> Option<&str> {
+    None
+}
+
+/// The path only: queries may carry tokens, and logs must not.
+fn uri_for_log(parts: &http::request::Parts) -> &str {
+    parts.uri.path()
+}

@@ -1,0 +1,173 @@
+//! Outcomes of a request (hit, miss, bypass) and their `Cache-Status` / `X-Cache` rendering.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use http::{HeaderMap, HeaderName, HeaderValue};
+
+/// The name this cache uses in the `Cache-Status` header (RFC 9211).
+pub const CACHE_NAME: &str = "tower-redis-cache";
+
+/// The `Cache-Status` response header (RFC 9211).
+pub const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
+
+/// What the cache did with a request. Put in the response extensions by the layer, so an
+/// outer layer (logging, metrics) can read it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CacheStatus {
+    /// Served from Redis; the inner service was not called.
+    Hit,
+    /// Not in Redis (or the entry could not be used); the inner service answered.
+    Miss,
+    /// Redis could not be asked (error or deadline); the inner service answered. Clients
+    /// see this as a miss.
+    Unavailable,
+    /// The cache was deliberately not used for this request.
+    Bypass(BypassReason),
+}
+
+/// Why a GET or HEAD request did not use the cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum BypassReason {
+    /// The route's policy is [`Policy::bypass`](crate::Policy::bypass).
+    Route,
+    /// A shared route got a request with `Authorization`.
+    Authorization,
+    /// A shared route got a request with `Cookie`.
+    Cookie,
+    /// A `Range` request.
+    Range,
+    /// A per-user route got a request without identity.
+    NoIdentity,
+}
+
+impl BypassReason {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            BypassReason::Route => "route",
+            BypassReason::Authorization => "authorization",
+            BypassReason::Cookie => "cookie",
+            BypassReason::Range => "range",
+            BypassReason::NoIdentity => "no-identity",
+        }
+    }
+}
+
+/// Why a response was not stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum NotStored {
+    Status,
+    Handler,
+    SetCookie,
+    NoStore,
+    Private,
+    Vary,
+}
+
+impl NotStored {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            NotStored::Status => "status",
+            NotStored::Handler => "handler",
+            NotStored::SetCookie => "set-cookie",
+            NotStored::NoStore => "no-store",
+            NotStored::Private => "private",
+            NotStored::Vary => "vary",
+        }
+    }
+}
+
+/// Writes `Cache-Status` and the optional `X-Cache` header for an outcome. `ttl_secs` is the
+/// remaining freshness of a hit.
+pub(crate) fn set_headers(
+    headers: &mut HeaderMap,
+    status: CacheStatus,
+    ttl_secs: u64,
+    x_cache: Option<&HeaderName>,
+) {
+    let (cache_status, x) = match status {
+        CacheStatus::Hit => (
+            HeaderValue::try_from(format!("{CACHE_NAME}; hit; ttl={ttl_secs}")).ok(),
+            "HIT",
+        ),
+        CacheStatus::Miss | CacheStatus::Unavailable => (
+            Some(HeaderValue::from_static("tower-redis-cache; fwd=miss")),
+            "MISS",
+        ),
+        CacheStatus::Bypass(reason) => (
+            HeaderValue::try_from(format!(
+                "{CACHE_NAME}; fwd=bypass; detail={}",
+                reason.as_str()
+            ))
+            .ok(),
+            "BYPASS",
+        ),
+    };
+    if let Some(v) = cache_status {
+        headers.insert(CACHE_STATUS, v);
+    }
+    if let Some(name) = x_cache {
+        headers.insert(name.clone(), HeaderValue::from_static(x));
+    }
+}
+
+/// Counters since the layer was built. Read them with
+/// [`CacheHandle::stats`](crate::CacheHandle::stats).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Requests served from Redis.
+    pub hits: u64,
+    /// Requests looked up and not found (or found unusable).
+    pub misses: u64,
+    /// Requests that could not be looked up because of a Redis problem.
+    pub unavailable: u64,
+    /// GET/HEAD requests that did not use the cache.
+    pub bypassed: u64,
+    /// Entries written to Redis.
+    pub stored: u64,
+    /// Responses that could have been stored but were not: body too large, ended early,
+    /// errored, or the client went away.
+    pub abandoned: u64,
+    /// Writes dropped because too many were pending.
+    pub writes_dropped: u64,
+    /// Writes that Redis refused or did not answer in time.
+    pub write_errors: u64,
+    /// Stored values that could not be decoded (corrupt, foreign or another format version).
+    pub undecodable: u64,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) hits: AtomicU64,
+    pub(crate) misses: AtomicU64,
+    pub(crate) unavailable: AtomicU64,
+    pub(crate) bypassed: AtomicU64,
+    pub(crate) stored: AtomicU64,
+    pub(crate) abandoned: AtomicU64,
+    pub(crate) writes_dropped: AtomicU64,
+    pub(crate) write_errors: AtomicU64,
+    pub(crate) undecodable: AtomicU64,
+}
+
+impl Counters {
+    pub(crate) fn incr(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn snapshot(&self) -> Stats {
+        let r = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        Stats {
+            hits: r(&self.hits),
+            misses: r(&self.misses),
+            unavailable: r(&self.unavailable),
+            bypassed: r(&self.bypassed),
+            stored: r(&self.stored),
+            abandoned: r(&self.abandoned),
+            writes_dropped: r(&self.writes_dropped),
+            write_errors: r(&self.write_errors),
+            undecodable: r(&self.undecodable),
+        }
+    }
+}
