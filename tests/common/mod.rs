@@ -1,0 +1,233 @@
+//! Test harness: real `redis-server` processes on free loopback ports, owned by one test.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::BodyExt;
+use tower::ServiceExt;
+
+/// A redis-server of this test's own. Killed (by PID) when dropped.
+pub struct RedisServer {
+    child: Option<Child>,
+    port: u16,
+    dir: PathBuf,
+    frozen: bool,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free loopback port")
+}
+
+impl RedisServer {
+    /// Starts a server on a free port and waits until it answers PING.
+    pub fn start() -> Self {
+        for _ in 0..5 {
+            let port = free_port();
+            let dir = std::env::temp_dir().join(format!("trc-redis-{}-{port}", std::process::id()));
+            let _ = std::fs::create_dir_all(&dir);
+            let mut server = RedisServer {
+                child: None,
+                port,
+                dir,
+                frozen: false,
+            };
+            if server.spawn() {
+                return server;
+            }
+        }
+        panic!("could not start redis-server (is it installed?)");
+    }
+
+    /// A port on which nothing listens yet; `start_on` can start a server there later.
+    pub fn unstarted() -> Self {
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!("trc-redis-{}-{port}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        RedisServer {
+            child: None,
+            port,
+            dir,
+            frozen: false,
+        }
+    }
+
+    fn spawn(&mut self) -> bool {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--protected-mode",
+                "no",
+            ])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn();
+        let Ok(mut child) = child else { return false };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return false; // exited: port taken
+            }
+            if ping(self.port) {
+                self.child = Some(child);
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        false
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    fn signal(&self, sig: &str) {
+        if let Some(pid) = self.pid() {
+            let status = Command::new("kill")
+                .args([sig, &pid.to_string()])
+                .status()
+                .expect("kill");
+            assert!(status.success(), "kill {sig} {pid}");
+        }
+    }
+
+    /// SIGKILL, and wait for the process to be gone.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            if self.frozen {
+                let _ = Command::new("kill").args(["-CONT", &child.id().to_string()]).status();
+                self.frozen = false;
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGSTOP: sockets stay open, nothing answers.
+    pub fn freeze(&mut self) {
+        self.signal("-STOP");
+        self.frozen = true;
+    }
+
+    /// SIGCONT.
+    pub fn thaw(&mut self) {
+        self.signal("-CONT");
+        self.frozen = false;
+    }
+
+    /// Starts (again) on the same port, empty.
+    pub fn restart(&mut self) {
+        self.kill();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.spawn() {
+            assert!(Instant::now() < deadline, "could not restart redis on {}", self.port);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Sends PING over a raw socket; true on +PONG.
+fn ping(port: u16) -> bool {
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
+    if s.write_all(b"PING\r\n").is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 7];
+    matches!(s.read_exact(&mut buf), Ok(())) && &buf == b"+PONG\r\n"
+}
+
+/// Polls `f` every 5 ms until it is true; panics after 10 s.
+pub async fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// A response read whole.
+pub struct Got {
+    pub status: http::StatusCode,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+    pub trailers: Option<http::HeaderMap>,
+}
+
+impl Got {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+    pub fn x_cache(&self) -> &str {
+        self.header("x-cache").unwrap_or("-")
+    }
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+pub async fn read(res: Response<Body>) -> Got {
+    let (parts, body) = res.into_parts();
+    let collected = body.collect().await.expect("body");
+    let trailers = collected.trailers().cloned();
+    Got {
+        status: parts.status,
+        headers: parts.headers,
+        body: collected.to_bytes(),
+        trailers,
+    }
+}
+
+/// Sends one request through a router (no network).
+pub async fn send(app: &axum::Router, req: Request<Body>) -> Got {
+    read(app.clone().oneshot(req).await.expect("infallible")).await
+}
+
+pub fn get(uri: &str) -> Request<Body> {
+    Request::get(uri).body(Body::empty()).expect("request")
+}
+
+pub fn get_with(uri: &str, headers: &[(&str, &str)]) -> Request<Body> {
+    let mut b = Request::get(uri);
+    for (n, v) in headers {
+        b = b.header(*n, *v);
+    }
+    b.body(Body::empty()).expect("request")
+}
