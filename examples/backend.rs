@@ -1,0 +1,285 @@
+//! The Python backend's cached endpoints, in Rust, with `tower-redis-cache`.
+//!
+//! Run with `cargo run --example backend` (Redis on 127.0.0.1:6379 by default), then:
+//!
+//! ```text
+//! curl -i -H 'Authorization: Bearer user-1' localhost:3000/users/1/permissions   # MISS, then HIT
+//! curl -i localhost:3000/roles
+//! curl -i 'localhost:3000/prompts/welcome?lang=en&version=2'
+//! curl -i -X PUT -H 'Authorization: Bearer user-1' -H 'content-type: application/json' \
+//!      -d '{"roles":["admin"]}' localhost:3000/users/1/roles                      # invalidates
+//! curl -i localhost:3000/health
+//! ```
+//!
+//! Settings (environment): `BIND` (127.0.0.1:3000), `REDIS_URL` or `REDIS_HOST`,
+//! `REDIS_PORT`, `REDIS_PASSWORD`, `REDIS_DB`, `REDIS_SSL` (see `RedisConfig::from_env`),
+//! `CACHE_NAMESPACE` (backend), `DB_DELAY_MS` (50: the simulated cost of a database read),
+//! `CACHE_ENABLED` (true; `false` runs the same service without the cache layer),
+//! `APP_ENV` (development), `RUST_LOG` (for example `tower_redis_cache=debug`).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use axum::extract::{Path, Query, Request, State};
+use axum::http::StatusCode;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Extension, Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tower_redis_cache::{CacheHandle, CacheLayer, Identity, Policy, RedisConfig, RedisStore, RequestKey};
+
+/// The authenticated caller, set by `auth` and read by the cache layer as the identity.
+#[derive(Clone, Debug)]
+struct UserId(String);
+
+impl std::fmt::Display for UserId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The stand-in for the database.
+struct Db {
+    delay: Duration,
+    reads: AtomicU64,
+    roles: RwLock<HashMap<String, Vec<String>>>,
+}
+
+impl Db {
+    /// One simulated database read: costs `delay`, returns the read count so far.
+    async fn read(&self) -> u64 {
+        tokio::time::sleep(self.delay).await;
+        self.reads.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    fn roles_of(&self, user: &str) -> Vec<String> {
+        let roles = self.roles.read().unwrap_or_else(|e| e.into_inner());
+        roles.get(user).cloned().unwrap_or_else(|| vec!["viewer".to_owned()])
+    }
+}
+
+#[derive(Clone)]
+struct AppState {
+    db: Arc<Db>,
+    cache: Option<CacheHandle>,
+    env: String,
+}
+
+fn permissions(roles: &[String]) -> Vec<&'static str> {
+    let mut p = vec!["read"];
+    if roles.iter().any(|r| r == "editor" || r == "admin") {
+        p.push("write");
+    }
+    if roles.iter().any(|r| r == "admin") {
+        p.extend(["delete", "manage_users"]);
+    }
+    p
+}
+
+fn menu(roles: &[String]) -> Vec<&'static str> {
+    let mut m = vec!["home", "profile"];
+    if roles.iter().any(|r| r == "editor" || r == "admin") {
+        m.push("editor");
+    }
+    if roles.iter().any(|r| r == "admin") {
+        m.push("admin");
+    }
+    m
+}
+
+/// `Authorization: Bearer user-<id>` → `UserId(<id>)`; any other credential → 401. Requests
+/// without `Authorization` go on without identity.
+async fn auth(mut req: Request, next: Next) -> Response {
+    if let Some(value) = req.headers().get(axum::http::header::AUTHORIZATION) {
+        let id = value
+            .to_str()
+            .ok()
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .and_then(|t| t.strip_prefix("user-"))
+            .filter(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_alphanumeric()));
+        match id {
+            Some(id) => {
+                let id = UserId(id.to_owned());
+                req.extensions_mut().insert(id);
+            }
+            None => return (StatusCode::UNAUTHORIZED, Json(json!({"error": "invalid token"}))).into_response(),
+        }
+    }
+    next.run(req).await
+}
+
+/// The caller must be user `id`.
+fn check_caller(caller: Option<&UserId>, id: &str) -> Result<(), Response> {
+    match caller {
+        None => Err((StatusCode::UNAUTHORIZED, Json(json!({"error": "authentication required"}))).into_response()),
+        Some(c) if c.0 != id => Err((StatusCode::FORBIDDEN, Json(json!({"error": "forbidden"}))).into_response()),
+        Some(_) => Ok(()),
+    }
+}
+
+async fn user_permissions(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    caller: Option<Extension<UserId>>,
+) -> Response {
+    if let Err(r) = check_caller(caller.as_deref(), &id) {
+        return r;
+    }
+    let db_reads = s.db.read().await;
+    let roles = s.db.roles_of(&id);
+    Json(json!({"user_id": id, "roles": roles, "permissions": permissions(&roles), "db_reads": db_reads}))
+        .into_response()
+}
+
+async fn user_menu(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    caller: Option<Extension<UserId>>,
+) -> Response {
+    if let Err(r) = check_caller(caller.as_deref(), &id) {
+        return r;
+    }
+    let db_reads = s.db.read().await;
+    let roles = s.db.roles_of(&id);
+    Json(json!({"user_id": id, "menu": menu(&roles), "db_reads": db_reads})).into_response()
+}
+
+async fn roles(State(s): State<AppState>) -> Json<Value> {
+    let db_reads = s.db.read().await;
+    Json(json!({"roles": ["admin", "editor", "viewer"], "db_reads": db_reads}))
+}
+
+#[derive(Deserialize)]
+struct PromptQuery {
+    lang: Option<String>,
+    version: Option<u32>,
+}
+
+async fn prompt(State(s): State<AppState>, Path(name): Path<String>, Query(q): Query<PromptQuery>) -> Json<Value> {
+    let db_reads = s.db.read().await;
+    let lang = q.lang.unwrap_or_else(|| "en".to_owned());
+    let version = q.version.unwrap_or(1);
+    Json(json!({
+        "name": name,
+        "lang": lang,
+        "version": version,
+        "text": format!("[{lang} v{version}] prompt {name}"),
+        "db_reads": db_reads,
+    }))
+}
+
+#[derive(Deserialize)]
+struct RolesBody {
+    roles: Vec<String>,
+}
+
+/// Changes a user's roles, then drops that user's cached permissions and menu before
+/// answering, so the next read sees the change.
+async fn set_roles(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    caller: Option<Extension<UserId>>,
+    Json(body): Json<RolesBody>,
+) -> Response {
+    if caller.is_none() {
+        return (StatusCode::UNAUTHORIZED, Json(json!({"error": "authentication required"}))).into_response();
+    }
+    s.db.roles
+        .write()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(id.clone(), body.roles);
+    if let Some(cache) = &s.cache {
+        for path in [format!("/users/{id}/permissions"), format!("/users/{id}/menu")] {
+            if let Err(e) = cache.invalidate(&RequestKey::new(path).identity(id.clone())).await {
+                // The cache cannot be trusted for this user now: say so rather than serve
+                // stale permissions for up to their TTL.
+                tracing::error!(error = %e, user = %id, "invalidation failed");
+                return (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"error": "cache invalidation failed"})))
+                    .into_response();
+            }
+        }
+    }
+    StatusCode::NO_CONTENT.into_response()
+}
+
+async fn health(State(s): State<AppState>) -> Json<Value> {
+    let redis = match &s.cache {
+        Some(cache) => cache.health().await.redis.as_str(),
+        None => "disabled",
+    };
+    Json(json!({"status": "ok", "env": s.env, "redis": redis}))
+}
+
+fn env_or(name: &str, default: &str) -> String {
+    std::env::var(name).ok().filter(|v| !v.is_empty()).unwrap_or_else(|| default.to_owned())
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,tower_redis_cache=debug".into()),
+        )
+        .init();
+
+    let bind = env_or("BIND", "127.0.0.1:3000");
+    let delay_ms: u64 = env_or("DB_DELAY_MS", "50")
+        .parse()
+        .map_err(|_| "DB_DELAY_MS must be a whole number of milliseconds")?;
+    let cache_enabled = match env_or("CACHE_ENABLED", "true").to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" => true,
+        "false" | "0" | "no" => false,
+        other => return Err(format!("CACHE_ENABLED must be true or false, got {other:?}").into()),
+    };
+
+    let db = Arc::new(Db {
+        delay: Duration::from_millis(delay_ms),
+        reads: AtomicU64::new(0),
+        roles: RwLock::new(HashMap::new()),
+    });
+
+    let cache = if cache_enabled {
+        let config = RedisConfig::from_env()?;
+        tracing::info!(?config, "redis");
+        let store = RedisStore::connect(config).await?;
+        Some(
+            CacheLayer::new(store, Policy::bypass())
+                .namespace(&env_or("CACHE_NAMESPACE", "backend"))?
+                .identity(Identity::extension::<UserId>())
+                .route("/users/{id}/permissions", Policy::per_user(Duration::from_secs(600)))?
+                .route("/users/{id}/menu", Policy::per_user(Duration::from_secs(900)))?
+                .route("/roles", Policy::shared(Duration::from_secs(3600)))?
+                .route("/prompts/{name}", Policy::shared(Duration::from_secs(300)))?,
+        )
+    } else {
+        None
+    };
+    let state = AppState {
+        db,
+        cache: cache.as_ref().map(CacheLayer::handle),
+        env: env_or("APP_ENV", "development"),
+    };
+
+    let mut app = Router::new()
+        .route("/users/{id}/permissions", get(user_permissions))
+        .route("/users/{id}/menu", get(user_menu))
+        .route("/users/{id}/roles", axum::routing::put(set_roles))
+        .route("/roles", get(roles))
+        .route("/prompts/{name}", get(prompt))
+        .route("/health", get(health));
+    if let Some(cache) = cache {
+        // Inside `auth`, so the identity is known when the cache runs.
+        app = app.layer(cache);
+    }
+    let app = app.layer(middleware::from_fn(auth)).with_state(state);
+
+    let listener = tokio::net::TcpListener::bind(&bind).await?;
+    tracing::info!(addr = %listener.local_addr()?, cache = cache_enabled, "listening");
+    axum::serve(listener, app).await?;
+    Ok(())
+}

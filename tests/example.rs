@@ -1,0 +1,226 @@
+//! Runs `examples/backend.rs` as a process (built by `cargo test`) against a redis-server of
+//! its own, over loopback HTTP, including a Redis outage.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::RedisServer;
+use serde_json::Value;
+
+struct Backend {
+    child: Child,
+    port: u16,
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn example_binary() -> PathBuf {
+    // target/<profile>/deps/example-<hash> → target/<profile>/examples/backend
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(|d| d.parent()).unwrap();
+    let bin = dir.join("examples").join("backend");
+    if !bin.exists() {
+        // `cargo test` builds examples, `cargo test --test example` does not: build it.
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "--example", "backend"])
+            .status()
+            .unwrap();
+        assert!(status.success(), "building the example failed");
+    }
+    assert!(bin.exists(), "{} is missing", bin.display());
+    bin
+}
+
+fn start_backend(redis: &RedisServer, extra: &[(&str, &str)]) -> Backend {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut cmd = Command::new(example_binary());
+    cmd.env_clear()
+        .env("BIND", format!("127.0.0.1:{port}"))
+        .env("REDIS_HOST", "127.0.0.1")
+        .env("REDIS_PORT", redis.port().to_string())
+        .env("DB_DELAY_MS", "20")
+        .env("APP_ENV", "test")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    for (k, v) in extra {
+        cmd.env(k, v);
+    }
+    let backend = Backend { child: cmd.spawn().unwrap(), port };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "backend did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    backend
+}
+
+struct Reply {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Value,
+}
+
+impl Reply {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+    fn db_reads(&self) -> u64 {
+        self.body["db_reads"].as_u64().unwrap_or(0)
+    }
+}
+
+/// A minimal HTTP/1.1 client: one request per connection.
+fn http(port: u16, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> Reply {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
+    for (n, v) in headers {
+        req.push_str(&format!("{n}: {v}\r\n"));
+    }
+    if !body.is_empty() {
+        req.push_str(&format!("content-type: application/json\r\ncontent-length: {}\r\n", body.len()));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    s.write_all(req.as_bytes()).unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let text = String::from_utf8_lossy(&raw);
+    let (head, rest) = text.split_once("\r\n\r\n").unwrap();
+    let mut lines = head.lines();
+    let status = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_owned(), v.trim().to_owned()))
+        .collect();
+    let body = serde_json::from_str(rest).unwrap_or(Value::Null);
+    Reply { status, headers, body }
+}
+
+fn bearer(user: &str) -> (&'static str, String) {
+    ("authorization", format!("Bearer user-{user}"))
+}
+
+fn get(port: u16, path: &str, user: Option<&str>) -> Reply {
+    match user.map(bearer) {
+        Some((n, v)) => http(port, "GET", path, &[(n, &v)], ""),
+        None => http(port, "GET", path, &[], ""),
+    }
+}
+
+/// GETs until the reply is a hit (the write is off the response path), within 10 s.
+fn until_hit(port: u16, path: &str, user: Option<&str>) -> Reply {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = get(port, path, user);
+        if r.header("x-cache") == Some("HIT") {
+            return r;
+        }
+        assert!(Instant::now() < deadline, "{path} never became a hit");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn backend_caches_per_user_and_invalidates_on_role_change() {
+    let redis = RedisServer::start();
+    let b = start_backend(&redis, &[]);
+    let p = b.port;
+
+    let first = get(p, "/users/1/permissions", Some("1"));
+    assert_eq!(first.status, 200);
+    assert_eq!(first.header("x-cache"), Some("MISS"));
+    assert_eq!(first.body["permissions"], serde_json::json!(["read"]));
+    let hit = until_hit(p, "/users/1/permissions", Some("1"));
+    assert_eq!(hit.db_reads(), first.db_reads(), "a hit does not read the database");
+
+    // Another user, or nobody, never gets user 1's entry.
+    assert_eq!(get(p, "/users/1/permissions", Some("2")).status, 403);
+    assert_eq!(get(p, "/users/1/permissions", None).status, 401);
+    assert_eq!(get(p, "/users/1/permissions", None).header("x-cache"), Some("BYPASS"));
+    assert_eq!(http(p, "GET", "/roles", &[("authorization", "Bearer nope")], "").status, 401);
+
+    // A role change invalidates permissions and menu before it answers.
+    until_hit(p, "/users/1/menu", Some("1"));
+    let (n, v) = bearer("1");
+    let put = http(p, "PUT", "/users/1/roles", &[(n, &v)], r#"{"roles":["admin"]}"#);
+    assert_eq!(put.status, 204);
+    let after = get(p, "/users/1/permissions", Some("1"));
+    assert_eq!(after.header("x-cache"), Some("MISS"));
+    assert_eq!(after.body["permissions"], serde_json::json!(["read", "write", "delete", "manage_users"]));
+    let menu = get(p, "/users/1/menu", Some("1"));
+    assert_eq!(menu.header("x-cache"), Some("MISS"));
+    assert!(menu.body["menu"].as_array().unwrap().iter().any(|m| m == "admin"));
+
+    // Shared routes; query order does not matter.
+    let roles = get(p, "/roles", None);
+    assert_eq!(roles.status, 200);
+    until_hit(p, "/roles", None);
+    get(p, "/prompts/welcome?lang=en&version=2", None);
+    let r = until_hit(p, "/prompts/welcome?version=2&lang=en", None);
+    assert_eq!(r.body["text"], "[en v2] prompt welcome");
+
+    let h = get(p, "/health", None);
+    assert_eq!(h.body, serde_json::json!({"status": "ok", "env": "test", "redis": "connected"}));
+}
+
+#[test]
+fn backend_answers_while_redis_is_down_and_recovers() {
+    let mut redis = RedisServer::start();
+    let b = start_backend(&redis, &[]);
+    let p = b.port;
+    get(p, "/roles", None);
+    until_hit(p, "/roles", None);
+
+    redis.kill();
+    for _ in 0..5 {
+        let started = Instant::now();
+        let r = get(p, "/roles", None);
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("x-cache"), Some("MISS"));
+        assert!(started.elapsed() < Duration::from_secs(1), "{:?}", started.elapsed());
+    }
+    let h = get(p, "/health", None);
+    assert_eq!(h.status, 200);
+    assert_eq!(h.body["status"], "ok");
+    assert_eq!(h.body["redis"], "unavailable");
+    let u = get(p, "/users/3/menu", Some("3"));
+    assert_eq!(u.status, 200);
+
+    redis.restart();
+    until_hit(p, "/roles", None);
+    assert_eq!(get(p, "/health", None).body["redis"], "connected");
+}
+
+#[test]
+fn backend_starts_without_redis_and_without_cache() {
+    let mut redis = RedisServer::unstarted();
+    let b = start_backend(&redis, &[]);
+    let r = get(b.port, "/roles", None);
+    assert_eq!((r.status, r.header("x-cache")), (200, Some("MISS")));
+    assert_eq!(get(b.port, "/health", None).body["redis"], "unavailable");
+    redis.restart();
+    until_hit(b.port, "/roles", None);
+
+    let plain = start_backend(&redis, &[("CACHE_ENABLED", "false")]);
+    let r1 = get(plain.port, "/roles", None);
+    let r2 = get(plain.port, "/roles", None);
+    assert_eq!(r1.header("x-cache"), None);
+    assert_eq!(r2.db_reads(), r1.db_reads() + 1);
+    assert_eq!(get(plain.port, "/health", None).body["redis"], "disabled");
+}

@@ -1,0 +1,139 @@
+//! Redis killed, frozen, restarted and absent at start: every request is still answered
+//! correctly and promptly, and caching resumes by itself.
+
+mod common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::routing::get;
+use axum::Router;
+use common::{get as get_req, send, wait_until, RedisServer};
+use tower_redis_cache::{CacheHandle, CacheLayer, RedisConfig, RedisStatus, RedisStore};
+
+/// Far above the 50 ms lookup deadline, far below a stall: a request that takes longer
+/// than this waited on Redis.
+const BOUND: Duration = Duration::from_millis(1000);
+
+async fn setup(server: &RedisServer) -> (Router, CacheHandle, Arc<AtomicUsize>) {
+    let started = Instant::now();
+    let store = RedisStore::connect(RedisConfig::from_url(&server.url()).unwrap())
+        .await
+        .unwrap();
+    assert!(started.elapsed() < BOUND, "connect took {:?}", started.elapsed());
+    let cache = CacheLayer::new(store, Duration::from_secs(60));
+    let handle = cache.handle();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = calls.clone();
+    let app = Router::new()
+        .route(
+            "/data",
+            get(move || {
+                let n = c.fetch_add(1, Ordering::SeqCst) + 1;
+                async move { format!("data #{n}") }
+            }),
+        )
+        .layer(cache);
+    (app, handle, calls)
+}
+
+/// Sends a GET and checks that it was answered correctly within the bound.
+async fn answered(app: &Router) -> String {
+    let started = Instant::now();
+    let r = send(app, get_req("/data")).await;
+    let took = started.elapsed();
+    assert_eq!(r.status, 200);
+    assert!(r.text().starts_with("data #"), "{}", r.text());
+    assert!(took < BOUND, "request took {took:?}");
+    r.x_cache().to_owned()
+}
+
+/// Repeats GETs until one is a hit (the cache has resumed), within 10 s.
+async fn until_hit(app: &Router) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if answered(app).await == "HIT" {
+            return;
+        }
+        assert!(Instant::now() < deadline, "caching did not resume");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn killed_then_restarted_empty() {
+    let mut server = RedisServer::start();
+    let (app, handle, calls) = setup(&server).await;
+    answered(&app).await;
+    wait_until("stored", || handle.stats().stored == 1).await;
+    assert_eq!(answered(&app).await, "HIT");
+    assert_eq!(handle.health().await.redis, RedisStatus::Connected);
+
+    server.kill();
+    for _ in 0..20 {
+        assert_eq!(answered(&app).await, "MISS");
+    }
+    assert_eq!(handle.health().await.redis, RedisStatus::Unavailable);
+    assert!(handle.stats().unavailable >= 20);
+    let during = calls.load(Ordering::SeqCst);
+    assert!(during >= 21, "every request during the outage reached the handler");
+
+    server.restart();
+    until_hit(&app).await;
+    assert_eq!(handle.health().await.redis, RedisStatus::Connected);
+}
+
+#[tokio::test]
+async fn frozen_then_thawed() {
+    let mut server = RedisServer::start();
+    let (app, handle, _) = setup(&server).await;
+    answered(&app).await;
+    wait_until("stored", || handle.stats().stored == 1).await;
+
+    server.freeze();
+    for _ in 0..10 {
+        assert_eq!(answered(&app).await, "MISS");
+    }
+    let started = Instant::now();
+    assert_eq!(handle.health().await.redis, RedisStatus::Unavailable);
+    assert!(started.elapsed() < BOUND);
+
+    server.thaw();
+    // The entry survived the freeze: the next hit comes from it.
+    until_hit(&app).await;
+}
+
+#[tokio::test]
+async fn absent_at_start_then_started() {
+    let mut server = RedisServer::unstarted();
+    let (app, handle, calls) = setup(&server).await;
+    for _ in 0..5 {
+        assert_eq!(answered(&app).await, "MISS");
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 5);
+    assert_eq!(handle.health().await.redis, RedisStatus::Unavailable);
+
+    server.restart();
+    until_hit(&app).await;
+}
+
+#[tokio::test]
+async fn many_concurrent_requests_during_an_outage_are_all_answered() {
+    let mut server = RedisServer::start();
+    let (app, _handle, calls) = setup(&server).await;
+    server.freeze();
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..200)
+        .map(|_| {
+            let app = app.clone();
+            tokio::spawn(async move { send(&app, get_req("/data")).await.status })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 200);
+    }
+    assert!(started.elapsed() < BOUND * 3, "{:?}", started.elapsed());
+    assert_eq!(calls.load(Ordering::SeqCst), 200);
+    server.thaw();
+}
