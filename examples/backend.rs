@@ -30,7 +30,9 @@ use axum::routing::get;
 use axum::{Extension, Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tower_redis_cache::{CacheHandle, CacheLayer, Identity, Policy, RedisConfig, RedisStore, RequestKey};
+use tower_redis_cache::{
+    CacheHandle, CacheLayer, Identity, Policy, RedisConfig, RedisStore, RequestKey,
+};
 
 /// The authenticated caller, set by `auth` and read by the cache layer as the identity.
 #[derive(Clone, Debug)]
@@ -58,7 +60,10 @@ impl Db {
 
     fn roles_of(&self, user: &str) -> Vec<String> {
         let roles = self.roles.read().unwrap_or_else(|e| e.into_inner());
-        roles.get(user).cloned().unwrap_or_else(|| vec!["viewer".to_owned()])
+        roles
+            .get(user)
+            .cloned()
+            .unwrap_or_else(|| vec!["viewer".to_owned()])
     }
 }
 
@@ -106,19 +111,29 @@ async fn auth(mut req: Request, next: Next) -> Response {
                 let id = UserId(id.to_owned());
                 req.extensions_mut().insert(id);
             }
-            None => return (StatusCode::UNAUTHORIZED, Json(json!({"error": "invalid token"}))).into_response(),
+            None => {
+                return (
+                    StatusCode::UNAUTHORIZED,
+                    Json(json!({"error": "invalid token"})),
+                )
+                    .into_response()
+            }
         }
     }
     next.run(req).await
 }
 
-/// The caller must be user `id`.
-fn check_caller(caller: Option<&UserId>, id: &str) -> Result<(), Response> {
+/// The caller must be user `id`: otherwise the status and message to answer with.
+fn check_caller(caller: Option<&UserId>, id: &str) -> Option<(StatusCode, &'static str)> {
     match caller {
-        None => Err((StatusCode::UNAUTHORIZED, Json(json!({"error": "authentication required"}))).into_response()),
-        Some(c) if c.0 != id => Err((StatusCode::FORBIDDEN, Json(json!({"error": "forbidden"}))).into_response()),
-        Some(_) => Ok(()),
+        None => Some((StatusCode::UNAUTHORIZED, "authentication required")),
+        Some(c) if c.0 != id => Some((StatusCode::FORBIDDEN, "forbidden")),
+        Some(_) => None,
     }
+}
+
+fn error(status: StatusCode, message: &str) -> Response {
+    (status, Json(json!({ "error": message }))).into_response()
 }
 
 async fn user_permissions(
@@ -126,8 +141,8 @@ async fn user_permissions(
     Path(id): Path<String>,
     caller: Option<Extension<UserId>>,
 ) -> Response {
-    if let Err(r) = check_caller(caller.as_deref(), &id) {
-        return r;
+    if let Some((status, message)) = check_caller(caller.as_deref(), &id) {
+        return error(status, message);
     }
     let db_reads = s.db.read().await;
     let roles = s.db.roles_of(&id);
@@ -140,8 +155,8 @@ async fn user_menu(
     Path(id): Path<String>,
     caller: Option<Extension<UserId>>,
 ) -> Response {
-    if let Err(r) = check_caller(caller.as_deref(), &id) {
-        return r;
+    if let Some((status, message)) = check_caller(caller.as_deref(), &id) {
+        return error(status, message);
     }
     let db_reads = s.db.read().await;
     let roles = s.db.roles_of(&id);
@@ -159,7 +174,11 @@ struct PromptQuery {
     version: Option<u32>,
 }
 
-async fn prompt(State(s): State<AppState>, Path(name): Path<String>, Query(q): Query<PromptQuery>) -> Json<Value> {
+async fn prompt(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+    Query(q): Query<PromptQuery>,
+) -> Json<Value> {
     let db_reads = s.db.read().await;
     let lang = q.lang.unwrap_or_else(|| "en".to_owned());
     let version = q.version.unwrap_or(1);
@@ -186,19 +205,32 @@ async fn set_roles(
     Json(body): Json<RolesBody>,
 ) -> Response {
     if caller.is_none() {
-        return (StatusCode::UNAUTHORIZED, Json(json!({"error": "authentication required"}))).into_response();
+        return (
+            StatusCode::UNAUTHORIZED,
+            Json(json!({"error": "authentication required"})),
+        )
+            .into_response();
     }
     s.db.roles
         .write()
         .unwrap_or_else(|e| e.into_inner())
         .insert(id.clone(), body.roles);
     if let Some(cache) = &s.cache {
-        for path in [format!("/users/{id}/permissions"), format!("/users/{id}/menu")] {
-            if let Err(e) = cache.invalidate(&RequestKey::new(path).identity(id.clone())).await {
+        for path in [
+            format!("/users/{id}/permissions"),
+            format!("/users/{id}/menu"),
+        ] {
+            if let Err(e) = cache
+                .invalidate(&RequestKey::new(path).identity(id.clone()))
+                .await
+            {
                 // The cache cannot be trusted for this user now: say so rather than serve
                 // stale permissions for up to their TTL.
                 tracing::error!(error = %e, user = %id, "invalidation failed");
-                return (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"error": "cache invalidation failed"})))
+                return (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    Json(json!({"error": "cache invalidation failed"})),
+                )
                     .into_response();
             }
         }
@@ -215,7 +247,10 @@ async fn health(State(s): State<AppState>) -> Json<Value> {
 }
 
 fn env_or(name: &str, default: &str) -> String {
-    std::env::var(name).ok().filter(|v| !v.is_empty()).unwrap_or_else(|| default.to_owned())
+    std::env::var(name)
+        .ok()
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| default.to_owned())
 }
 
 #[tokio::main]
@@ -231,7 +266,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let delay_ms: u64 = env_or("DB_DELAY_MS", "50")
         .parse()
         .map_err(|_| "DB_DELAY_MS must be a whole number of milliseconds")?;
-    let cache_enabled = match env_or("CACHE_ENABLED", "true").to_ascii_lowercase().as_str() {
+    let cache_enabled = match env_or("CACHE_ENABLED", "true")
+        .to_ascii_lowercase()
+        .as_str()
+    {
         "true" | "1" | "yes" => true,
         "false" | "0" | "no" => false,
         other => return Err(format!("CACHE_ENABLED must be true or false, got {other:?}").into()),
@@ -251,8 +289,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             CacheLayer::new(store, Policy::bypass())
                 .namespace(&env_or("CACHE_NAMESPACE", "backend"))?
                 .identity(Identity::extension::<UserId>())
-                .route("/users/{id}/permissions", Policy::per_user(Duration::from_secs(600)))?
-                .route("/users/{id}/menu", Policy::per_user(Duration::from_secs(900)))?
+                .route(
+                    "/users/{id}/permissions",
+                    Policy::per_user(Duration::from_secs(600)),
+                )?
+                .route(
+                    "/users/{id}/menu",
+                    Policy::per_user(Duration::from_secs(900)),
+                )?
                 .route("/roles", Policy::shared(Duration::from_secs(3600)))?
                 .route("/prompts/{name}", Policy::shared(Duration::from_secs(300)))?,
         )

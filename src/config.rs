@@ -126,7 +126,8 @@ impl RedisConfig {
         if tls {
             install_crypto_provider()?;
         }
-        let fred = Config::from_url(url).map_err(|e| ConfigError::InvalidUrl(e.details().to_owned()))?;
+        let fred =
+            Config::from_url(url).map_err(|e| ConfigError::InvalidUrl(e.details().to_owned()))?;
         if tls && !fred.uses_tls() {
             return Err(ConfigError::TlsUnavailable);
         }
@@ -233,12 +234,15 @@ impl RedisConfig {
         if let Some(n) = number::<usize>("REDIS_POOL_SIZE", var("REDIS_POOL_SIZE")?, 1..=1024)? {
             config.pool_size = n;
         }
-        if let Some(ms) =
-            number::<u64>("REDIS_LOOKUP_TIMEOUT_MS", var("REDIS_LOOKUP_TIMEOUT_MS")?, 1..=60_000)?
-        {
+        if let Some(ms) = number::<u64>(
+            "REDIS_LOOKUP_TIMEOUT_MS",
+            var("REDIS_LOOKUP_TIMEOUT_MS")?,
+            1..=60_000,
+        )? {
             config.lookup_timeout = Duration::from_millis(ms);
         }
-        if let Some(ms) = number::<u64>("REDIS_TIMEOUT_MS", var("REDIS_TIMEOUT_MS")?, 1..=600_000)? {
+        if let Some(ms) = number::<u64>("REDIS_TIMEOUT_MS", var("REDIS_TIMEOUT_MS")?, 1..=600_000)?
+        {
             config.command_timeout = Duration::from_millis(ms);
         }
         Ok(config)
@@ -419,7 +423,8 @@ mod tests {
     #[test]
     fn tls_urls_use_tls() {
         // Needs the system's root store (Debian's ca-certificates, installed by .ci/run).
-        let c = RedisConfig::from_url("rediss://:key@example.redis.cache.windows.net:6380").unwrap();
+        let c =
+            RedisConfig::from_url("rediss://:key@example.redis.cache.windows.net:6380").unwrap();
         assert!(c.fred.uses_tls());
         let c = env(&[("REDIS_SSL", "true"), ("REDIS_PORT", "6380")]).unwrap();
         assert!(c.fred.uses_tls());

@@ -272,10 +272,7 @@ mod tests {
     fn trailing_garbage_is_rejected() {
         let mut raw = BytesMut::from(&encode(&sample())[..]);
         raw.put_u8(0);
-        assert_eq!(
-            Entry::decode(&raw.freeze()),
-            Err(DecodeError::Malformed)
-        );
+        assert_eq!(Entry::decode(&raw.freeze()), Err(DecodeError::Malformed));
     }
 
     #[test]

@@ -51,12 +51,14 @@ use crate::entry::FORMAT_VERSION;
 #[derive(Clone)]
 pub struct Identity(Kind);
 
+type IdentityFn = dyn Fn(&Parts) -> Option<String> + Send + Sync;
+
 #[derive(Clone)]
 enum Kind {
     Header(HeaderName),
     Cookie(Arc<str>),
     Extension(fn(&http::Extensions) -> Option<String>, &'static str),
-    Fn(Arc<dyn Fn(&Parts) -> Option<String> + Send + Sync>),
+    Fn(Arc<IdentityFn>),
 }
 
 impl Identity {
@@ -309,11 +311,7 @@ mod tests {
             headers,
         };
         let none = HeaderMap::new();
-        let keys = [
-            k.key(&input(&en)),
-            k.key(&input(&de)),
-            k.key(&input(&none)),
-        ];
+        let keys = [k.key(&input(&en)), k.key(&input(&de)), k.key(&input(&none))];
         assert_ne!(keys[0], keys[1]);
         assert_ne!(keys[0], keys[2]);
         assert_ne!(keys[1], keys[2]);
@@ -359,9 +357,15 @@ mod tests {
             Identity::header(HeaderName::from_static("x-user")).extract(&parts),
             Some(b"7".to_vec())
         );
-        assert_eq!(Identity::cookie("session").extract(&parts), Some(b"abc".to_vec()));
+        assert_eq!(
+            Identity::cookie("session").extract(&parts),
+            Some(b"abc".to_vec())
+        );
         assert_eq!(Identity::cookie("sess").extract(&parts), None);
-        assert_eq!(Identity::extension::<u32>().extract(&parts), Some(b"42".to_vec()));
+        assert_eq!(
+            Identity::extension::<u32>().extract(&parts),
+            Some(b"42".to_vec())
+        );
         assert_eq!(Identity::extension::<u64>().extract(&parts), None);
         assert_eq!(
             Identity::from_fn(|_| Some(String::new())).extract(&parts),

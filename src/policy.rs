@@ -347,20 +347,35 @@ mod tests {
     fn cache_control_by_token_case_insensitive() {
         assert!(cache_control(&h(&[("cache-control", "No-Store")])).no_store);
         assert!(cache_control(&h(&[("cache-control", "max-age=5, PRIVATE")])).private);
-        assert!(cache_control(&h(&[("cache-control", "public"), ("cache-control", "no-cache")])).no_cache);
+        assert!(
+            cache_control(&h(&[
+                ("cache-control", "public"),
+                ("cache-control", "no-cache")
+            ]))
+            .no_cache
+        );
         // Tokens, not substrings.
         let d = cache_control(&h(&[("cache-control", "x-no-store-ish, max-age=3")]));
         assert_eq!(d, Directives::default());
         // A quoted argument may contain commas and directive names.
-        let d = cache_control(&h(&[("cache-control", "private=\"set-cookie, no-store\", max-age=3")]));
+        let d = cache_control(&h(&[(
+            "cache-control",
+            "private=\"set-cookie, no-store\", max-age=3",
+        )]));
         assert!(d.private && !d.no_store);
     }
 
     #[test]
     fn statuses() {
         let p = Policy::shared(TTL);
-        assert_eq!(response_ttl(StatusCode::OK, &HeaderMap::new(), None, &p), Ok(TTL));
-        assert_eq!(response_ttl(StatusCode::NO_CONTENT, &HeaderMap::new(), None, &p), Ok(TTL));
+        assert_eq!(
+            response_ttl(StatusCode::OK, &HeaderMap::new(), None, &p),
+            Ok(TTL)
+        );
+        assert_eq!(
+            response_ttl(StatusCode::NO_CONTENT, &HeaderMap::new(), None, &p),
+            Ok(TTL)
+        );
         assert_eq!(
             response_ttl(StatusCode::PARTIAL_CONTENT, &HeaderMap::new(), None, &p),
             Err(NotStored::Status)
@@ -393,15 +408,24 @@ mod tests {
             (h(&[("vary", "accept-encoding")]), NotStored::Vary),
         ];
         for (headers, why) in cases {
-            assert_eq!(response_ttl(StatusCode::OK, &headers, None, &shared), Err(why));
-            assert_eq!(response_ttl(StatusCode::OK, &headers, None, &per_user), Err(why));
+            assert_eq!(
+                response_ttl(StatusCode::OK, &headers, None, &shared),
+                Err(why)
+            );
+            assert_eq!(
+                response_ttl(StatusCode::OK, &headers, None, &per_user),
+                Err(why)
+            );
         }
         let private = h(&[("cache-control", "private, max-age=60")]);
         assert_eq!(
             response_ttl(StatusCode::OK, &private, None, &shared),
             Err(NotStored::Private)
         );
-        assert_eq!(response_ttl(StatusCode::OK, &private, None, &per_user), Ok(TTL));
+        assert_eq!(
+            response_ttl(StatusCode::OK, &private, None, &per_user),
+            Ok(TTL)
+        );
     }
 
     #[test]
@@ -410,7 +434,10 @@ mod tests {
         let headers = h(&[("vary", "Accept-Language")]);
         assert_eq!(response_ttl(StatusCode::OK, &headers, None, &p), Ok(TTL));
         let headers = h(&[("vary", "accept-language, accept-encoding")]);
-        assert_eq!(response_ttl(StatusCode::OK, &headers, None, &p), Err(NotStored::Vary));
+        assert_eq!(
+            response_ttl(StatusCode::OK, &headers, None, &p),
+            Err(NotStored::Vary)
+        );
     }
 
     #[test]
@@ -448,7 +475,10 @@ mod tests {
         let shared = Policy::shared(TTL);
         let auth = h(&[("authorization", "Bearer x")]);
         let cookie = h(&[("cookie", "s=1")]);
-        assert_eq!(request_bypass(&auth, &shared), Some(BypassReason::Authorization));
+        assert_eq!(
+            request_bypass(&auth, &shared),
+            Some(BypassReason::Authorization)
+        );
         assert_eq!(request_bypass(&cookie, &shared), Some(BypassReason::Cookie));
         let open = shared.clone().shared_for_authenticated();
         assert_eq!(request_bypass(&auth, &open), None);
@@ -463,6 +493,9 @@ mod tests {
             Some(BypassReason::Route)
         );
         // A client's no-cache does not bypass.
-        assert_eq!(request_bypass(&h(&[("cache-control", "no-cache")]), &shared), None);
+        assert_eq!(
+            request_bypass(&h(&[("cache-control", "no-cache")]), &shared),
+            None
+        );
     }
 }

@@ -97,7 +97,11 @@ where
         };
         if let Some(reason) = request_bypass(&parts.headers, policy) {
             let (reason, req) = bypass(reason, parts, body);
-            return ResponseFuture::bypass(inner.call(req), reason, shared.settings.x_cache.clone());
+            return ResponseFuture::bypass(
+                inner.call(req),
+                reason,
+                shared.settings.x_cache.clone(),
+            );
         }
         let identity = if policy.is_per_user() {
             match shared.settings.identity.extract(&parts) {

@@ -121,7 +121,10 @@ impl RedisStore {
             Ok(Ok(())) => store.observe_ok(),
             Ok(Err(e)) => store.observe_err("connect", &e),
             Err(_) => {
-                let e = FredError::new(ErrorKind::Timeout, "no connection within the connect timeout");
+                let e = FredError::new(
+                    ErrorKind::Timeout,
+                    "no connection within the connect timeout",
+                );
                 store.observe_err("connect", &e);
             }
         }
@@ -162,7 +165,12 @@ impl RedisStore {
             Ok(_) => self.observe_ok(),
             // An error answered by Redis (wrong type, OOM, READONLY...) means it is reachable
             // but this command failed; it is logged per occurrence at debug level.
-            Err(e) if matches!(e.kind(), ErrorKind::Unknown | ErrorKind::InvalidArgument | ErrorKind::Parse) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::Unknown | ErrorKind::InvalidArgument | ErrorKind::Parse
+                ) =>
+            {
                 tracing::debug!(op, kind = ?e.kind(), error = %e.details(), "redis command failed");
             }
             Err(e) => self.observe_err(op, e),
@@ -182,7 +190,12 @@ impl RedisStore {
     }
 
     /// SET with an expiry in milliseconds.
-    pub(crate) async fn set(&self, key: &str, value: Bytes, ttl: Duration) -> Result<(), FredError> {
+    pub(crate) async fn set(
+        &self,
+        key: &str,
+        value: Bytes,
+        ttl: Duration,
+    ) -> Result<(), FredError> {
         let ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX).max(1);
         let r = self
             .inner

@@ -43,7 +43,11 @@ fn example_binary() -> PathBuf {
 }
 
 fn start_backend(redis: &RedisServer, extra: &[(&str, &str)]) -> Backend {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let mut cmd = Command::new(example_binary());
     cmd.env_clear()
         .env("BIND", format!("127.0.0.1:{port}"))
@@ -57,7 +61,10 @@ fn start_backend(redis: &RedisServer, extra: &[(&str, &str)]) -> Backend {
     for (k, v) in extra {
         cmd.env(k, v);
     }
-    let backend = Backend { child: cmd.spawn().unwrap(), port };
+    let backend = Backend {
+        child: cmd.spawn().unwrap(),
+        port,
+    };
     let deadline = Instant::now() + Duration::from_secs(20);
     while TcpStream::connect(("127.0.0.1", port)).is_err() {
         assert!(Instant::now() < deadline, "backend did not start");
@@ -93,7 +100,10 @@ fn http(port: u16, method: &str, path: &str, headers: &[(&str, &str)], body: &st
         req.push_str(&format!("{n}: {v}\r\n"));
     }
     if !body.is_empty() {
-        req.push_str(&format!("content-type: application/json\r\ncontent-length: {}\r\n", body.len()));
+        req.push_str(&format!(
+            "content-type: application/json\r\ncontent-length: {}\r\n",
+            body.len()
+        ));
     }
     req.push_str("\r\n");
     req.push_str(body);
@@ -103,13 +113,24 @@ fn http(port: u16, method: &str, path: &str, headers: &[(&str, &str)], body: &st
     let text = String::from_utf8_lossy(&raw);
     let (head, rest) = text.split_once("\r\n\r\n").unwrap();
     let mut lines = head.lines();
-    let status = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
+    let status = lines
+        .next()
+        .unwrap()
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
     let headers = lines
         .filter_map(|l| l.split_once(':'))
         .map(|(n, v)| (n.trim().to_owned(), v.trim().to_owned()))
         .collect();
     let body = serde_json::from_str(rest).unwrap_or(Value::Null);
-    Reply { status, headers, body }
+    Reply {
+        status,
+        headers,
+        body,
+    }
 }
 
 fn bearer(user: &str) -> (&'static str, String) {
@@ -147,25 +168,48 @@ fn backend_caches_per_user_and_invalidates_on_role_change() {
     assert_eq!(first.header("x-cache"), Some("MISS"));
     assert_eq!(first.body["permissions"], serde_json::json!(["read"]));
     let hit = until_hit(p, "/users/1/permissions", Some("1"));
-    assert_eq!(hit.db_reads(), first.db_reads(), "a hit does not read the database");
+    assert_eq!(
+        hit.db_reads(),
+        first.db_reads(),
+        "a hit does not read the database"
+    );
 
     // Another user, or nobody, never gets user 1's entry.
     assert_eq!(get(p, "/users/1/permissions", Some("2")).status, 403);
     assert_eq!(get(p, "/users/1/permissions", None).status, 401);
-    assert_eq!(get(p, "/users/1/permissions", None).header("x-cache"), Some("BYPASS"));
-    assert_eq!(http(p, "GET", "/roles", &[("authorization", "Bearer nope")], "").status, 401);
+    assert_eq!(
+        get(p, "/users/1/permissions", None).header("x-cache"),
+        Some("BYPASS")
+    );
+    assert_eq!(
+        http(p, "GET", "/roles", &[("authorization", "Bearer nope")], "").status,
+        401
+    );
 
     // A role change invalidates permissions and menu before it answers.
     until_hit(p, "/users/1/menu", Some("1"));
     let (n, v) = bearer("1");
-    let put = http(p, "PUT", "/users/1/roles", &[(n, &v)], r#"{"roles":["admin"]}"#);
+    let put = http(
+        p,
+        "PUT",
+        "/users/1/roles",
+        &[(n, &v)],
+        r#"{"roles":["admin"]}"#,
+    );
     assert_eq!(put.status, 204);
     let after = get(p, "/users/1/permissions", Some("1"));
     assert_eq!(after.header("x-cache"), Some("MISS"));
-    assert_eq!(after.body["permissions"], serde_json::json!(["read", "write", "delete", "manage_users"]));
+    assert_eq!(
+        after.body["permissions"],
+        serde_json::json!(["read", "write", "delete", "manage_users"])
+    );
     let menu = get(p, "/users/1/menu", Some("1"));
     assert_eq!(menu.header("x-cache"), Some("MISS"));
-    assert!(menu.body["menu"].as_array().unwrap().iter().any(|m| m == "admin"));
+    assert!(menu.body["menu"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|m| m == "admin"));
 
     // Shared routes; query order does not matter.
     let roles = get(p, "/roles", None);
@@ -176,7 +220,10 @@ fn backend_caches_per_user_and_invalidates_on_role_change() {
     assert_eq!(r.body["text"], "[en v2] prompt welcome");
 
     let h = get(p, "/health", None);
-    assert_eq!(h.body, serde_json::json!({"status": "ok", "env": "test", "redis": "connected"}));
+    assert_eq!(
+        h.body,
+        serde_json::json!({"status": "ok", "env": "test", "redis": "connected"})
+    );
 }
 
 #[test]
@@ -193,7 +240,11 @@ fn backend_answers_while_redis_is_down_and_recovers() {
         let r = get(p, "/roles", None);
         assert_eq!(r.status, 200);
         assert_eq!(r.header("x-cache"), Some("MISS"));
-        assert!(started.elapsed() < Duration::from_secs(1), "{:?}", started.elapsed());
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
     }
     let h = get(p, "/health", None);
     assert_eq!(h.status, 200);

@@ -21,7 +21,11 @@ async fn setup(server: &RedisServer) -> (Router, CacheHandle, Arc<AtomicUsize>) 
     let store = RedisStore::connect(RedisConfig::from_url(&server.url()).unwrap())
         .await
         .unwrap();
-    assert!(started.elapsed() < BOUND, "connect took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < BOUND,
+        "connect took {:?}",
+        started.elapsed()
+    );
     let cache = CacheLayer::new(store, Duration::from_secs(60));
     let handle = cache.handle();
     let calls = Arc::new(AtomicUsize::new(0));
@@ -77,7 +81,10 @@ async fn killed_then_restarted_empty() {
     assert_eq!(handle.health().await.redis, RedisStatus::Unavailable);
     assert!(handle.stats().unavailable >= 20);
     let during = calls.load(Ordering::SeqCst);
-    assert!(during >= 21, "every request during the outage reached the handler");
+    assert!(
+        during >= 21,
+        "every request during the outage reached the handler"
+    );
 
     server.restart();
     until_hit(&app).await;

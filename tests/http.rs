@@ -53,8 +53,15 @@ impl std::fmt::Display for UserId {
 }
 
 /// Copies `x-test-user` into a `UserId` extension, as an auth layer would.
-async fn fake_auth(mut req: Request<Body>, next: axum::middleware::Next) -> axum::response::Response {
-    if let Some(user) = req.headers().get("x-test-user").and_then(|v| v.to_str().ok()) {
+async fn fake_auth(
+    mut req: Request<Body>,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    if let Some(user) = req
+        .headers()
+        .get("x-test-user")
+        .and_then(|v| v.to_str().ok())
+    {
         let user = UserId(user.to_owned());
         req.extensions_mut().insert(user);
     }
@@ -68,13 +75,15 @@ fn build_app(cache: CacheLayer, calls: Calls) -> Router {
         async move { format!("shared #{}", c.next()) }
     });
     let c = calls.clone();
-    let mine = get(move |Path(id): Path<String>, user: Option<axum::Extension<UserId>>| {
-        let c = c.clone();
-        async move {
-            let who = user.map(|u| u.0 .0).unwrap_or_default();
-            format!("user {id} seen by {who} #{}", c.next())
-        }
-    });
+    let mine = get(
+        move |Path(id): Path<String>, user: Option<axum::Extension<UserId>>| {
+            let c = c.clone();
+            async move {
+                let who = user.map(|u| u.0 .0).unwrap_or_default();
+                format!("user {id} seen by {who} #{}", c.next())
+            }
+        },
+    );
     let c = calls.clone();
     let headers = get(move |Path(kind): Path<String>| {
         let c = c.clone();
@@ -90,7 +99,10 @@ fn build_app(cache: CacheLayer, calls: Calls) -> Router {
                     h.insert("cache-control", HeaderValue::from_static("No-Store"));
                 }
                 "private" => {
-                    h.insert("cache-control", HeaderValue::from_static("max-age=60, private"));
+                    h.insert(
+                        "cache-control",
+                        HeaderValue::from_static("max-age=60, private"),
+                    );
                 }
                 "vary-star" => {
                     h.insert("vary", HeaderValue::from_static("*"));
@@ -108,7 +120,8 @@ fn build_app(cache: CacheLayer, calls: Calls) -> Router {
                     h.insert("x-cache-ttl", HeaderValue::from_static("5"));
                 }
                 "ttl-ext" => {
-                    res.extensions_mut().insert(CacheOverride::ttl(Duration::from_secs(7)));
+                    res.extensions_mut()
+                        .insert(CacheOverride::ttl(Duration::from_secs(7)));
                 }
                 "skip-ext" => {
                     res.extensions_mut().insert(CacheOverride::skip());
@@ -140,7 +153,10 @@ async fn setup(server: &RedisServer) -> (Router, CacheHandle, Calls) {
         .identity(Identity::extension::<UserId>())
         .route("/users/{id}/data", Policy::per_user(MIN))
         .unwrap()
-        .route("/h/{kind}", Policy::shared(MIN).status(StatusCode::NOT_FOUND, Duration::from_secs(3)))
+        .route(
+            "/h/{kind}",
+            Policy::shared(MIN).status(StatusCode::NOT_FOUND, Duration::from_secs(3)),
+        )
         .unwrap();
     let handle = cache.handle();
     let calls = Calls::default();
@@ -159,7 +175,10 @@ async fn miss_then_hit_with_headers() {
     let first = send(&app, get_req("/shared")).await;
     assert_eq!(first.status, 200);
     assert_eq!(first.x_cache(), "MISS");
-    assert_eq!(first.header("cache-status"), Some("tower-redis-cache; fwd=miss"));
+    assert_eq!(
+        first.header("cache-status"),
+        Some("tower-redis-cache; fwd=miss")
+    );
     assert_eq!(first.text(), "shared #1");
     stored(&handle, 1).await;
 
@@ -168,11 +187,17 @@ async fn miss_then_hit_with_headers() {
     assert_eq!(second.text(), "shared #1");
     assert_eq!(calls.get(), 1, "a hit never calls the handler");
     assert_eq!(second.header("content-length"), Some("9"));
-    assert_eq!(second.header("content-type"), Some("text/plain; charset=utf-8"));
+    assert_eq!(
+        second.header("content-type"),
+        Some("text/plain; charset=utf-8")
+    );
     let age: u64 = second.header("age").unwrap().parse().unwrap();
     assert!(age <= 1);
     let status = second.header("cache-status").unwrap();
-    assert!(status.starts_with("tower-redis-cache; hit; ttl="), "{status}");
+    assert!(
+        status.starts_with("tower-redis-cache; hit; ttl="),
+        "{status}"
+    );
     let ttl: u64 = status.rsplit('=').next().unwrap().parse().unwrap();
     assert!((58..=60).contains(&ttl), "{ttl}");
     assert_eq!(handle.stats().hits, 1);
@@ -228,15 +253,27 @@ async fn per_user_entries_are_isolated() {
     let as_user = |u: &str| get_with("/users/1/data", &[("x-test-user", u)]);
 
     let a = send(&app, as_user("alice")).await;
-    assert_eq!((a.x_cache(), a.text().as_str()), ("MISS", "user 1 seen by alice #1"));
+    assert_eq!(
+        (a.x_cache(), a.text().as_str()),
+        ("MISS", "user 1 seen by alice #1")
+    );
     stored(&handle, 1).await;
     let b = send(&app, as_user("bob")).await;
-    assert_eq!((b.x_cache(), b.text().as_str()), ("MISS", "user 1 seen by bob #2"));
+    assert_eq!(
+        (b.x_cache(), b.text().as_str()),
+        ("MISS", "user 1 seen by bob #2")
+    );
     stored(&handle, 2).await;
     let a = send(&app, as_user("alice")).await;
-    assert_eq!((a.x_cache(), a.text().as_str()), ("HIT", "user 1 seen by alice #1"));
+    assert_eq!(
+        (a.x_cache(), a.text().as_str()),
+        ("HIT", "user 1 seen by alice #1")
+    );
     let b = send(&app, as_user("bob")).await;
-    assert_eq!((b.x_cache(), b.text().as_str()), ("HIT", "user 1 seen by bob #2"));
+    assert_eq!(
+        (b.x_cache(), b.text().as_str()),
+        ("HIT", "user 1 seen by bob #2")
+    );
 
     // No identity on a per-user route: passed through, never stored.
     for _ in 0..2 {
@@ -255,19 +292,16 @@ async fn per_user_entries_are_isolated() {
     assert!(!key.contains("alice"));
     let client = store(&server).await;
     let keys: Vec<String> = {
-        let (_, keys): (String, Vec<String>) = fred::prelude::KeysInterface::scan_page(
-            client.pool(),
-            "0",
-            "*",
-            Some(1000),
-            None,
-        )
-        .await
-        .unwrap();
+        let (_, keys): (String, Vec<String>) =
+            fred::prelude::KeysInterface::scan_page(client.pool(), "0", "*", Some(1000), None)
+                .await
+                .unwrap();
         keys
     };
     assert!(keys.contains(&key), "{keys:?}");
-    assert!(keys.iter().all(|k| !k.contains("alice") && !k.contains("bob")));
+    assert!(keys
+        .iter()
+        .all(|k| !k.contains("alice") && !k.contains("bob")));
 }
 
 #[tokio::test]
@@ -291,9 +325,12 @@ async fn authorization_and_cookie_bypass_shared_routes() {
     assert_eq!(calls.get(), 3);
 
     // Unless the route is declared the same for everybody.
-    let cache = CacheLayer::new(store(&server).await, Policy::shared(MIN).shared_for_authenticated())
-        .namespace("open")
-        .unwrap();
+    let cache = CacheLayer::new(
+        store(&server).await,
+        Policy::shared(MIN).shared_for_authenticated(),
+    )
+    .namespace("open")
+    .unwrap();
     let h = cache.handle();
     let open = build_app(cache, Calls::default());
     send(&open, get_with("/shared", &[("authorization", "Bearer a")])).await;
@@ -306,12 +343,23 @@ async fn authorization_and_cookie_bypass_shared_routes() {
 async fn unstorable_responses_are_never_stored() {
     let server = RedisServer::start();
     let (app, handle, calls) = setup(&server).await;
-    for kind in ["set-cookie", "no-store", "private", "vary-star", "partial", "skip-header", "skip-ext"] {
+    for kind in [
+        "set-cookie",
+        "no-store",
+        "private",
+        "vary-star",
+        "partial",
+        "skip-header",
+        "skip-ext",
+    ] {
         let uri = format!("/h/{kind}");
         for _ in 0..2 {
             let r = send(&app, get_req(&uri)).await;
             assert_eq!(r.x_cache(), "MISS", "{kind}");
-            assert!(r.header("x-cache-ttl").is_none(), "override header stripped");
+            assert!(
+                r.header("x-cache-ttl").is_none(),
+                "override header stripped"
+            );
         }
     }
     assert_eq!(calls.get(), 14);
@@ -332,8 +380,15 @@ async fn statuses_opt_in_and_handler_ttls() {
         let r = send(&app, get_req(&uri)).await;
         assert_eq!(r.x_cache(), "HIT", "{kind}");
         assert!(r.header("x-cache-ttl").is_none());
-        let pttl: i64 = pool.pool().pttl(handle.key(&RequestKey::new(&uri))).await.unwrap();
-        assert!(pttl > (secs - 1) * 1000 && pttl <= secs * 1000, "{kind}: {pttl}");
+        let pttl: i64 = pool
+            .pool()
+            .pttl(handle.key(&RequestKey::new(&uri)))
+            .await
+            .unwrap();
+        assert!(
+            pttl > (secs - 1) * 1000 && pttl <= secs * 1000,
+            "{kind}: {pttl}"
+        );
     }
     let r = send(&app, get_req("/h/not-found")).await;
     assert_eq!(r.status, 404);
@@ -372,7 +427,10 @@ fn tokio_stream_from<T>(
 #[tokio::test]
 async fn large_bodies_stream_through_uncached() {
     let server = RedisServer::start();
-    let cache = CacheLayer::new(store(&server).await, Policy::shared(MIN).max_body_size(64 * 1024));
+    let cache = CacheLayer::new(
+        store(&server).await,
+        Policy::shared(MIN).max_body_size(64 * 1024),
+    );
     let handle = cache.handle();
     let calls = Calls::default();
     let c = calls.clone();
@@ -384,10 +442,7 @@ async fn large_bodies_stream_through_uncached() {
                 async { streamed(vec![Bytes::from(vec![7u8; 40 * 1024]); 3], None) }
             }),
         )
-        .route(
-            "/big-known",
-            get(|| async { vec![1u8; 200 * 1024] }),
-        )
+        .route("/big-known", get(|| async { vec![1u8; 200 * 1024] }))
         .layer(cache);
     for _ in 0..2 {
         let r = send(&app, get_req("/big")).await;
@@ -419,8 +474,11 @@ async fn a_client_that_leaves_early_stores_nothing() {
             }),
         )
         .layer(cache);
-    let res = tower::ServiceExt::oneshot(app.clone(), get_req("/slow")).await.unwrap();
-    tx.send(Ok(Frame::data(Bytes::from_static(b"first")))).unwrap();
+    let res = tower::ServiceExt::oneshot(app.clone(), get_req("/slow"))
+        .await
+        .unwrap();
+    tx.send(Ok(Frame::data(Bytes::from_static(b"first"))))
+        .unwrap();
     let mut body = res.into_body();
     let frame = body.frame().await.unwrap().unwrap();
     assert_eq!(frame.into_data().unwrap(), "first");
@@ -452,13 +510,22 @@ async fn trailers_pass_through_and_are_replayed() {
             "/with-trailers",
             get(move || {
                 let t = t2.clone();
-                async move { streamed(vec![Bytes::from_static(b"a"), Bytes::from_static(b"b")], Some(t)) }
+                async move {
+                    streamed(
+                        vec![Bytes::from_static(b"a"), Bytes::from_static(b"b")],
+                        Some(t),
+                    )
+                }
             }),
         )
         .layer(cache);
 
     // A non-cached method: untouched, trailers intact, no cache headers.
-    let r = send(&app, Request::post("/upload").body(Body::from("x")).unwrap()).await;
+    let r = send(
+        &app,
+        Request::post("/upload").body(Body::from("x")).unwrap(),
+    )
+    .await;
     assert_eq!(r.text(), "posted");
     assert_eq!(r.trailers.as_ref(), Some(&trailers));
     assert!(r.header("x-cache").is_none() && r.header("cache-status").is_none());
@@ -476,7 +543,9 @@ async fn trailers_pass_through_and_are_replayed() {
 #[tokio::test]
 async fn per_route_ttl_with_route_layer_and_method_router_layer() {
     let server = RedisServer::start();
-    let cache = CacheLayer::new(store(&server).await, Policy::bypass()).namespace("rl").unwrap();
+    let cache = CacheLayer::new(store(&server).await, Policy::bypass())
+        .namespace("rl")
+        .unwrap();
     let handle = cache.handle();
     let app = Router::new()
         .route("/a", get(|| async { "a" }))
@@ -495,7 +564,10 @@ async fn per_route_ttl_with_route_layer_and_method_router_layer() {
     for (path, secs) in [("/a", 11i64), ("/b", 22)] {
         let key = handle.key(&RequestKey::new(path).route(path));
         let pttl: i64 = pool.pool().pttl(&key).await.unwrap();
-        assert!(pttl > (secs - 1) * 1000 && pttl <= secs * 1000, "{path}: {pttl}");
+        assert!(
+            pttl > (secs - 1) * 1000 && pttl <= secs * 1000,
+            "{path}: {pttl}"
+        );
         assert_eq!(send(&app, get_req(path)).await.x_cache(), "HIT");
     }
 }
@@ -508,9 +580,13 @@ async fn layer_around_a_whole_router_matches_its_own_templates() {
         .unwrap();
     let handle = cache.handle();
     let router = Router::new()
-        .route("/items/{id}", get(|Path(id): Path<u32>| async move { format!("item {id}") }))
+        .route(
+            "/items/{id}",
+            get(|Path(id): Path<u32>| async move { format!("item {id}") }),
+        )
         .route("/other", get(|| async { "other" }));
-    let app = Router::new().fallback_service(tower::ServiceBuilder::new().layer(cache).service(router));
+    let app =
+        Router::new().fallback_service(tower::ServiceBuilder::new().layer(cache).service(router));
     send(&app, get_req("/items/5")).await;
     stored(&handle, 1).await;
     let r = send(&app, get_req("/items/5")).await;
@@ -518,7 +594,14 @@ async fn layer_around_a_whole_router_matches_its_own_templates() {
     assert_eq!(send(&app, get_req("/items/6")).await.x_cache(), "MISS");
     assert_eq!(send(&app, get_req("/other")).await.x_cache(), "BYPASS");
     let key = handle.key(&RequestKey::new("/items/5"));
-    assert!(handle.invalidate(&RequestKey::new("/items/5")).await.unwrap() == 1, "{key}");
+    assert!(
+        handle
+            .invalidate(&RequestKey::new("/items/5"))
+            .await
+            .unwrap()
+            == 1,
+        "{key}"
+    );
     assert_eq!(send(&app, get_req("/items/5")).await.x_cache(), "MISS");
 }
 
@@ -547,7 +630,10 @@ async fn undecodable_entries_are_misses_and_replaced() {
     let _: () = pool.pool().del(&key).await.unwrap();
     let _: () = pool
         .pool()
-        .custom(fred::types::CustomCommand::new_static("RPUSH", None, false), vec![key.clone(), "x".into()])
+        .custom(
+            fred::types::CustomCommand::new_static("RPUSH", None, false),
+            vec![key.clone(), "x".into()],
+        )
         .await
         .map(|_: i64| ())
         .unwrap();
@@ -565,14 +651,22 @@ async fn status_extension_for_outer_layers() {
         .service(tower::service_fn(|_req: Request<Body>| async {
             Ok::<_, Infallible>(http::Response::new(Body::from("x")))
         }));
-    let res = tower::ServiceExt::oneshot(svc.clone(), get_req("/")).await.unwrap();
-    assert_eq!(res.extensions().get::<CacheStatus>(), Some(&CacheStatus::Miss));
+    let res = tower::ServiceExt::oneshot(svc.clone(), get_req("/"))
+        .await
+        .unwrap();
+    assert_eq!(
+        res.extensions().get::<CacheStatus>(),
+        Some(&CacheStatus::Miss)
+    );
     assert!(res.headers().get("x-cache").is_none());
     assert!(res.headers().get("cache-status").is_some());
     res.into_body().collect().await.unwrap();
     stored(&handle, 1).await;
     let res = tower::ServiceExt::oneshot(svc, get_req("/")).await.unwrap();
-    assert_eq!(res.extensions().get::<CacheStatus>(), Some(&CacheStatus::Hit));
+    assert_eq!(
+        res.extensions().get::<CacheStatus>(),
+        Some(&CacheStatus::Hit)
+    );
 }
 
 #[test]
@@ -584,9 +678,21 @@ fn service_and_future_are_send_sync_static() {
     send_sync_static::<CacheLayer>();
     send_sync_static::<CacheHandle>();
     send_static::<ResponseFuture<axum::routing::Route, Body>>();
-    type Ready = tower::util::ServiceFn<fn(Request<Body>) -> std::future::Ready<Result<http::Response<Body>, Infallible>>>;
+    type Ready = tower::util::ServiceFn<
+        fn(Request<Body>) -> std::future::Ready<Result<http::Response<Body>, Infallible>>,
+    >;
     send_sync_static::<CacheService<Ready>>();
     // With a Sync inner future and request body, the future is Sync too.
-    send_sync_static::<ResponseFuture<tower::util::ServiceFn<fn(Request<String>) -> std::future::Ready<Result<http::Response<String>, Infallible>>>, String>>();
+    send_sync_static::<
+        ResponseFuture<
+            tower::util::ServiceFn<
+                fn(
+                    Request<String>,
+                )
+                    -> std::future::Ready<Result<http::Response<String>, Infallible>>,
+            >,
+            String,
+        >,
+    >();
     send_sync_static::<tower_redis_cache::ResponseBody<http_body_util::Full<Bytes>>>();
 }

@@ -123,7 +123,9 @@ impl RedisServer {
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             if self.frozen {
-                let _ = Command::new("kill").args(["-CONT", &child.id().to_string()]).status();
+                let _ = Command::new("kill")
+                    .args(["-CONT", &child.id().to_string()])
+                    .status();
                 self.frozen = false;
             }
             let _ = child.kill();
@@ -148,7 +150,11 @@ impl RedisServer {
         self.kill();
         let deadline = Instant::now() + Duration::from_secs(10);
         while !self.spawn() {
-            assert!(Instant::now() < deadline, "could not restart redis on {}", self.port);
+            assert!(
+                Instant::now() < deadline,
+                "could not restart redis on {}",
+                self.port
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
