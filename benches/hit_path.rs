@@ -20,7 +20,9 @@ use tower::{Service, ServiceExt};
 use tower_redis_cache::{CacheLayer, RedisConfig, RedisStore};
 
 fn handler(_: Request<Body>) -> std::future::Ready<Result<Response<Body>, Infallible>> {
-    std::future::ready(Ok(Response::new(Body::from(Bytes::from_static(&[b'x'; 1024])))))
+    std::future::ready(Ok(Response::new(Body::from(Bytes::from_static(
+        &[b'x'; 1024],
+    )))))
 }
 
 async fn call<S>(svc: &mut S, req: Request<Body>) -> Bytes
@@ -39,7 +41,9 @@ fn benches(c: &mut Criterion) {
         .unwrap();
     let server = common::RedisServer::start();
     let store = rt
-        .block_on(RedisStore::connect(RedisConfig::from_url(&server.url()).unwrap()))
+        .block_on(RedisStore::connect(
+            RedisConfig::from_url(&server.url()).unwrap(),
+        ))
         .unwrap();
     let pool = store.pool().clone();
     let cache = CacheLayer::new(store, Duration::from_secs(600));

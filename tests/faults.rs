@@ -144,3 +144,84 @@ async fn many_concurrent_requests_during_an_outage_are_all_answered() {
     assert_eq!(calls.load(Ordering::SeqCst), 200);
     server.thaw();
 }
+
+#[tokio::test]
+async fn writes_past_the_bound_are_dropped_not_queued() {
+    let mut server = RedisServer::start();
+    let store = RedisStore::connect(RedisConfig::from_url(&server.url()).unwrap())
+        .await
+        .unwrap();
+    let cache = CacheLayer::new(store, Duration::from_secs(60)).max_pending_writes(1);
+    let handle = cache.handle();
+    let app = Router::new()
+        .route("/{n}", get(|| async { "x" }))
+        .layer(cache);
+    // Frozen: the first write hangs until its deadline and holds the only slot.
+    server.freeze();
+    for n in 0..5 {
+        let started = Instant::now();
+        let r = send(&app, get_req(&format!("/{n}"))).await;
+        assert_eq!(r.status, 200);
+        assert!(started.elapsed() < BOUND);
+    }
+    let s = handle.stats();
+    assert_eq!(s.writes_dropped, 4, "{s:?}");
+    server.thaw();
+    wait_until("the pending write to end", || {
+        let s = handle.stats();
+        s.stored + s.write_errors == 1
+    })
+    .await;
+}
+
+/// Counts WARN events whose message says Redis became unavailable.
+#[derive(Clone, Default)]
+struct OutageWarnings(Arc<AtomicUsize>);
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for OutageWarnings {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        struct Msg(bool);
+        impl tracing::field::Visit for Msg {
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                if field.name() == "message"
+                    && format!("{value:?}").contains("redis is unavailable")
+                {
+                    self.0 = true;
+                }
+            }
+        }
+        let mut m = Msg(false);
+        event.record(&mut m);
+        if m.0 && *event.metadata().level() == tracing::Level::WARN {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_outage_is_logged_once_not_per_request() {
+    use tracing_subscriber::layer::SubscriberExt;
+    let warnings = OutageWarnings::default();
+    let subscriber = tracing_subscriber::registry().with(warnings.clone());
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let mut server = RedisServer::start();
+    let (app, _handle, _) = setup(&server).await;
+    answered(&app).await;
+    server.kill();
+    for _ in 0..30 {
+        answered(&app).await;
+    }
+    assert_eq!(warnings.0.load(Ordering::SeqCst), 1);
+    server.restart();
+    until_hit(&app).await;
+    server.kill();
+    for _ in 0..10 {
+        answered(&app).await;
+    }
+    assert_eq!(
+        warnings.0.load(Ordering::SeqCst),
+        2,
+        "a second outage is logged again"
+    );
+}

@@ -696,3 +696,71 @@ fn service_and_future_are_send_sync_static() {
     >();
     send_sync_static::<tower_redis_cache::ResponseBody<http_body_util::Full<Bytes>>>();
 }
+
+#[tokio::test]
+async fn a_body_that_errors_is_not_stored() {
+    let server = RedisServer::start();
+    let cache = CacheLayer::new(store(&server).await, MIN);
+    let handle = cache.handle();
+    let app = Router::new()
+        .route(
+            "/broken",
+            get(|| async {
+                let frames: Vec<Result<Frame<Bytes>, std::io::Error>> = vec![
+                    Ok(Frame::data(Bytes::from_static(b"partial"))),
+                    Err(std::io::Error::other("database went away")),
+                ];
+                Body::new(StreamBody::new(futures_util::stream::iter(frames)))
+            }),
+        )
+        .layer(cache);
+    let res = tower::ServiceExt::oneshot(app.clone(), get_req("/broken"))
+        .await
+        .unwrap();
+    assert!(
+        res.into_body().collect().await.is_err(),
+        "the client sees the error"
+    );
+    wait_until("abandoned", || handle.stats().abandoned == 1).await;
+    assert_eq!(handle.stats().stored, 0);
+    let again = tower::ServiceExt::oneshot(app, get_req("/broken"))
+        .await
+        .unwrap();
+    assert_eq!(again.headers()["x-cache"], "MISS");
+}
+
+#[tokio::test]
+async fn hits_have_an_exact_size_hint() {
+    use http_body::Body as _;
+    let server = RedisServer::start();
+    let cache = CacheLayer::new(store(&server).await, MIN);
+    let handle = cache.handle();
+    let svc = tower::ServiceBuilder::new()
+        .layer(cache)
+        .service(tower::service_fn(|_req: Request<Body>| async {
+            Ok::<_, Infallible>(http::Response::new(streamed(
+                vec![Bytes::from_static(b"hello "), Bytes::from_static(b"world")],
+                None,
+            )))
+        }));
+    let res = tower::ServiceExt::oneshot(svc.clone(), get_req("/"))
+        .await
+        .unwrap();
+    assert_eq!(
+        res.body().size_hint().exact(),
+        None,
+        "a streamed miss has no exact size"
+    );
+    res.into_body().collect().await.unwrap();
+    stored(&handle, 1).await;
+    let res = tower::ServiceExt::oneshot(svc.clone(), get_req("/"))
+        .await
+        .unwrap();
+    assert_eq!(res.body().size_hint().exact(), Some(11));
+    let res = tower::ServiceExt::oneshot(svc, Request::head("/").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(res.headers()["content-length"], "11");
+    assert!(res.body().is_end_stream());
+    assert_eq!(res.body().size_hint().exact(), Some(0));
+}
