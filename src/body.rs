@@ -2,9 +2,10 @@
 //! way to the client (a tee bounded by the size limit).
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::header::{self, HeaderName};
@@ -13,9 +14,11 @@ use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
 use crate::entry::Entry;
+use crate::future::Ctx;
 use crate::layer::CacheLayer;
-use crate::policy::TTL_OVERRIDE_HEADER;
+use crate::policy::{TAG_HEADERS, TTL_OVERRIDE_HEADER};
 use crate::status::{Counters, CACHE_STATUS};
+use crate::store::{Write, Written, MARKER_TTL};
 
 pin_project! {
     /// The response body of [`CacheService`](crate::CacheService).
@@ -177,6 +180,12 @@ pub(crate) struct Recorder {
     ttl: Duration,
     status: StatusCode,
     headers: HeaderMap,
+    tags: Vec<String>,
+    path: String,
+    route: Option<String>,
+    identity: Option<Vec<u8>>,
+    miss_seq: u64,
+    started: Instant,
     chunks: Vec<Bytes>,
     len: usize,
     limit: usize,
@@ -185,22 +194,27 @@ pub(crate) struct Recorder {
 
 impl Recorder {
     pub(crate) fn new(
-        shared: Arc<CacheLayer>,
-        key: String,
+        ctx: &Ctx,
         ttl: Duration,
         status: StatusCode,
         headers: HeaderMap,
-        limit: usize,
+        tags: Vec<String>,
     ) -> Self {
         Recorder {
-            shared,
-            key,
+            shared: Arc::clone(&ctx.shared),
+            key: ctx.key.clone(),
             ttl,
             status,
             headers,
+            tags,
+            path: ctx.path.clone(),
+            route: ctx.route.clone(),
+            identity: ctx.identity.clone(),
+            miss_seq: ctx.miss_seq.unwrap_or(0),
+            started: ctx.started,
             chunks: Vec::new(),
             len: 0,
-            limit,
+            limit: ctx.policy.max_body_size,
             finished: false,
         }
     }
@@ -223,6 +237,11 @@ impl Recorder {
         self.finished = true;
         let shared = Arc::clone(&self.shared);
         let counters = &shared.runtime.counters;
+        if self.started.elapsed() >= MARKER_TTL {
+            // Older than any invalidation marker: a race could no longer be detected.
+            Counters::incr(&counters.refused);
+            return;
+        }
         let Ok(permit) = Arc::clone(&shared.runtime.writes).try_acquire_owned() else {
             Counters::incr(&counters.writes_dropped);
             tracing::debug!(key = %self.key, "too many pending cache writes; write dropped");
@@ -232,28 +251,55 @@ impl Recorder {
             Counters::incr(&counters.writes_dropped);
             return;
         };
-        let stored_at_ms = SystemTime::now()
+        let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
-            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-            .unwrap_or(0);
+            .unwrap_or_default();
+        let stored_at_ms = u64::try_from(now.as_millis()).unwrap_or(u64::MAX);
         let ttl_ms = u64::try_from(self.ttl.as_millis()).unwrap_or(u64::MAX);
+        let nonce = nonce(now);
         let value = Entry::encode(
             self.status,
             &self.headers,
             trailers.as_ref(),
             &self.chunks,
+            nonce,
             stored_at_ms,
             ttl_ms,
         );
-        let key = std::mem::take(&mut self.key);
-        let ttl = self.ttl;
+        let keyer = &shared.settings.keyer;
+        let mut indexes = vec![keyer.path_index(&self.path)];
+        if let Some(id) = &self.identity {
+            indexes.push(keyer.user_index(id));
+        }
+        if let Some(route) = &self.route {
+            indexes.push(keyer.route_index(route));
+        }
+        indexes.extend(self.tags.iter().map(|t| keyer.tag_index(t)));
+        let mut markers: Vec<String> = indexes.iter().map(|i| keyer.marker_of(i)).collect();
+        markers.push(keyer.all_marker());
+        let write = Write {
+            key: std::mem::take(&mut self.key),
+            value,
+            nonce,
+            ttl: self.ttl,
+            indexes,
+            path: std::mem::take(&mut self.path),
+            paths_key: keyer.paths_key(),
+            markers,
+            miss_seq: self.miss_seq,
+        };
         let task_shared = Arc::clone(&shared);
         rt.spawn(async move {
             let counters = &task_shared.runtime.counters;
-            match task_shared.settings.store.set(&key, value, ttl).await {
-                Ok(()) => {
+            let key = write.key.clone();
+            match task_shared.settings.store.write(write).await {
+                Ok(Written::Stored) => {
                     Counters::incr(&counters.stored);
                     tracing::debug!(key = %key, ttl_ms, "response stored");
+                }
+                Ok(Written::Refused) => {
+                    Counters::incr(&counters.refused);
+                    tracing::debug!(key = %key, "invalidated while computed; not stored");
                 }
                 Err(e) => {
                     Counters::incr(&counters.write_errors);
@@ -263,6 +309,19 @@ impl Recorder {
             drop(permit);
         });
     }
+}
+
+/// A value unique to one write: time, process and a counter.
+fn nonce(now: Duration) -> [u8; 8] {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let mut h = blake3::Hasher::new();
+    h.update(&now.as_nanos().to_le_bytes());
+    h.update(&std::process::id().to_le_bytes());
+    h.update(&n.to_le_bytes());
+    let mut out = [0u8; 8];
+    out.copy_from_slice(&h.finalize().as_bytes()[..8]);
+    out
 }
 
 impl Drop for Recorder {
@@ -301,6 +360,9 @@ pub(crate) fn storable_headers(headers: &HeaderMap) -> HeaderMap {
         CACHE_STATUS,
         TTL_OVERRIDE_HEADER,
     ] {
+        out.remove(name);
+    }
+    for name in &TAG_HEADERS {
         out.remove(name);
     }
     out.remove("keep-alive");

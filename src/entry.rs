@@ -3,7 +3,7 @@
 //! Layout (all integers big-endian):
 //!
 //! ```text
-//! magic "TRC" | version u8 | stored_at_ms u64 | ttl_ms u64 | status u16
+//! magic "TRC" | version u8 | state u8 | nonce [u8; 8] | stored_at_ms u64 | ttl_ms u64 | status u16
 //! | n_headers u16 | (name_len u16, name, value_len u32, value)*
 //! | has_trailers u8 | [n_trailers u16 | (name_len u16, name, value_len u32, value)*]
 //! | body_len u64 | body
@@ -12,6 +12,11 @@
 //! Decoding checks every length against the remaining input and requires the input to end
 //! exactly after the body, so a truncated, extended or foreign value is rejected, never
 //! misread. On a hit the body is a slice of the Redis reply (no copy).
+//!
+//! `state` is [`PENDING`] when written and flipped in place to [`CONFIRMED`] (one byte, at
+//! [`STATE_OFFSET`]) once the writer has checked that no invalidation ran since its miss
+//! began. A pending entry is never served. The nonce identifies the write, so that a writer
+//! confirms or withdraws only its own value.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
@@ -19,6 +24,16 @@ use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 const MAGIC: &[u8; 3] = b"TRC";
 /// The envelope format version; bump on any layout change.
 pub(crate) const FORMAT_VERSION: u8 = 1;
+/// Where the state byte is (the Lua scripts in `store.rs` use it; a test checks them).
+#[cfg_attr(not(test), allow(dead_code))]
+pub(crate) const STATE_OFFSET: usize = 4;
+/// Where the write's nonce is (likewise).
+#[cfg_attr(not(test), allow(dead_code))]
+pub(crate) const NONCE_OFFSET: usize = 5;
+/// Written, not yet confirmed: never served.
+pub(crate) const PENDING: u8 = 0;
+/// Confirmed: may be served.
+pub(crate) const CONFIRMED: u8 = 1;
 
 /// A response as stored in Redis.
 #[derive(Debug, Clone, PartialEq)]
@@ -31,6 +46,8 @@ pub(crate) struct Entry {
     pub(crate) stored_at_ms: u64,
     /// The time to live the entry was stored with, in milliseconds.
     pub(crate) ttl_ms: u64,
+    /// Whether the writer confirmed it (see the module docs).
+    pub(crate) confirmed: bool,
 }
 
 /// Why a stored value could not be decoded.
@@ -55,12 +72,14 @@ impl std::fmt::Display for DecodeError {
 }
 
 impl Entry {
-    /// Encodes the entry. `body` is given as chunks so that a recorded body is copied once.
+    /// Encodes a pending entry. `body` is given as chunks so that a recorded body is copied
+    /// once.
     pub(crate) fn encode(
         status: StatusCode,
         headers: &HeaderMap,
         trailers: Option<&HeaderMap>,
         body: &[Bytes],
+        nonce: [u8; 8],
         stored_at_ms: u64,
         ttl_ms: u64,
     ) -> Bytes {
@@ -73,6 +92,8 @@ impl Entry {
         };
         let cap = 3
             + 1
+            + 1
+            + 8
             + 8
             + 8
             + 2
@@ -84,6 +105,8 @@ impl Entry {
         let mut out = BytesMut::with_capacity(cap);
         out.put_slice(MAGIC);
         out.put_u8(FORMAT_VERSION);
+        out.put_u8(PENDING);
+        out.put_slice(&nonce);
         out.put_u64(stored_at_ms);
         out.put_u64(ttl_ms);
         out.put_u16(status.as_u16());
@@ -116,6 +139,12 @@ impl Entry {
         if version != FORMAT_VERSION {
             return Err(DecodeError::Version(version));
         }
+        let confirmed = match cur.u8()? {
+            PENDING => false,
+            CONFIRMED => true,
+            _ => return Err(DecodeError::Malformed),
+        };
+        let _nonce = cur.u64()?;
         let stored_at_ms = cur.u64()?;
         let ttl_ms = cur.u64()?;
         let status = StatusCode::from_u16(cur.u16()?).map_err(|_| DecodeError::Malformed)?;
@@ -137,6 +166,7 @@ impl Entry {
             body,
             stored_at_ms,
             ttl_ms,
+            confirmed,
         })
     }
 }
@@ -223,6 +253,7 @@ mod tests {
             body: Bytes::from_static(b"{\"hello\":\"world\"}"),
             stored_at_ms: 1_700_000_000_123,
             ttl_ms: 60_000,
+            confirmed: false,
         }
     }
 
@@ -234,6 +265,7 @@ mod tests {
             &e.headers,
             e.trailers.as_ref(),
             &[Bytes::copy_from_slice(a), Bytes::copy_from_slice(b)],
+            *b"12345678",
             e.stored_at_ms,
             e.ttl_ms,
         )
@@ -256,7 +288,15 @@ mod tests {
             body: Bytes::new(),
             ..sample()
         };
-        let raw = Entry::encode(e.status, &e.headers, None, &[], e.stored_at_ms, e.ttl_ms);
+        let raw = Entry::encode(
+            e.status,
+            &e.headers,
+            None,
+            &[],
+            [0; 8],
+            e.stored_at_ms,
+            e.ttl_ms,
+        );
         assert_eq!(Entry::decode(&raw).unwrap(), e);
     }
 
@@ -304,6 +344,17 @@ mod tests {
             }
             let _ = Entry::decode(&Bytes::from(v));
         }
+    }
+
+    #[test]
+    fn the_state_byte_confirms_in_place() {
+        let mut raw = BytesMut::from(&encode(&sample())[..]);
+        assert!(!Entry::decode(&raw.clone().freeze()).unwrap().confirmed);
+        assert_eq!(&raw[NONCE_OFFSET..NONCE_OFFSET + 8], b"12345678");
+        raw[STATE_OFFSET] = CONFIRMED;
+        assert!(Entry::decode(&raw.clone().freeze()).unwrap().confirmed);
+        raw[STATE_OFFSET] = 7;
+        assert_eq!(Entry::decode(&raw.freeze()), Err(DecodeError::Malformed));
     }
 
     #[test]

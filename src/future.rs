@@ -4,7 +4,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::header::{AGE, CONTENT_LENGTH};
@@ -16,10 +16,23 @@ use tower_service::Service;
 use crate::body::{storable_headers, Recorder, ResponseBody};
 use crate::entry::Entry;
 use crate::layer::CacheLayer;
-use crate::policy::{handler_override, response_ttl, Policy, TTL_OVERRIDE_HEADER};
+use crate::policy::{
+    handler_override, response_ttl, take_tags, Policy, TAG_HEADERS, TTL_OVERRIDE_HEADER,
+};
 use crate::status::{set_headers, BypassReason, CacheStatus, Counters};
 
-type Lookup = Pin<Box<dyn Future<Output = Result<Option<Bytes>, ()>> + Send>>;
+type Lookup = Pin<Box<dyn Future<Output = Found> + Send>>;
+
+/// The outcome of a lookup.
+pub(crate) enum Found {
+    /// A confirmed entry.
+    Hit(Entry),
+    /// No usable entry; `seq` is the namespace's invalidation sequence read right after,
+    /// before the inner service runs (none if it could not be read: then nothing is stored).
+    Miss { seq: Option<u64> },
+    /// Redis could not be asked.
+    Unavailable,
+}
 
 pin_project! {
     /// The response future of [`CacheService`](crate::CacheService).
@@ -63,12 +76,18 @@ enum Mode {
     Cache(Box<Ctx>),
 }
 
-struct Ctx {
-    shared: Arc<CacheLayer>,
-    key: String,
-    policy: Arc<Policy>,
-    head: bool,
-    status: CacheStatus,
+pub(crate) struct Ctx {
+    pub(crate) shared: Arc<CacheLayer>,
+    pub(crate) key: String,
+    pub(crate) policy: Arc<Policy>,
+    pub(crate) head: bool,
+    pub(crate) status: CacheStatus,
+    /// What the entry is indexed under.
+    pub(crate) path: String,
+    pub(crate) route: Option<String>,
+    pub(crate) identity: Option<Vec<u8>>,
+    pub(crate) miss_seq: Option<u64>,
+    pub(crate) started: Instant,
 }
 
 impl<S, ReqB> ResponseFuture<S, ReqB>
@@ -93,30 +112,15 @@ where
         }
     }
 
-    pub(crate) fn lookup(
-        shared: Arc<CacheLayer>,
-        key: String,
-        policy: Arc<Policy>,
-        head: bool,
-        service: S,
-        request: Request<ReqB>,
-    ) -> Self {
-        let store = shared.settings.store.clone();
-        let lookup_key = key.clone();
-        let lookup: Lookup = Box::pin(async move { store.get(&lookup_key).await.map_err(|_| ()) });
+    pub(crate) fn lookup(ctx: Ctx, service: S, request: Request<ReqB>) -> Self {
+        let lookup: Lookup = Box::pin(look_up(Arc::clone(&ctx.shared), ctx.key.clone()));
         ResponseFuture {
             state: State::Lookup {
                 lookup: SyncWrapper::new(lookup),
                 service,
                 request,
             },
-            mode: Mode::Cache(Box::new(Ctx {
-                shared,
-                key,
-                policy,
-                head,
-                status: CacheStatus::Miss,
-            })),
+            mode: Mode::Cache(Box::new(ctx)),
         }
     }
 }
@@ -138,30 +142,13 @@ where
                         // Only `lookup` builds this state, always with `Mode::Cache`.
                         unreachable!("lookup state without cache context")
                     };
-                    let counters = &ctx.shared.runtime.counters;
                     match found {
-                        Ok(Some(raw)) => match Entry::decode(&raw) {
-                            Ok(entry) => {
-                                this.state.set(State::Done);
-                                Counters::incr(&counters.hits);
-                                tracing::debug!(key = %ctx.key, "cache hit");
-                                return Poll::Ready(Ok(hit(entry, ctx)));
-                            }
-                            Err(e) => {
-                                Counters::incr(&counters.undecodable);
-                                Counters::incr(&counters.misses);
-                                tracing::warn!(key = %ctx.key, error = %e, "undecodable cache entry; treated as a miss");
-                                remove_if_unchanged(&ctx.shared, ctx.key.clone(), raw);
-                            }
-                        },
-                        Ok(None) => {
-                            Counters::incr(&counters.misses);
-                            tracing::debug!(key = %ctx.key, "cache miss");
+                        Found::Hit(entry) => {
+                            this.state.set(State::Done);
+                            return Poll::Ready(Ok(hit(entry, ctx)));
                         }
-                        Err(()) => {
-                            Counters::incr(&counters.unavailable);
-                            ctx.status = CacheStatus::Unavailable;
-                        }
+                        Found::Miss { seq } => ctx.miss_seq = seq,
+                        Found::Unavailable => ctx.status = CacheStatus::Unavailable,
                     }
                     let StateOwn::Lookup {
                         mut service,
@@ -188,6 +175,35 @@ where
             }
         }
     }
+}
+
+/// GET the entry; on a miss, read the invalidation sequence before the inner service runs.
+async fn look_up(shared: Arc<CacheLayer>, key: String) -> Found {
+    let store = &shared.settings.store;
+    let counters = &shared.runtime.counters;
+    match store.get(&key).await {
+        Ok(Some(raw)) => match Entry::decode(&raw) {
+            Ok(entry) if entry.confirmed => {
+                Counters::incr(&counters.hits);
+                tracing::debug!(key = %key, "cache hit");
+                return Found::Hit(entry);
+            }
+            Ok(_) => tracing::debug!(key = %key, "entry not confirmed yet; cache miss"),
+            Err(e) => {
+                Counters::incr(&counters.undecodable);
+                tracing::warn!(key = %key, error = %e, "undecodable cache entry; treated as a miss");
+                remove_if_unchanged(&shared, key.clone(), raw);
+            }
+        },
+        Ok(None) => tracing::debug!(key = %key, "cache miss"),
+        Err(_) => {
+            Counters::incr(&counters.unavailable);
+            return Found::Unavailable;
+        }
+    }
+    Counters::incr(&counters.misses);
+    let seq = store.read_seq(&shared.settings.keyer.seq_key()).await.ok();
+    Found::Miss { seq }
 }
 
 fn now_ms() -> u64 {
@@ -226,7 +242,7 @@ fn hit<B>(entry: Entry, ctx: &Ctx) -> Response<ResponseBody<B>> {
 }
 
 /// Wraps the inner response: marks it, and on a storable GET miss records its body.
-fn respond<B>(response: Response<B>, mode: &Mode) -> Response<ResponseBody<B>>
+fn respond<B>(response: Response<B>, mode: &mut Mode) -> Response<ResponseBody<B>>
 where
     B: http_body::Body<Data = Bytes>,
 {
@@ -235,6 +251,9 @@ where
         Mode::Bypass(reason, x_cache) => {
             let (mut parts, body) = response.into_parts();
             parts.headers.remove(TTL_OVERRIDE_HEADER);
+            for name in &TAG_HEADERS {
+                parts.headers.remove(name);
+            }
             let status = CacheStatus::Bypass(*reason);
             set_headers(&mut parts.headers, status, 0, x_cache.as_ref());
             parts.extensions.insert(status);
@@ -245,9 +264,13 @@ where
     let (mut parts, body) = response.into_parts();
     let over = handler_override(&parts.headers, &parts.extensions);
     parts.headers.remove(TTL_OVERRIDE_HEADER);
+    let tags = take_tags(&mut parts.headers, &ctx.policy);
 
     let counters = &ctx.shared.runtime.counters;
     let body = if ctx.head {
+        ResponseBody::passthrough(body)
+    } else if ctx.miss_seq.is_none() {
+        tracing::debug!(key = %ctx.key, "redis unavailable at lookup; response not stored");
         ResponseBody::passthrough(body)
     } else {
         match response_ttl(parts.status, &parts.headers, over, &ctx.policy) {
@@ -263,12 +286,11 @@ where
                     ResponseBody::passthrough(body)
                 } else {
                     let recorder = Recorder::new(
-                        Arc::clone(&ctx.shared),
-                        ctx.key.clone(),
+                        ctx,
                         ttl,
                         parts.status,
                         storable_headers(&parts.headers),
-                        limit,
+                        tags,
                     );
                     ResponseBody::recording(body, recorder)
                 }

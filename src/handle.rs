@@ -183,16 +183,158 @@ impl CacheHandle {
         })
     }
 
+    fn store(&self) -> &crate::store::RedisStore {
+        &self.layer.settings.store
+    }
+
+    fn keyer(&self) -> &crate::key::Keyer {
+        &self.layer.settings.keyer
+    }
+
+    async fn by_indexes(&self, indexes: Vec<String>) -> Result<u64, CacheError> {
+        let keyer = self.keyer();
+        let markers: Vec<String> = indexes.iter().map(|i| keyer.marker_of(i)).collect();
+        self.store()
+            .invalidate_indexes(&keyer.seq_key(), &markers, &indexes)
+            .await
+            .map_err(CacheError::from)
+    }
+
     /// Removes the entry of one request (GET and HEAD share it). Returns how many entries
     /// were removed (0 or 1).
+    ///
+    /// Like every invalidation, it also stops responses to this path that are being
+    /// computed right now from being stored afterwards.
     pub async fn invalidate(&self, request: &RequestKey) -> Result<u64, CacheError> {
         let key = self.key(request);
-        self.layer
-            .settings
-            .store
-            .delete(vec![key])
+        let path = request.uri.split('?').next().unwrap_or("");
+        let keyer = self.keyer();
+        let marker = keyer.marker_of(&keyer.path_index(path));
+        self.store()
+            .invalidate_keys(&keyer.seq_key(), &[marker], vec![key])
             .await
-            .map_err(|source| CacheError { source })
+            .map_err(CacheError::from)
+    }
+
+    /// Removes every entry of a path, exactly as the router sees it (`/users/42/menu`):
+    /// every query string, every user, every keyed-header variant.
+    pub async fn invalidate_path(&self, path: &str) -> Result<u64, CacheError> {
+        self.by_indexes(vec![self.keyer().path_index(path)]).await
+    }
+
+    /// Removes every entry of one identity across all routes, as the layer's
+    /// [`Identity`](crate::Identity) extracts it (for `Identity::extension`, its `Display`).
+    pub async fn invalidate_user(&self, identity: &str) -> Result<u64, CacheError> {
+        self.by_indexes(vec![self.keyer().user_index(identity.as_bytes())])
+            .await
+    }
+
+    /// Removes every entry of a route template (`/users/{id}/menu`).
+    pub async fn invalidate_route(&self, template: &str) -> Result<u64, CacheError> {
+        self.by_indexes(vec![self.keyer().route_index(template)])
+            .await
+    }
+
+    /// Removes every entry carrying a tag (from [`Policy::tag`](crate::Policy::tag) or a
+    /// `Cache-Tag` / `Surrogate-Key` response header).
+    pub async fn invalidate_tag(&self, tag: &str) -> Result<u64, CacheError> {
+        self.by_indexes(vec![self.keyer().tag_index(tag)]).await
+    }
+
+    /// Removes every entry whose path matches a glob pattern (`/users/*/permissions`).
+    /// Costs a scan of the cached paths (never `KEYS`), then time proportional to the
+    /// entries removed.
+    pub async fn invalidate_pattern(&self, pattern: &PathPattern) -> Result<u64, CacheError> {
+        let keyer = self.keyer();
+        let store = self.store();
+        // The namespace-wide marker: in-flight responses of any path are not stored.
+        store
+            .invalidate_keys(&keyer.seq_key(), &[keyer.all_marker()], Vec::new())
+            .await?;
+        let paths = store.matching_paths(&keyer.paths_key(), &pattern.0).await?;
+        let indexes: Vec<String> = paths.iter().map(|p| keyer.path_index(p)).collect();
+        let mut removed = 0;
+        for chunk in indexes.chunks(100) {
+            removed += store
+                .invalidate_indexes(&keyer.seq_key(), &[], chunk)
+                .await?;
+        }
+        Ok(removed)
+    }
+
+    /// Removes every entry and index of the namespace, on every primary (SCAN and UNLINK
+    /// in batches). Returns how many entries were removed.
+    pub async fn clear(&self) -> Result<u64, CacheError> {
+        let keyer = self.keyer();
+        let store = self.store();
+        store
+            .invalidate_keys(&keyer.seq_key(), &[keyer.all_marker()], Vec::new())
+            .await?;
+        let [entries, indexes] = keyer.scan_patterns();
+        let removed = store.scan_unlink(&[entries, indexes], 0).await?;
+        store
+            .invalidate_keys(&keyer.seq_key(), &[], vec![keyer.paths_key()])
+            .await?;
+        Ok(removed)
+    }
+}
+
+/// A glob pattern over request paths, for
+/// [`CacheHandle::invalidate_pattern`]: `*` matches any run of characters (`/` included),
+/// `?` one character.
+///
+/// Build patterns from user input with [`literal`](Self::literal), which escapes glob
+/// metacharacters, so that a path can never widen into a broader pattern by accident:
+///
+/// ```
+/// use tower_redis_cache::PathPattern;
+///
+/// let user_id = "4*2"; // from a request: must not match every user starting with 4
+/// let p = PathPattern::new().literal("/users/").literal(user_id).any();
+/// assert_eq!(p.as_str(), r"/users/4\*2*");
+/// assert_eq!(PathPattern::glob("/users/*/permissions").as_str(), "/users/*/permissions");
+/// ```
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PathPattern(String);
+
+impl PathPattern {
+    /// An empty pattern, to build with [`literal`](Self::literal) and [`any`](Self::any).
+    pub fn new() -> Self {
+        PathPattern(String::new())
+    }
+
+    /// A pattern written as a Redis glob, taken as is (`*`, `?`, `[abc]`, `\` escapes).
+    /// Only for trusted, constant patterns.
+    pub fn glob(pattern: impl Into<String>) -> Self {
+        PathPattern(pattern.into())
+    }
+
+    /// Appends text that matches only itself.
+    pub fn literal(mut self, text: &str) -> Self {
+        for c in text.chars() {
+            if matches!(c, '*' | '?' | '[' | ']' | '\\' | '^' | '-') {
+                self.0.push('\\');
+            }
+            self.0.push(c);
+        }
+        self
+    }
+
+    /// Appends `*`: any run of characters.
+    pub fn any(mut self) -> Self {
+        self.0.push('*');
+        self
+    }
+
+    /// The pattern as Redis reads it.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<fred::error::Error> for CacheError {
+    fn from(source: fred::error::Error) -> Self {
+        CacheError { source }
     }
 }
 

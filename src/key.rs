@@ -165,16 +165,70 @@ impl Keyer {
         &self.namespace
     }
 
+    /// 32 hex digits of the identity's keyed hash.
+    pub(crate) fn identity_hash(&self, id: &[u8]) -> String {
+        hex(&blake3::keyed_hash(&self.identity_key, id).as_bytes()[..16])
+    }
+
+    fn index(&self, kind: &str, hash: &str) -> String {
+        format!("{}:ix:{kind}:{hash}", self.namespace)
+    }
+
+    /// The index of every entry of a path (all queries, users and header variants).
+    pub(crate) fn path_index(&self, path: &str) -> String {
+        self.index("p", &named_hash("path", path.as_bytes()))
+    }
+
+    /// The index of every entry of an identity.
+    pub(crate) fn user_index(&self, identity: &[u8]) -> String {
+        self.index("u", &self.identity_hash(identity))
+    }
+
+    /// The index of every entry of a route template.
+    pub(crate) fn route_index(&self, route: &str) -> String {
+        self.index("r", &named_hash("route", route.as_bytes()))
+    }
+
+    /// The index of every entry of a tag.
+    pub(crate) fn tag_index(&self, tag: &str) -> String {
+        self.index("t", &named_hash("tag", tag.as_bytes()))
+    }
+
+    /// The invalidation marker of an index: the sequence number of its last invalidation.
+    pub(crate) fn marker_of(&self, index: &str) -> String {
+        index.replacen(":ix:", ":inv:", 1)
+    }
+
+    /// The marker set by invalidations that touch the whole namespace (patterns, clear).
+    pub(crate) fn all_marker(&self) -> String {
+        format!("{}:inv:all", self.namespace)
+    }
+
+    /// The namespace's invalidation sequence counter.
+    pub(crate) fn seq_key(&self) -> String {
+        format!("{}:seq", self.namespace)
+    }
+
+    /// The sorted set of cached paths (scored by expiry), for glob patterns.
+    pub(crate) fn paths_key(&self) -> String {
+        format!("{}:paths", self.namespace)
+    }
+
+    /// A SCAN pattern for every key of entries (of every format version) and indexes.
+    pub(crate) fn scan_patterns(&self) -> [String; 2] {
+        [
+            format!("{}:v[0-9]*:*", self.namespace),
+            format!("{}:ix:*", self.namespace),
+        ]
+    }
+
     pub(crate) fn key(&self, input: &KeyInput<'_>) -> String {
         let route_tag = match input.route {
             Some(route) => hex(&blake3::hash(route.as_bytes()).as_bytes()[..8]),
             None => "-".to_owned(),
         };
         let scope = match input.identity {
-            Some(id) => {
-                let h = blake3::keyed_hash(&self.identity_key, id);
-                format!("u{}", hex(&h.as_bytes()[..16]))
-            }
+            Some(id) => format!("u{}", self.identity_hash(id)),
             None => "s".to_owned(),
         };
 
@@ -220,6 +274,15 @@ pub(crate) fn normalized_query(query: Option<&str>) -> Vec<&str> {
         .collect();
     pairs.sort_by_key(|p| p.split('=').next().unwrap_or(""));
     pairs
+}
+
+/// 32 hex digits of a domain-separated BLAKE3 hash.
+fn named_hash(domain: &str, data: &[u8]) -> String {
+    let mut h = blake3::Hasher::new();
+    h.update(&(domain.len() as u64).to_le_bytes());
+    h.update(domain.as_bytes());
+    h.update(data);
+    hex(&h.finalize().as_bytes()[..16])
 }
 
 fn hex(bytes: &[u8]) -> String {

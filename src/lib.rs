@@ -106,10 +106,10 @@ pub use config::{
     DEFAULT_LOOKUP_TIMEOUT, DEFAULT_POOL_SIZE,
 };
 pub use future::ResponseFuture;
-pub use handle::{CacheError, CacheHandle, Health, RedisStatus, RequestKey};
+pub use handle::{CacheError, CacheHandle, Health, PathPattern, RedisStatus, RequestKey};
 pub use key::Identity;
 pub use layer::{CacheLayer, DEFAULT_MAX_PENDING_WRITES, DEFAULT_NAMESPACE};
-pub use policy::{CacheOverride, Policy, DEFAULT_MAX_BODY_SIZE, TTL_OVERRIDE_HEADER};
+pub use policy::{CacheOverride, Policy, DEFAULT_MAX_BODY_SIZE, TAG_HEADERS, TTL_OVERRIDE_HEADER};
 pub use service::CacheService;
 pub use status::{BypassReason, CacheStatus, Stats, CACHE_NAME, CACHE_STATUS};
 pub use store::RedisStore;

@@ -50,6 +50,7 @@ pub struct Policy {
     pub(crate) key_headers: Vec<HeaderName>,
     pub(crate) status_ttls: Vec<(StatusCode, Duration)>,
     pub(crate) max_body_size: usize,
+    pub(crate) tags: Vec<String>,
 }
 
 impl Policy {
@@ -61,6 +62,7 @@ impl Policy {
             key_headers: Vec::new(),
             status_ttls: Vec::new(),
             max_body_size: DEFAULT_MAX_BODY_SIZE,
+            tags: Vec::new(),
         }
     }
 
@@ -126,6 +128,17 @@ impl Policy {
         self
     }
 
+    /// Tags every entry of the route, for
+    /// [`CacheHandle::invalidate_tag`](crate::CacheHandle::invalidate_tag). Handlers add
+    /// tags of their own with a `Cache-Tag` or `Surrogate-Key` response header.
+    pub fn tag(mut self, tag: impl Into<String>) -> Self {
+        let tag = tag.into();
+        if !tag.is_empty() && !self.tags.contains(&tag) {
+            self.tags.push(tag);
+        }
+        self
+    }
+
     pub(crate) fn is_per_user(&self) -> bool {
         self.scope == Scope::PerUser
     }
@@ -162,6 +175,43 @@ impl CacheOverride {
     pub fn skip() -> Self {
         CacheOverride(None)
     }
+}
+
+/// Response headers through which a handler tags its response (space- or comma-separated);
+/// the layer strips them before the response leaves.
+pub const TAG_HEADERS: [HeaderName; 2] = [
+    HeaderName::from_static("cache-tag"),
+    HeaderName::from_static("surrogate-key"),
+];
+
+/// The most tags one entry keeps, and the longest tag, in bytes.
+const MAX_TAGS: usize = 32;
+const MAX_TAG_LEN: usize = 256;
+
+/// Removes the tag headers from a response and returns their tags, with the policy's.
+pub(crate) fn take_tags(headers: &mut HeaderMap, policy: &Policy) -> Vec<String> {
+    let mut tags = policy.tags.clone();
+    for name in &TAG_HEADERS {
+        if let http::header::Entry::Occupied(e) = headers.entry(name) {
+            for value in e.remove_entry_mult().1 {
+                let Ok(value) = value.to_str() else { continue };
+                for tag in value.split([',', ' ', '\t']).map(str::trim) {
+                    if !tag.is_empty() && tag.len() <= MAX_TAG_LEN && !tags.iter().any(|t| t == tag)
+                    {
+                        tags.push(tag.to_owned());
+                    }
+                }
+            }
+        }
+    }
+    if tags.len() > MAX_TAGS {
+        tracing::warn!(
+            count = tags.len(),
+            "more than {MAX_TAGS} cache tags; extra tags ignored"
+        );
+        tags.truncate(MAX_TAGS);
+    }
+    tags
 }
 
 /// Decides whether a GET/HEAD request may use the cache at all.
@@ -468,6 +518,20 @@ mod tests {
             response_ttl(StatusCode::INTERNAL_SERVER_ERROR, &HeaderMap::new(), o, &p),
             Err(NotStored::Status)
         );
+    }
+
+    #[test]
+    fn tags_from_policy_and_headers() {
+        let p = Policy::shared(TTL).tag("roles");
+        let mut headers = h(&[
+            ("cache-tag", "a, b"),
+            ("cache-tag", "roles c"),
+            ("surrogate-key", "d"),
+            ("content-type", "x"),
+        ]);
+        assert_eq!(take_tags(&mut headers, &p), ["roles", "a", "b", "c", "d"]);
+        assert!(!headers.contains_key("cache-tag") && !headers.contains_key("surrogate-key"));
+        assert!(headers.contains_key("content-type"));
     }
 
     #[test]

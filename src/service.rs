@@ -3,16 +3,17 @@
 use std::fmt;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Instant;
 
 use http::{Method, Request, Response};
 use tower_service::Service;
 
 use crate::body::ResponseBody;
-use crate::future::ResponseFuture;
+use crate::future::{Ctx, ResponseFuture};
 use crate::key::KeyInput;
 use crate::layer::CacheLayer;
 use crate::policy::{cacheable_method, request_bypass};
-use crate::status::{BypassReason, Counters};
+use crate::status::{BypassReason, CacheStatus, Counters};
 
 /// The service made by [`CacheLayer`]. See the [crate docs](crate) for an example.
 pub struct CacheService<S> {
@@ -126,16 +127,19 @@ where
             key_headers: &policy.key_headers,
             headers: &parts.headers,
         });
-        let policy = Arc::clone(policy);
-        let head = parts.method == Method::HEAD;
-        ResponseFuture::lookup(
-            Arc::clone(shared),
+        let ctx = Ctx {
+            shared: Arc::clone(shared),
             key,
-            policy,
-            head,
-            inner,
-            Request::from_parts(parts, body),
-        )
+            policy: Arc::clone(policy),
+            head: parts.method == Method::HEAD,
+            status: CacheStatus::Miss,
+            path: parts.uri.path().to_owned(),
+            route: route.map(str::to_owned),
+            identity,
+            miss_seq: None,
+            started: Instant::now(),
+        };
+        ResponseFuture::lookup(ctx, inner, Request::from_parts(parts, body))
     }
 }
 

@@ -134,6 +134,8 @@ pub struct Stats {
     pub writes_dropped: u64,
     /// Writes that Redis refused or did not answer in time.
     pub write_errors: u64,
+    /// Responses not stored because an invalidation of theirs ran while they were computed.
+    pub refused: u64,
     /// Stored values that could not be decoded (corrupt, foreign or another format version).
     pub undecodable: u64,
 }
@@ -148,6 +150,7 @@ pub(crate) struct Counters {
     pub(crate) abandoned: AtomicU64,
     pub(crate) writes_dropped: AtomicU64,
     pub(crate) write_errors: AtomicU64,
+    pub(crate) refused: AtomicU64,
     pub(crate) undecodable: AtomicU64,
 }
 
@@ -167,6 +170,7 @@ impl Counters {
             abandoned: r(&self.abandoned),
             writes_dropped: r(&self.writes_dropped),
             write_errors: r(&self.write_errors),
+            refused: r(&self.refused),
             undecodable: r(&self.undecodable),
         }
     }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use fred::prelude::{
     Builder, ClientLike, Error as FredError, ErrorKind, Expiration, KeysInterface, LuaInterface,
-    Options, Pool, ReconnectPolicy, TcpConfig,
+    Options, Pool, ReconnectPolicy, SortedSetsInterface, TcpConfig,
 };
 use fred::types::config::UnresponsiveConfig;
 
@@ -189,37 +189,6 @@ impl RedisStore {
         self.observe("get", r)
     }
 
-    /// SET with an expiry in milliseconds.
-    pub(crate) async fn set(
-        &self,
-        key: &str,
-        value: Bytes,
-        ttl: Duration,
-    ) -> Result<(), FredError> {
-        let ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX).max(1);
-        let r = self
-            .inner
-            .pool
-            .with_options(&self.inner.write)
-            .set::<(), _, _>(key, value, Some(Expiration::PX(ms)), None, false)
-            .await;
-        self.observe("set", r)
-    }
-
-    /// Deletes keys; returns how many existed.
-    pub(crate) async fn delete(&self, keys: Vec<String>) -> Result<u64, FredError> {
-        if keys.is_empty() {
-            return Ok(0);
-        }
-        let r = self
-            .inner
-            .pool
-            .with_options(&self.inner.write)
-            .del::<u64, _>(keys)
-            .await;
-        self.observe("del", r)
-    }
-
     /// Deletes `key` only if it still holds `value`.
     pub(crate) async fn delete_if_equal(&self, key: &str, value: Bytes) -> Result<bool, FredError> {
         let r = self
@@ -241,5 +210,318 @@ impl RedisStore {
             .ping::<()>(None)
             .await;
         self.observe("ping", r).map(|()| start.elapsed())
+    }
+}
+
+/// Adds a member to an index (a sorted set scored by expiry), prunes expired members and
+/// keeps the index alive at least as long as its newest member.
+const ADD_TO_INDEX: &str = r#"
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[3])
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl < tonumber(ARGV[4]) then redis.call('PEXPIRE', KEYS[1], ARGV[4]) end
+return 1"#;
+
+/// Flips a pending entry to confirmed, only if it is still this writer's value.
+const CONFIRM: &str = r#"
+if redis.call('GETRANGE', KEYS[1], 5, 12) == ARGV[1] then
+  redis.call('SETRANGE', KEYS[1], 4, ARGV[2])
+  return 1
+end
+return 0"#;
+
+/// Deletes an entry only if it is still this writer's value.
+const WITHDRAW: &str = r#"
+if redis.call('GETRANGE', KEYS[1], 5, 12) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0"#;
+
+/// How long an invalidation marker lives. A response whose miss began longer ago than this
+/// is never stored, so a marker always outlives the writes it must stop.
+pub(crate) const MARKER_TTL: Duration = Duration::from_secs(600);
+
+/// One entry to write, with what it must be registered under and checked against.
+pub(crate) struct Write {
+    pub(crate) key: String,
+    pub(crate) value: Bytes,
+    pub(crate) nonce: [u8; 8],
+    pub(crate) ttl: Duration,
+    /// Indexes the entry belongs to (path, user, route, tags).
+    pub(crate) indexes: Vec<String>,
+    /// The path, registered for glob patterns.
+    pub(crate) path: String,
+    pub(crate) paths_key: String,
+    /// Markers that must not have moved past `miss_seq`.
+    pub(crate) markers: Vec<String>,
+    /// The namespace's invalidation sequence when the miss began.
+    pub(crate) miss_seq: u64,
+}
+
+/// What became of a write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Written {
+    /// Stored and confirmed.
+    Stored,
+    /// An invalidation ran while the response was computed: withdrawn.
+    Refused,
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+fn ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX).max(1)
+}
+
+impl RedisStore {
+    /// The namespace's invalidation sequence (0 before the first invalidation), read within
+    /// the lookup deadline.
+    pub(crate) async fn read_seq(&self, seq_key: &str) -> Result<u64, FredError> {
+        let r = self
+            .inner
+            .pool
+            .with_options(&self.inner.read)
+            .get::<Option<u64>, _>(seq_key)
+            .await;
+        self.observe("get_seq", r).map(Option::unwrap_or_default)
+    }
+
+    /// Writes an entry race-safely: pending value, index registration, marker check, then
+    /// confirm (or withdraw if an invalidation ran since the miss began).
+    pub(crate) async fn write(&self, w: Write) -> Result<Written, FredError> {
+        let pool = self.inner.pool.with_options(&self.inner.write);
+        let ttl_ms = ms(w.ttl);
+        let now = now_ms();
+        let expires_at = now.saturating_add(ttl_ms);
+        // Indexes outlive their newest member a little, so pruning sees it expire.
+        let index_ttl = ttl_ms.saturating_add(1000);
+        let r = pool
+            .set::<(), _, _>(&w.key, w.value, Some(Expiration::PX(ttl_ms)), None, false)
+            .await;
+        self.observe("set", r)?;
+        let registrations = w
+            .indexes
+            .iter()
+            .map(|index| (index.as_str(), w.key.as_str()))
+            .chain(std::iter::once((w.paths_key.as_str(), w.path.as_str())))
+            .map(|(index, member)| {
+                pool.eval::<i64, _, _, _>(
+                    ADD_TO_INDEX,
+                    index,
+                    vec![
+                        member.to_owned(),
+                        expires_at.to_string(),
+                        now.to_string(),
+                        index_ttl.to_string(),
+                    ],
+                )
+            });
+        for r in futures_util::future::join_all(registrations).await {
+            self.observe("index", r)?;
+        }
+        let markers = w
+            .markers
+            .iter()
+            .map(|m| pool.get::<Option<u64>, _>(m.as_str()));
+        let mut moved = false;
+        for r in futures_util::future::join_all(markers).await {
+            moved |= self.observe("marker", r)?.unwrap_or(0) > w.miss_seq;
+        }
+        let nonce = Bytes::copy_from_slice(&w.nonce);
+        if moved {
+            let r = pool
+                .eval::<i64, _, _, _>(WITHDRAW, w.key.as_str(), vec![nonce])
+                .await;
+            self.observe("withdraw", r)?;
+            return Ok(Written::Refused);
+        }
+        let r = pool
+            .eval::<i64, _, _, _>(
+                CONFIRM,
+                w.key.as_str(),
+                vec![nonce, Bytes::from_static(&[crate::entry::CONFIRMED])],
+            )
+            .await;
+        // 0: the entry was invalidated (or replaced) meanwhile; nothing to serve from it.
+        match self.observe("confirm", r)? {
+            1 => Ok(Written::Stored),
+            _ => Ok(Written::Refused),
+        }
+    }
+
+    /// Starts an invalidation: takes the next sequence number and sets `markers` to it, so
+    /// that responses computed before now are not stored afterwards.
+    async fn mark(&self, seq_key: &str, markers: &[String]) -> Result<(), FredError> {
+        let pool = self.inner.pool.with_options(&self.inner.write);
+        let seq = self.observe("incr", pool.incr::<u64, _>(seq_key).await)?;
+        let sets = markers.iter().map(|m| {
+            pool.set::<(), _, _>(
+                m.as_str(),
+                seq,
+                Some(Expiration::PX(ms(MARKER_TTL))),
+                None,
+                false,
+            )
+        });
+        for r in futures_util::future::join_all(sets).await {
+            self.observe("mark", r)?;
+        }
+        Ok(())
+    }
+
+    /// Unlinks keys, grouped by hash slot so that it works on a cluster; returns how many
+    /// existed.
+    async fn unlink(&self, keys: Vec<String>) -> Result<u64, FredError> {
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        let pool = self.inner.pool.with_options(&self.inner.write);
+        let batches: Vec<Vec<fred::types::Key>> = if self.inner.pool.is_clustered() {
+            fred::util::group_by_hash_slot(keys)?
+                .into_values()
+                .flat_map(|group| {
+                    Vec::from(group)
+                        .chunks(500)
+                        .map(<[_]>::to_vec)
+                        .collect::<Vec<_>>()
+                })
+                .collect()
+        } else {
+            keys.chunks(500)
+                .map(|c| c.iter().map(|k| k.as_str().into()).collect())
+                .collect()
+        };
+        let calls = batches.into_iter().map(|b| pool.unlink::<u64, _>(b));
+        let mut removed = 0;
+        for r in futures_util::future::join_all(calls).await {
+            removed += self.observe("unlink", r)?;
+        }
+        Ok(removed)
+    }
+
+    /// Invalidates exact keys, after setting `markers`.
+    pub(crate) async fn invalidate_keys(
+        &self,
+        seq_key: &str,
+        markers: &[String],
+        keys: Vec<String>,
+    ) -> Result<u64, FredError> {
+        self.mark(seq_key, markers).await?;
+        self.unlink(keys).await
+    }
+
+    /// Invalidates every member of `indexes`, after setting `markers`. Members are removed
+    /// from their index one by one (never the whole index), so that an entry stored
+    /// meanwhile by a fresh request stays indexed.
+    pub(crate) async fn invalidate_indexes(
+        &self,
+        seq_key: &str,
+        markers: &[String],
+        indexes: &[String],
+    ) -> Result<u64, FredError> {
+        self.mark(seq_key, markers).await?;
+        let pool = self.inner.pool.with_options(&self.inner.write);
+        let reads = indexes.iter().map(|i| {
+            pool.zrange::<Vec<String>, _, _, _>(i.as_str(), 0, -1, None, false, None, false)
+        });
+        let mut members = Vec::with_capacity(indexes.len());
+        for r in futures_util::future::join_all(reads).await {
+            members.push(self.observe("zrange", r)?);
+        }
+        let keys: Vec<String> = {
+            let mut all: Vec<String> = members.iter().flatten().cloned().collect();
+            all.sort_unstable();
+            all.dedup();
+            all
+        };
+        let removed = self.unlink(keys).await?;
+        let cleanups = indexes
+            .iter()
+            .zip(members)
+            .filter(|(_, m)| !m.is_empty())
+            .map(|(i, m)| pool.zrem::<i64, _, _>(i.as_str(), m));
+        for r in futures_util::future::join_all(cleanups).await {
+            self.observe("zrem", r)?;
+        }
+        Ok(removed)
+    }
+
+    /// The cached paths matching a glob pattern (ZSCAN of the path registry).
+    pub(crate) async fn matching_paths(
+        &self,
+        paths_key: &str,
+        pattern: &str,
+    ) -> Result<Vec<String>, FredError> {
+        use fred::types::scan::Scanner;
+        use futures_util::StreamExt;
+        let client = self.inner.pool.next();
+        let mut pages = std::pin::pin!(client.zscan(paths_key, pattern, Some(1000)));
+        let mut paths = Vec::new();
+        while let Some(page) = pages.next().await {
+            let mut page = self.observe("zscan", page)?;
+            for (member, _) in page.take_results().unwrap_or_default() {
+                if let Some(p) = member.as_string() {
+                    paths.push(p);
+                }
+            }
+        }
+        paths.sort_unstable();
+        paths.dedup();
+        Ok(paths)
+    }
+
+    /// Deletes every key matching the patterns on every primary (SCAN, never KEYS), in
+    /// batches with UNLINK; returns how many keys matched `count_pattern_index`'s pattern.
+    pub(crate) async fn scan_unlink(
+        &self,
+        patterns: &[String],
+        counted: usize,
+    ) -> Result<u64, FredError> {
+        use fred::types::scan::Scanner;
+        use futures_util::StreamExt;
+        let client = self.inner.pool.next();
+        let mut counted_removed = 0;
+        for (i, pattern) in patterns.iter().enumerate() {
+            let mut pages = if self.inner.pool.is_clustered() {
+                client
+                    .scan_cluster(pattern.as_str(), Some(1000), None)
+                    .boxed()
+            } else {
+                client.scan(pattern.as_str(), Some(1000), None).boxed()
+            };
+            while let Some(page) = pages.next().await {
+                let mut page = self.observe("scan", page)?;
+                let keys: Vec<String> = page
+                    .take_results()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter_map(|k| k.into_string())
+                    .collect();
+                let removed = self.unlink(keys).await?;
+                if i == counted {
+                    counted_removed += removed;
+                }
+            }
+        }
+        Ok(counted_removed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::entry::{NONCE_OFFSET, STATE_OFFSET};
+
+    #[test]
+    fn scripts_use_the_envelope_offsets() {
+        // Lua's GETRANGE/SETRANGE offsets are 0-based and GETRANGE's end is inclusive.
+        let nonce = format!("GETRANGE', KEYS[1], {}, {}", NONCE_OFFSET, NONCE_OFFSET + 7);
+        assert!(CONFIRM.contains(&nonce) && WITHDRAW.contains(&nonce));
+        assert!(CONFIRM.contains(&format!("SETRANGE', KEYS[1], {STATE_OFFSET},")));
     }
 }
