@@ -24,6 +24,7 @@ use crate::status::{set_headers, BypassReason, CacheStatus, Counters};
 type Lookup = Pin<Box<dyn Future<Output = Found> + Send>>;
 
 /// The outcome of a lookup.
+#[allow(clippy::large_enum_variant)] // a hit is the common case: no extra allocation
 pub(crate) enum Found {
     /// A confirmed entry.
     Hit(Entry),
