@@ -13,7 +13,7 @@ use http::{HeaderMap, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
-use crate::entry::Entry;
+use crate::entry::{storable_map, Entry};
 use crate::future::Ctx;
 use crate::layer::CacheLayer;
 use crate::policy::{TAG_HEADERS, TTL_OVERRIDE_HEADER};
@@ -164,8 +164,16 @@ where
 
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
-            Kind::Cached { data, .. } => {
-                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            Kind::Cached { data, trailers } => {
+                let len = data.as_ref().map_or(0, |d| d.len() as u64);
+                if trailers.is_some() {
+                    // Not exact, so that HTTP/1.1 uses chunked framing and sends trailers.
+                    let mut hint = SizeHint::new();
+                    hint.set_lower(len);
+                    hint
+                } else {
+                    SizeHint::with_exact(len)
+                }
             }
             Kind::Passthrough { body } | Kind::Recording { body, .. } => body.size_hint(),
         }
@@ -186,6 +194,8 @@ pub(crate) struct Recorder {
     identity: Option<Vec<u8>>,
     miss_seq: u64,
     started: Instant,
+    /// The `Content-Length` the handler declared, if any: a body of another length is cut.
+    declared_len: Option<usize>,
     chunks: Vec<Bytes>,
     len: usize,
     limit: usize,
@@ -197,9 +207,11 @@ impl Recorder {
         ctx: &Ctx,
         ttl: Duration,
         status: StatusCode,
-        headers: HeaderMap,
+        response_headers: &HeaderMap,
         tags: Vec<String>,
     ) -> Self {
+        let headers_for_len = response_headers;
+        let headers = storable_headers(response_headers);
         Recorder {
             shared: Arc::clone(&ctx.shared),
             key: ctx.key.clone(),
@@ -212,6 +224,7 @@ impl Recorder {
             identity: ctx.identity.clone(),
             miss_seq: ctx.miss_seq.unwrap_or(0),
             started: ctx.started,
+            declared_len: headers_len(&headers_for_len),
             chunks: Vec::new(),
             len: 0,
             limit: ctx.policy.max_body_size,
@@ -237,12 +250,29 @@ impl Recorder {
         self.finished = true;
         let shared = Arc::clone(&self.shared);
         let counters = &shared.runtime.counters;
+        if self.declared_len.is_some_and(|n| n != self.len) {
+            Counters::incr(&counters.abandoned);
+            tracing::debug!(key = %self.key, "body length differs from Content-Length; not stored");
+            return;
+        }
+        if trailers.as_ref().is_some_and(|t| !storable_map(t)) {
+            Counters::incr(&counters.abandoned);
+            return;
+        }
         if self.started.elapsed() >= MARKER_TTL {
             // Older than any invalidation marker: a race could no longer be detected.
             Counters::incr(&counters.refused);
             return;
         }
-        let Ok(permit) = Arc::clone(&shared.runtime.writes).try_acquire_owned() else {
+        let bytes = u32::try_from(self.len).unwrap_or(u32::MAX).max(1);
+        let permits = Arc::clone(&shared.runtime.writes)
+            .try_acquire_owned()
+            .and_then(|w| {
+                Arc::clone(&shared.runtime.write_bytes)
+                    .try_acquire_many_owned(bytes)
+                    .map(|b| (w, b))
+            });
+        let Ok(permit) = permits else {
             Counters::incr(&counters.writes_dropped);
             tracing::debug!(key = %self.key, "too many pending cache writes; write dropped");
             return;
@@ -311,6 +341,16 @@ impl Recorder {
     }
 }
 
+/// The declared `Content-Length`, when there is exactly one valid one.
+fn headers_len(headers: &HeaderMap) -> Option<usize> {
+    let mut values = headers.get_all(header::CONTENT_LENGTH).iter();
+    let first = values.next()?;
+    if values.next().is_some() {
+        return None;
+    }
+    first.to_str().ok()?.trim().parse().ok()
+}
+
 /// A value unique to one write: time, process and a counter.
 fn nonce(now: Duration) -> [u8; 8] {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -335,6 +375,7 @@ impl Drop for Recorder {
 
 /// The response headers worth storing: without hop-by-hop headers (and those named by
 /// `Connection`), `Content-Length` (recomputed on a hit), `Age` and the cache's own headers.
+/// `Trailer` is kept: HTTP/1.1 servers send only the trailers it declares.
 pub(crate) fn storable_headers(headers: &HeaderMap) -> HeaderMap {
     let mut out = headers.clone();
     let named_by_connection: Vec<HeaderName> = headers
@@ -351,7 +392,6 @@ pub(crate) fn storable_headers(headers: &HeaderMap) -> HeaderMap {
         header::CONNECTION,
         header::TRANSFER_ENCODING,
         header::TE,
-        header::TRAILER,
         header::UPGRADE,
         header::PROXY_AUTHENTICATE,
         header::PROXY_AUTHORIZATION,

@@ -171,10 +171,18 @@ impl Entry {
     }
 }
 
+/// The most header (or trailer) values an entry keeps; a response with more is not stored.
+pub(crate) const MAX_HEADER_VALUES: usize = 1000;
+
+/// Whether a header map fits in an entry.
+pub(crate) fn storable_map(map: &HeaderMap) -> bool {
+    map.len() <= MAX_HEADER_VALUES && map.iter().all(|(_, v)| v.len() <= u32::MAX as usize)
+}
+
 fn put_map(out: &mut BytesMut, map: &HeaderMap) {
-    // Header maps built by `http` cannot hold more than u16::MAX entries' worth of names
-    // in practice; the count is checked anyway so the length prefix never lies.
-    let n = map.len().min(usize::from(u16::MAX));
+    // Callers check `storable_map` first; the count is clamped anyway so the length prefix
+    // never lies.
+    let n = map.len().min(MAX_HEADER_VALUES);
     out.put_u16(n as u16);
     for (name, value) in map.iter().take(n) {
         out.put_u16(name.as_str().len() as u16);
@@ -219,8 +227,12 @@ impl Cursor {
     }
     fn map(&mut self) -> Result<HeaderMap, DecodeError> {
         let n = usize::from(self.u16()?);
-        // Each pair takes at least 6 bytes: never reserve more than the input can hold.
-        let mut map = HeaderMap::with_capacity(n.min(self.buf.remaining() / 6));
+        if n > MAX_HEADER_VALUES {
+            return Err(DecodeError::Malformed);
+        }
+        // Reserve little: the count comes from Redis, and `HeaderMap` panics past its limits.
+        let mut map =
+            HeaderMap::try_with_capacity(n.min(64)).map_err(|_| DecodeError::Malformed)?;
         for _ in 0..n {
             let name_len = usize::from(self.u16()?);
             let name = self.take(name_len)?;
@@ -229,7 +241,8 @@ impl Cursor {
             let value = self.take(value_len)?;
             let value =
                 HeaderValue::from_maybe_shared(value).map_err(|_| DecodeError::Malformed)?;
-            map.append(name, value);
+            map.try_append(name, value)
+                .map_err(|_| DecodeError::Malformed)?;
         }
         Ok(map)
     }
@@ -344,6 +357,26 @@ mod tests {
             }
             let _ = Entry::decode(&Bytes::from(v));
         }
+    }
+
+    #[test]
+    fn huge_header_counts_are_malformed_not_a_panic() {
+        let mut raw = BytesMut::new();
+        raw.put_slice(b"TRC\x01\x01");
+        raw.put_slice(&[0; 8 + 8 + 8]);
+        raw.put_u16(200);
+        raw.put_u16(u16::MAX);
+        for _ in 0..30_000 {
+            raw.put_u16(1);
+            raw.put_slice(b"a");
+            raw.put_u32(0);
+        }
+        assert_eq!(Entry::decode(&raw.freeze()), Err(DecodeError::Malformed));
+        let mut many = HeaderMap::new();
+        for _ in 0..=MAX_HEADER_VALUES {
+            many.append("x-a", HeaderValue::from_static("1"));
+        }
+        assert!(!storable_map(&many));
     }
 
     #[test]

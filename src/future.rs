@@ -13,13 +13,13 @@ use pin_project_lite::pin_project;
 use sync_wrapper::SyncWrapper;
 use tower_service::Service;
 
-use crate::body::{storable_headers, Recorder, ResponseBody};
-use crate::entry::Entry;
+use crate::body::{Recorder, ResponseBody};
+use crate::entry::{storable_map, Entry};
 use crate::layer::CacheLayer;
 use crate::policy::{
     handler_override, response_ttl, take_tags, Policy, TAG_HEADERS, TTL_OVERRIDE_HEADER,
 };
-use crate::status::{set_headers, BypassReason, CacheStatus, Counters};
+use crate::status::{set_headers, BypassReason, CacheStatus, Counters, NotStored};
 
 type Lookup = Pin<Box<dyn Future<Output = Found> + Send>>;
 
@@ -182,6 +182,7 @@ where
 async fn look_up(shared: Arc<CacheLayer>, key: String) -> Found {
     let store = &shared.settings.store;
     let counters = &shared.runtime.counters;
+    let started = Instant::now();
     match store.get(&key).await {
         Ok(Some(raw)) => match Entry::decode(&raw) {
             Ok(entry) if entry.confirmed => {
@@ -203,7 +204,16 @@ async fn look_up(shared: Arc<CacheLayer>, key: String) -> Found {
         }
     }
     Counters::incr(&counters.misses);
-    let seq = store.read_seq(&shared.settings.keyer.seq_key()).await.ok();
+    // One deadline for the whole lookup: the sequence read gets what the GET left.
+    let left = store.lookup_timeout().saturating_sub(started.elapsed());
+    let seq = if left.is_zero() {
+        None
+    } else {
+        store
+            .read_seq(&shared.settings.keyer.seq_key(), left)
+            .await
+            .ok()
+    };
     Found::Miss { seq }
 }
 
@@ -221,6 +231,7 @@ fn hit<B>(entry: Entry, ctx: &Ctx) -> Response<ResponseBody<B>> {
     let age_secs = now.saturating_sub(entry.stored_at_ms) / 1000;
     let ttl_secs = (entry.stored_at_ms.saturating_add(entry.ttl_ms)).saturating_sub(now) / 1000;
     let len = entry.body.len();
+    let chunked = entry.trailers.is_some();
     let body = if ctx.head {
         ResponseBody::cached(None, None)
     } else {
@@ -230,7 +241,10 @@ fn hit<B>(entry: Entry, ctx: &Ctx) -> Response<ResponseBody<B>> {
     *res.status_mut() = entry.status;
     *res.headers_mut() = entry.headers;
     let headers = res.headers_mut();
-    headers.insert(CONTENT_LENGTH, HeaderValue::from(len));
+    if !chunked {
+        // With trailers, HTTP/1.1 needs chunked framing: no length.
+        headers.insert(CONTENT_LENGTH, HeaderValue::from(len));
+    }
     headers.insert(AGE, HeaderValue::from(age_secs));
     set_headers(
         headers,
@@ -248,13 +262,14 @@ where
     B: http_body::Body<Data = Bytes>,
 {
     let ctx = match mode {
-        Mode::Passthrough => return response.map(ResponseBody::passthrough),
+        Mode::Passthrough => {
+            let (mut parts, body) = response.into_parts();
+            strip_control_headers(&mut parts.headers);
+            return Response::from_parts(parts, ResponseBody::passthrough(body));
+        }
         Mode::Bypass(reason, x_cache) => {
             let (mut parts, body) = response.into_parts();
-            parts.headers.remove(TTL_OVERRIDE_HEADER);
-            for name in &TAG_HEADERS {
-                parts.headers.remove(name);
-            }
+            strip_control_headers(&mut parts.headers);
             let status = CacheStatus::Bypass(*reason);
             set_headers(&mut parts.headers, status, 0, x_cache.as_ref());
             parts.extensions.insert(status);
@@ -279,6 +294,10 @@ where
                 tracing::debug!(key = %ctx.key, reason = why.as_str(), "response not stored");
                 ResponseBody::passthrough(body)
             }
+            Ok(_) if !storable_map(&parts.headers) => {
+                tracing::debug!(key = %ctx.key, reason = NotStored::Headers.as_str(), "response not stored");
+                ResponseBody::passthrough(body)
+            }
             Ok(ttl) => {
                 let limit = ctx.policy.max_body_size;
                 if http_body::Body::size_hint(&body).lower() > limit as u64 {
@@ -286,13 +305,7 @@ where
                     tracing::debug!(key = %ctx.key, limit, "response larger than the limit; not stored");
                     ResponseBody::passthrough(body)
                 } else {
-                    let recorder = Recorder::new(
-                        ctx,
-                        ttl,
-                        parts.status,
-                        storable_headers(&parts.headers),
-                        tags,
-                    );
+                    let recorder = Recorder::new(ctx, ttl, parts.status, &parts.headers, tags);
                     ResponseBody::recording(body, recorder)
                 }
             }
@@ -308,14 +321,27 @@ where
     Response::from_parts(parts, body)
 }
 
+/// Removes the headers through which handlers talk to the layer.
+fn strip_control_headers(headers: &mut http::HeaderMap) {
+    headers.remove(TTL_OVERRIDE_HEADER);
+    for name in &TAG_HEADERS {
+        headers.remove(name);
+    }
+}
+
 /// Removes an undecodable entry, off the request path, only if it still holds the same bytes.
 fn remove_if_unchanged(shared: &Arc<CacheLayer>, key: String, raw: Bytes) {
     let store = shared.settings.store.clone();
+    // Under the same bound as writes: a flood of corrupt entries cannot pile up tasks.
+    let Ok(permit) = Arc::clone(&shared.runtime.writes).try_acquire_owned() else {
+        return;
+    };
     if let Ok(rt) = tokio::runtime::Handle::try_current() {
         rt.spawn(async move {
             if let Err(e) = store.delete_if_equal(&key, raw).await {
                 tracing::debug!(key = %key, error = %e.details(), "could not remove undecodable entry");
             }
+            drop(permit);
         });
     }
 }

@@ -92,13 +92,26 @@ impl std::error::Error for CacheError {
 ///
 /// The route template is found in the layer's route table when not given; give it with
 /// [`route`](Self::route) when the layer learned it from axum's `MatchedPath` instead (a
-/// layer per route).
-#[derive(Clone, Debug)]
+/// layer per route, or a route outside the table). Give the
+/// [`identity`](Self::identity) for entries of per-user routes. To reach every variant of
+/// a path without knowing these, use [`CacheHandle::invalidate_path`].
+#[derive(Clone)]
 pub struct RequestKey {
     uri: String,
     route: Option<String>,
     identity: Option<String>,
     headers: HeaderMap,
+}
+
+impl fmt::Debug for RequestKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RequestKey")
+            .field("uri", &self.uri)
+            .field("route", &self.route)
+            .field("identity", &self.identity.as_ref().map(|_| "<redacted>"))
+            .field("headers", &self.headers.keys().collect::<Vec<_>>())
+            .finish()
+    }
 }
 
 impl RequestKey {
@@ -168,11 +181,9 @@ impl CacheHandle {
             Some(r) => (Some(r.as_str()), routes.lookup(Some(r.as_str()), path).1),
             None => routes.lookup(None, path),
         };
-        let identity = if policy.is_per_user() {
-            request.identity.as_deref().map(str::as_bytes)
-        } else {
-            None
-        };
+        // An identity given means a per-user entry, whatever the handle's table says (the
+        // route may have its policy from a clone of the layer).
+        let identity = request.identity.as_deref().map(str::as_bytes);
         self.layer.settings.keyer.key(&KeyInput {
             route,
             identity,

@@ -55,6 +55,7 @@ type IdentityFn = dyn Fn(&Parts) -> Option<String> + Send + Sync;
 
 #[derive(Clone)]
 enum Kind {
+    None,
     Header(HeaderName),
     Cookie(Arc<str>),
     Extension(fn(&http::Extensions) -> Option<String>, &'static str),
@@ -95,6 +96,7 @@ impl Identity {
     /// The identity of this request, if any (empty counts as none).
     pub(crate) fn extract(&self, parts: &Parts) -> Option<Vec<u8>> {
         let id = match &self.0 {
+            Kind::None => None,
             Kind::Header(name) => parts.headers.get(name).map(|v| v.as_bytes().to_vec()),
             Kind::Cookie(name) => cookie(&parts.headers, name).map(|v| v.as_bytes().to_vec()),
             Kind::Extension(get, _) => get(&parts.extensions).map(String::into_bytes),
@@ -104,16 +106,25 @@ impl Identity {
     }
 }
 
+impl Identity {
+    /// No identity: per-user routes are never cached. The layer's default, so that a
+    /// per-user route caches nothing until you say where identities come from.
+    pub fn none() -> Self {
+        Identity(Kind::None)
+    }
+}
+
 impl Default for Identity {
-    /// The `Authorization` header: one entry per credential.
+    /// [`Identity::none`].
     fn default() -> Self {
-        Identity::header(header::AUTHORIZATION)
+        Identity::none()
     }
 }
 
 impl fmt::Debug for Identity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.0 {
+            Kind::None => f.write_str("Identity::none"),
             Kind::Header(n) => f.debug_tuple("Identity::header").field(n).finish(),
             Kind::Cookie(n) => f.debug_tuple("Identity::cookie").field(n).finish(),
             Kind::Extension(_, t) => write!(f, "Identity::extension::<{t}>"),
@@ -263,17 +274,42 @@ impl Keyer {
     }
 }
 
-/// The query's parameters, sorted by name; parameters of the same name keep their order,
-/// since `?tag=a&tag=b` and `?tag=b&tag=a` can mean different things. Empty pieces
-/// (`?a=1&&b=2`, a trailing `&`) are dropped. Values are kept exactly as sent.
+/// The query's parameters, sorted by their decoded name; parameters of the same name keep
+/// their order, since `?tag=a&tag=b` and `?tag=b&tag=a` can mean different things (and so
+/// can `?a=1&%61=2` and `?%61=2&a=1`). Empty pieces (`?a=1&&b=2`, a trailing `&`) are
+/// dropped. Pairs are kept exactly as sent.
 pub(crate) fn normalized_query(query: Option<&str>) -> Vec<&str> {
-    let mut pairs: Vec<&str> = query
+    let mut pairs: Vec<(Vec<u8>, &str)> = query
         .unwrap_or("")
         .split('&')
         .filter(|p| !p.is_empty())
+        .map(|p| (decoded_name(p.split('=').next().unwrap_or("")), p))
         .collect();
-    pairs.sort_by_key(|p| p.split('=').next().unwrap_or(""));
-    pairs
+    pairs.sort_by(|a, b| a.0.cmp(&b.0));
+    pairs.into_iter().map(|(_, p)| p).collect()
+}
+
+/// A form-urlencoded name, decoded (`+` is a space; invalid escapes stay as they are).
+fn decoded_name(name: &str) -> Vec<u8> {
+    let bytes = name.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| char::from(b).to_digit(16);
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                (Some(h), Some(l)) => {
+                    out.push((h * 16 + l) as u8);
+                    i += 2;
+                }
+                _ => out.push(b'%'),
+            },
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    out
 }
 
 /// 32 hex digits of a domain-separated BLAKE3 hash.
@@ -330,11 +366,19 @@ mod tests {
             key(None, None, "/p", Some("b=2&a=1"))
         );
         assert_eq!(key(None, None, "/p", Some("")), key(None, None, "/p", None));
-        // Repeated parameters keep their relative order.
+        // Repeated parameters keep their relative order, however their names are spelled.
         assert_ne!(
             key(None, None, "/p", Some("t=a&t=b")),
             key(None, None, "/p", Some("t=b&t=a"))
         );
+        assert_ne!(
+            key(None, None, "/p", Some("a=1&%61=2")),
+            key(None, None, "/p", Some("%61=2&a=1"))
+        );
+        assert_eq!(decoded_name("%61+b%2"), b"a b%2");
+        assert_eq!(decoded_name("%"), b"%");
+        assert_eq!(decoded_name("%6"), b"%6");
+        assert_eq!(decoded_name("x%zz"), b"x%zz");
     }
 
     #[test]
@@ -435,6 +479,7 @@ mod tests {
             None
         );
         assert_eq!(Identity::default().extract(&parts), None);
+        assert_eq!(Identity::none().extract(&parts), None);
     }
 
     #[test]

@@ -46,13 +46,19 @@ pub(crate) struct Settings {
 pub(crate) struct Runtime {
     pub(crate) counters: Counters,
     pub(crate) writes: Arc<Semaphore>,
+    /// Bytes of entries being written: bounds memory while Redis is slow.
+    pub(crate) write_bytes: Arc<Semaphore>,
 }
+
+/// The default bound on the bytes of entries being written at once.
+pub(crate) const DEFAULT_MAX_PENDING_BYTES: usize = 64 * 1024 * 1024;
 
 impl Runtime {
     fn new(max_pending_writes: usize) -> Self {
         Runtime {
             counters: Counters::default(),
             writes: Arc::new(Semaphore::new(max_pending_writes)),
+            write_bytes: Arc::new(Semaphore::new(DEFAULT_MAX_PENDING_BYTES)),
         }
     }
 }
@@ -128,8 +134,9 @@ impl CacheLayer {
         Ok(self)
     }
 
-    /// Where the caller's identity comes from on per-user routes (default: the
-    /// `Authorization` header, so one entry per credential).
+    /// Where the caller's identity comes from (default [`Identity::none`]: per-user routes
+    /// cache nothing until this is set). On strictly shared routes, a request with an
+    /// identity is passed through, like one with `Authorization`.
     pub fn identity(mut self, identity: Identity) -> Self {
         self.settings.identity = identity;
         self
@@ -177,9 +184,9 @@ impl CacheLayer {
         self
     }
 
-    /// The most Redis writes in flight at once (default 1024, at least 1). Past it new
-    /// writes are dropped and counted in [`Stats::writes_dropped`](crate::Stats); the
-    /// response is never delayed. Resets the counters: call it before [`handle`](Self::handle).
+    /// The most Redis writes in flight at once (default 1024, at least 1; their entries may
+    /// hold 64 MiB in all). Past either bound new writes are dropped and counted in
+    /// [`Stats::writes_dropped`](crate::Stats); the response is never delayed. Resets the counters: call it before [`handle`](Self::handle).
     pub fn max_pending_writes(mut self, n: usize) -> Self {
         self.runtime = Arc::new(Runtime::new(n.max(1)));
         self

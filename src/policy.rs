@@ -114,7 +114,7 @@ impl Policy {
     }
 
     /// Also stores responses with this status (by default only 2xx other than 206 are),
-    /// with their own, usually short, time to live. 206 is never stored.
+    /// with their own, usually short, time to live. 206 and 304 are never stored.
     pub fn status(mut self, status: StatusCode, ttl: Duration) -> Self {
         self.status_ttls.retain(|(s, _)| *s != status);
         self.status_ttls.push((status, ttl));
@@ -137,6 +137,11 @@ impl Policy {
             self.tags.push(tag);
         }
         self
+    }
+
+    /// Shared, and not declared the same for authenticated callers.
+    pub(crate) fn is_strictly_shared(&self) -> bool {
+        self.scope == Scope::Shared
     }
 
     pub(crate) fn is_per_user(&self) -> bool {
@@ -221,6 +226,14 @@ pub(crate) fn request_bypass(headers: &HeaderMap, policy: &Policy) -> Option<Byp
     }
     if headers.contains_key(header::RANGE) {
         return Some(BypassReason::Range);
+    }
+    // The key does not hold the request body: a GET with one is not cached.
+    let has_body = headers.contains_key(header::TRANSFER_ENCODING)
+        || headers
+            .get(header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() != b"0");
+    if has_body {
+        return Some(BypassReason::Body);
     }
     if policy.scope == Scope::Shared {
         if headers.contains_key(header::AUTHORIZATION) {
@@ -329,7 +342,8 @@ pub(crate) fn response_ttl(
     over: Option<CacheOverride>,
     policy: &Policy,
 ) -> Result<Duration, NotStored> {
-    let mut ttl = if status == StatusCode::PARTIAL_CONTENT {
+    let mut ttl = if status == StatusCode::PARTIAL_CONTENT || status == StatusCode::NOT_MODIFIED {
+        // Partial and conditional answers depend on request headers the key does not hold.
         return Err(NotStored::Status);
     } else if let Some((_, ttl)) = policy.status_ttls.iter().find(|(s, _)| *s == status) {
         *ttl
@@ -444,6 +458,11 @@ mod tests {
             response_ttl(StatusCode::PARTIAL_CONTENT, &HeaderMap::new(), None, &p),
             Err(NotStored::Status)
         );
+        let p = p.status(StatusCode::NOT_MODIFIED, TTL);
+        assert_eq!(
+            response_ttl(StatusCode::NOT_MODIFIED, &HeaderMap::new(), None, &p),
+            Err(NotStored::Status)
+        );
     }
 
     #[test]
@@ -555,6 +574,18 @@ mod tests {
         assert_eq!(
             request_bypass(&HeaderMap::new(), &Policy::bypass()),
             Some(BypassReason::Route)
+        );
+        assert_eq!(
+            request_bypass(&h(&[("content-length", "12")]), &shared),
+            Some(BypassReason::Body)
+        );
+        assert_eq!(
+            request_bypass(&h(&[("transfer-encoding", "chunked")]), &shared),
+            Some(BypassReason::Body)
+        );
+        assert_eq!(
+            request_bypass(&h(&[("content-length", "0")]), &shared),
+            None
         );
         // A client's no-cache does not bypass.
         assert_eq!(

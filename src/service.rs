@@ -117,6 +117,15 @@ where
                 }
             }
         } else {
+            if policy.is_strictly_shared() && shared.settings.identity.extract(&parts).is_some() {
+                // Whoever the layer can identify may get a personalised answer.
+                let (reason, req) = bypass(BypassReason::Identity, parts, body);
+                return ResponseFuture::bypass(
+                    inner.call(req),
+                    reason,
+                    shared.settings.x_cache.clone(),
+                );
+            }
             None
         };
         let key = shared.settings.keyer.key(&KeyInput {

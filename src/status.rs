@@ -40,6 +40,11 @@ pub enum BypassReason {
     Range,
     /// A per-user route got a request without identity.
     NoIdentity,
+    /// A shared route got a request with an identity (see
+    /// [`Policy::shared_for_authenticated`](crate::Policy::shared_for_authenticated)).
+    Identity,
+    /// A GET or HEAD request with a body: the key does not hold bodies.
+    Body,
 }
 
 impl BypassReason {
@@ -50,6 +55,8 @@ impl BypassReason {
             BypassReason::Cookie => "cookie",
             BypassReason::Range => "range",
             BypassReason::NoIdentity => "no-identity",
+            BypassReason::Identity => "identity",
+            BypassReason::Body => "body",
         }
     }
 }
@@ -63,6 +70,7 @@ pub(crate) enum NotStored {
     NoStore,
     Private,
     Vary,
+    Headers,
 }
 
 impl NotStored {
@@ -74,6 +82,7 @@ impl NotStored {
             NotStored::NoStore => "no-store",
             NotStored::Private => "private",
             NotStored::Vary => "vary",
+            NotStored::Headers => "too-many-headers",
         }
     }
 }

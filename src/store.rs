@@ -1,7 +1,7 @@
 //! The Redis store on a fred `Pool`. Every Redis command of the crate lives here.
 
 use std::fmt;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -47,7 +47,12 @@ struct Inner {
     read: Options,
     write: Options,
     state: AtomicU8,
+    /// Consecutive failed commands; the state turns to down after `FAILURES_TO_DOWN`.
+    failures: AtomicU32,
 }
+
+/// How many consecutive failures mark Redis unavailable (one slow reply is not an outage).
+const FAILURES_TO_DOWN: u32 = 3;
 
 impl fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -115,6 +120,7 @@ impl RedisStore {
                     ..Options::default()
                 },
                 state: AtomicU8::new(UNKNOWN),
+                failures: AtomicU32::new(0),
             }),
         };
         match tokio::time::timeout(connect_timeout, store.inner.pool.wait_for_connect()).await {
@@ -131,6 +137,14 @@ impl RedisStore {
         Ok(store)
     }
 
+    /// The deadline of a lookup.
+    pub(crate) fn lookup_timeout(&self) -> Duration {
+        self.inner
+            .read
+            .timeout
+            .unwrap_or(crate::config::DEFAULT_LOOKUP_TIMEOUT)
+    }
+
     /// The underlying fred pool, for commands of your own.
     pub fn pool(&self) -> &Pool {
         &self.inner.pool
@@ -142,12 +156,26 @@ impl RedisStore {
     }
 
     fn observe_ok(&self) {
+        self.inner.failures.store(0, Ordering::Relaxed);
         if self.inner.state.swap(UP, Ordering::Relaxed) == DOWN {
             tracing::info!("redis is available again; caching resumed");
         }
     }
 
     fn observe_err(&self, op: &'static str, err: &FredError) {
+        let failures = self
+            .inner
+            .failures
+            .fetch_add(1, Ordering::Relaxed)
+            .saturating_add(1);
+        if failures >= FAILURES_TO_DOWN {
+            self.observe_down(op, err);
+        } else {
+            tracing::debug!(op, kind = ?err.kind(), error = %err.details(), "redis command failed");
+        }
+    }
+
+    fn observe_down(&self, op: &'static str, err: &FredError) {
         if self.inner.state.swap(DOWN, Ordering::Relaxed) != DOWN {
             tracing::warn!(
                 op,
@@ -237,6 +265,15 @@ if redis.call('GETRANGE', KEYS[1], 5, 12) == ARGV[1] then
 end
 return 0"#;
 
+/// Raises a marker to a sequence number, never lowers it (invalidations may land out of
+/// order on different connections), and keeps it alive for the marker TTL.
+const RAISE_MARKER: &str = r#"
+local cur = tonumber(redis.call('GET', KEYS[1]) or '0') or 0
+local seq = tonumber(ARGV[1])
+if seq > cur then cur = seq end
+redis.call('SET', KEYS[1], cur, 'PX', ARGV[2])
+return cur"#;
+
 /// How long an invalidation marker lives. A response whose miss began longer ago than this
 /// is never stored, so a marker always outlives the writes it must stop.
 pub(crate) const MARKER_TTL: Duration = Duration::from_secs(600);
@@ -281,11 +318,19 @@ fn ms(d: Duration) -> i64 {
 impl RedisStore {
     /// The namespace's invalidation sequence (0 before the first invalidation), read within
     /// the lookup deadline.
-    pub(crate) async fn read_seq(&self, seq_key: &str) -> Result<u64, FredError> {
+    pub(crate) async fn read_seq(
+        &self,
+        seq_key: &str,
+        timeout: Duration,
+    ) -> Result<u64, FredError> {
+        let options = Options {
+            timeout: Some(timeout),
+            ..self.inner.read.clone()
+        };
         let r = self
             .inner
             .pool
-            .with_options(&self.inner.read)
+            .with_options(&options)
             .get::<Option<u64>, _>(seq_key)
             .await;
         self.observe("get_seq", r).map(Option::unwrap_or_default)
@@ -360,12 +405,10 @@ impl RedisStore {
         let pool = self.inner.pool.with_options(&self.inner.write);
         let seq = self.observe("incr", pool.incr::<u64, _>(seq_key).await)?;
         let sets = markers.iter().map(|m| {
-            pool.set::<(), _, _>(
+            pool.eval::<i64, _, _, _>(
+                RAISE_MARKER,
                 m.as_str(),
-                seq,
-                Some(Expiration::PX(ms(MARKER_TTL))),
-                None,
-                false,
+                vec![seq.to_string(), ms(MARKER_TTL).to_string()],
             )
         });
         for r in futures_util::future::join_all(sets).await {

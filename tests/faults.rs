@@ -147,29 +147,63 @@ async fn many_concurrent_requests_during_an_outage_are_all_answered() {
 
 #[tokio::test]
 async fn writes_past_the_bound_are_dropped_not_queued() {
+    use axum::body::Body;
+    use bytes::Bytes;
+    use http_body::Frame;
+    use http_body_util::{BodyExt, StreamBody};
+    use tokio::sync::mpsc;
+
+    type Tx = mpsc::UnboundedSender<Result<Frame<Bytes>, std::convert::Infallible>>;
     let mut server = RedisServer::start();
     let store = RedisStore::connect(RedisConfig::from_url(&server.url()).unwrap())
         .await
         .unwrap();
     let cache = CacheLayer::new(store, Duration::from_secs(60)).max_pending_writes(1);
     let handle = cache.handle();
+    // Each response streams what the test sends it, so all five lookups happen while Redis
+    // answers and all five writes start while it is frozen.
+    let senders: Arc<std::sync::Mutex<Vec<Tx>>> = Arc::default();
+    let s = senders.clone();
     let app = Router::new()
-        .route("/{n}", get(|| async { "x" }))
+        .route(
+            "/{n}",
+            get(move || {
+                let (tx, mut rx) = mpsc::unbounded_channel();
+                s.lock().unwrap().push(tx);
+                async move {
+                    Body::new(StreamBody::new(futures_util::stream::poll_fn(move |cx| {
+                        rx.poll_recv(cx)
+                    })))
+                }
+            }),
+        )
         .layer(cache);
-    // Frozen: the first write hangs until its deadline and holds the only slot.
-    server.freeze();
+    let mut bodies = Vec::new();
     for n in 0..5 {
+        let res = tower::ServiceExt::oneshot(app.clone(), get_req(&format!("/{n}")))
+            .await
+            .unwrap();
+        assert_eq!(res.headers()["x-cache"], "MISS");
+        bodies.push(res.into_body());
+    }
+    server.freeze();
+    for (tx, body) in senders.lock().unwrap().drain(..).zip(bodies.iter_mut()) {
+        tx.send(Ok(Frame::data(Bytes::from_static(b"x")))).unwrap();
+        drop(tx);
         let started = Instant::now();
-        let r = send(&app, get_req(&format!("/{n}"))).await;
-        assert_eq!(r.status, 200);
-        assert!(started.elapsed() < BOUND);
+        let collected = body.collect().await.unwrap().to_bytes();
+        assert_eq!(collected, "x");
+        assert!(
+            started.elapsed() < BOUND,
+            "the end of a body never waits on Redis"
+        );
     }
     let s = handle.stats();
     assert_eq!(s.writes_dropped, 4, "{s:?}");
     server.thaw();
     wait_until("the pending write to end", || {
         let s = handle.stats();
-        s.stored + s.write_errors == 1
+        s.stored + s.write_errors + s.refused == 1
     })
     .await;
 }

@@ -764,3 +764,48 @@ async fn hits_have_an_exact_size_hint() {
     assert!(res.body().is_end_stream());
     assert_eq!(res.body().size_hint().exact(), Some(0));
 }
+
+#[tokio::test]
+async fn shared_routes_pass_identified_and_bodied_requests_through() {
+    let server = RedisServer::start();
+    let (app, handle, calls) = setup(&server).await;
+    // An identity the layer can extract (here from the auth layer's extension).
+    for _ in 0..2 {
+        let r = send(&app, get_with("/shared", &[("x-test-user", "alice")])).await;
+        assert_eq!(
+            r.header("cache-status"),
+            Some("tower-redis-cache; fwd=bypass; detail=identity")
+        );
+    }
+    // A GET with a body: the key does not hold it.
+    let with_body = Request::get("/shared")
+        .header("content-length", "3")
+        .body(Body::from("abc"))
+        .unwrap();
+    let r = send(&app, with_body).await;
+    assert_eq!(
+        r.header("cache-status"),
+        Some("tower-redis-cache; fwd=bypass; detail=body")
+    );
+    assert_eq!(calls.get(), 3);
+    assert_eq!(handle.stats().bypassed, 3);
+}
+
+#[tokio::test]
+async fn a_body_shorter_than_its_content_length_is_not_stored() {
+    let server = RedisServer::start();
+    let cache = CacheLayer::new(store(&server).await, MIN);
+    let handle = cache.handle();
+    let svc = tower::ServiceBuilder::new()
+        .layer(cache)
+        .service(tower::service_fn(|_req: Request<Body>| async {
+            let mut res = http::Response::new(streamed(vec![Bytes::from_static(b"half")], None));
+            res.headers_mut()
+                .insert("content-length", HeaderValue::from_static("8"));
+            Ok::<_, Infallible>(res)
+        }));
+    let res = tower::ServiceExt::oneshot(svc, get_req("/")).await.unwrap();
+    let _ = res.into_body().collect().await;
+    wait_until("abandoned", || handle.stats().abandoned == 1).await;
+    assert_eq!(handle.stats().stored, 0);
+}
