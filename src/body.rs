@@ -210,7 +210,6 @@ impl Recorder {
         response_headers: &HeaderMap,
         tags: Vec<String>,
     ) -> Self {
-        let headers_for_len = response_headers;
         let headers = storable_headers(response_headers);
         Recorder {
             shared: Arc::clone(&ctx.shared),
@@ -224,7 +223,7 @@ impl Recorder {
             identity: ctx.identity.clone(),
             miss_seq: ctx.miss_seq.unwrap_or(0),
             started: ctx.started,
-            declared_len: headers_len(&headers_for_len),
+            declared_len: headers_len(response_headers),
             chunks: Vec::new(),
             len: 0,
             limit: ctx.policy.max_body_size,
