@@ -187,7 +187,8 @@ async fn writes_past_the_bound_are_dropped_not_queued() {
         bodies.push(res.into_body());
     }
     server.freeze();
-    for (tx, body) in senders.lock().unwrap().drain(..).zip(bodies.iter_mut()) {
+    let txs: Vec<Tx> = senders.lock().unwrap().drain(..).collect();
+    for (tx, body) in txs.into_iter().zip(bodies.iter_mut()) {
         tx.send(Ok(Frame::data(Bytes::from_static(b"x")))).unwrap();
         drop(tx);
         let started = Instant::now();
