@@ -1,6 +1,8 @@
 //! Test harness: real `redis-server` processes on free loopback ports, owned by one test.
 #![allow(dead_code)]
 
+pub mod scenario;
+
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
@@ -19,6 +21,7 @@ pub struct RedisServer {
     port: u16,
     dir: PathBuf,
     frozen: bool,
+    cluster: bool,
 }
 
 fn free_port() -> u16 {
@@ -40,6 +43,7 @@ impl RedisServer {
                 port,
                 dir,
                 frozen: false,
+                cluster: false,
             };
             if server.spawn() {
                 return server;
@@ -58,6 +62,7 @@ impl RedisServer {
             port,
             dir,
             frozen: false,
+            cluster: false,
         }
     }
 
@@ -77,6 +82,11 @@ impl RedisServer {
             ])
             .arg("--dir")
             .arg(&self.dir)
+            .args(if self.cluster {
+                &["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"][..]
+            } else {
+                &[][..]
+            })
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn();
@@ -236,4 +246,91 @@ pub fn get_with(uri: &str, headers: &[(&str, &str)]) -> Request<Body> {
         b = b.header(*n, *v);
     }
     b.body(Body::empty()).expect("request")
+}
+
+/// A Redis Cluster of `n` primaries (no replicas) on free loopback ports, for one test
+/// binary. Dropped: every node is killed.
+pub struct RedisCluster {
+    pub nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    pub fn start(n: usize) -> Self {
+        let mut nodes = Vec::new();
+        for _ in 0..n {
+            let mut node = RedisServer::unstarted();
+            node.cluster = true;
+            node.restart();
+            nodes.push(node);
+        }
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port()))
+            .collect();
+        let status = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("redis-cli");
+        assert!(status.success(), "redis-cli --cluster create failed");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for node in &nodes {
+            loop {
+                let out = Command::new("redis-cli")
+                    .args(["-p", &node.port().to_string(), "cluster", "info"])
+                    .output()
+                    .expect("redis-cli");
+                if String::from_utf8_lossy(&out.stdout).contains("cluster_state:ok") {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "cluster never became ok");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        RedisCluster { nodes }
+    }
+
+    pub fn url(&self) -> String {
+        let mut url = format!("redis-cluster://127.0.0.1:{}", self.nodes[0].port());
+        for (i, n) in self.nodes.iter().enumerate().skip(1) {
+            url.push_str(if i == 1 { "?" } else { "&" });
+            url.push_str(&format!("node=127.0.0.1:{}", n.port()));
+        }
+        url
+    }
+
+    /// Keys of every primary matching a pattern (redis-cli --scan per node).
+    pub fn keys(&self, pattern: &str) -> Vec<String> {
+        let mut keys = Vec::new();
+        for n in &self.nodes {
+            let out = Command::new("redis-cli")
+                .args(["-p", &n.port().to_string(), "--scan", "--pattern", pattern])
+                .output()
+                .expect("redis-cli");
+            keys.extend(
+                String::from_utf8_lossy(&out.stdout)
+                    .lines()
+                    .map(str::to_owned),
+            );
+        }
+        keys
+    }
+}
+
+impl RedisServer {
+    /// Keys matching a pattern (redis-cli --scan).
+    pub fn keys(&self, pattern: &str) -> Vec<String> {
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string(), "--scan", "--pattern", pattern])
+            .output()
+            .expect("redis-cli");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
 }
