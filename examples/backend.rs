@@ -9,7 +9,11 @@
 //! curl -i -X PUT -H 'Authorization: Bearer user-1' -H 'content-type: application/json' \
 //!      -d '{"roles":["admin"]}' localhost:3000/users/1/roles                      # invalidates
 //! curl -i localhost:3000/health
+//! curl -i -X POST -H 'Authorization: Bearer admin' -H 'content-type: application/json' \
+//!      -d '{"pattern":"/users/*/permissions"}' localhost:3000/admin/cache/invalidate
 //! ```
+//!
+//! Tokens: `Bearer user-<id>` is user `<id>`; `Bearer admin` is the administrator.
 //!
 //! Settings (environment): `BIND` (127.0.0.1:3000), `REDIS_URL` or `REDIS_HOST`,
 //! `REDIS_PORT`, `REDIS_PASSWORD`, `REDIS_DB`, `REDIS_SSL` (see `RedisConfig::from_env`),
@@ -31,7 +35,7 @@ use axum::{Extension, Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tower_redis_cache::{
-    CacheHandle, CacheLayer, Identity, Policy, RedisConfig, RedisStore, RequestKey,
+    CacheHandle, CacheLayer, Identity, PathPattern, Policy, RedisConfig, RedisStore,
 };
 
 /// The authenticated caller, set by `auth` and read by the cache layer as the identity.
@@ -43,6 +47,9 @@ impl std::fmt::Display for UserId {
         f.write_str(&self.0)
     }
 }
+
+/// The administrator's user id (and token).
+const ADMIN: &str = "admin";
 
 /// The stand-in for the database.
 struct Db {
@@ -100,12 +107,14 @@ fn menu(roles: &[String]) -> Vec<&'static str> {
 /// without `Authorization` go on without identity.
 async fn auth(mut req: Request, next: Next) -> Response {
     if let Some(value) = req.headers().get(axum::http::header::AUTHORIZATION) {
-        let id = value
-            .to_str()
-            .ok()
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .and_then(|t| t.strip_prefix("user-"))
-            .filter(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_alphanumeric()));
+        let token = value.to_str().ok().and_then(|v| v.strip_prefix("Bearer "));
+        let id = match token {
+            Some(ADMIN) => Some(ADMIN),
+            Some(t) => t
+                .strip_prefix("user-")
+                .filter(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_alphanumeric())),
+            None => None,
+        };
         match id {
             Some(id) => {
                 let id = UserId(id.to_owned());
@@ -196,46 +205,103 @@ struct RolesBody {
     roles: Vec<String>,
 }
 
-/// Changes a user's roles, then drops that user's cached permissions and menu before
-/// answering, so the next read sees the change.
+/// Changes a user's roles (the user themself or the administrator), then drops that
+/// user's cached entries before answering, so the next read sees the change.
+///
+/// If the cache cannot be reached, nothing is changed and the answer is 503: a change whose
+/// invalidation failed could leave stale permissions cached for their whole TTL. The cache
+/// is invalidated before the change too, so a Redis outage is found before anything is
+/// written.
 async fn set_roles(
     State(s): State<AppState>,
     Path(id): Path<String>,
     caller: Option<Extension<UserId>>,
     Json(body): Json<RolesBody>,
 ) -> Response {
-    if caller.is_none() {
-        return (
-            StatusCode::UNAUTHORIZED,
-            Json(json!({"error": "authentication required"})),
-        )
-            .into_response();
+    match caller.as_deref() {
+        None => return error(StatusCode::UNAUTHORIZED, "authentication required"),
+        Some(c) if c.0 != id && c.0 != ADMIN => return error(StatusCode::FORBIDDEN, "forbidden"),
+        Some(_) => {}
+    }
+    if let Some(cache) = &s.cache {
+        if let Err(e) = cache.invalidate_user(&id).await {
+            tracing::error!(error = %e, user = %id, "cache unreachable; roles not changed");
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "cache unavailable; try again",
+            );
+        }
     }
     s.db.roles
         .write()
         .unwrap_or_else(|e| e.into_inner())
         .insert(id.clone(), body.roles);
     if let Some(cache) = &s.cache {
-        for path in [
-            format!("/users/{id}/permissions"),
-            format!("/users/{id}/menu"),
-        ] {
-            if let Err(e) = cache
-                .invalidate(&RequestKey::new(path).identity(id.clone()))
-                .await
-            {
-                // The cache cannot be trusted for this user now: say so rather than serve
-                // stale permissions for up to their TTL.
-                tracing::error!(error = %e, user = %id, "invalidation failed");
-                return (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    Json(json!({"error": "cache invalidation failed"})),
-                )
-                    .into_response();
-            }
+        // Requests that read the old roles meanwhile are not stored (the invalidation
+        // handle is race-safe); this second call removes what was stored in between.
+        if let Err(e) = cache.invalidate_user(&id).await {
+            tracing::error!(error = %e, user = %id, "invalidation after the change failed; retrying");
+            let cache = cache.clone();
+            tokio::spawn(async move {
+                for attempt in 1..=10u32 {
+                    tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
+                    if cache.invalidate_user(&id).await.is_ok() {
+                        return;
+                    }
+                }
+                tracing::error!(user = %id, "invalidation kept failing; entries expire with their TTL");
+            });
         }
     }
     StatusCode::NO_CONTENT.into_response()
+}
+
+/// What `POST /admin/cache/invalidate` takes: exactly one of the fields.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InvalidateBody {
+    path: Option<String>,
+    user: Option<String>,
+    tag: Option<String>,
+    pattern: Option<String>,
+}
+
+/// Invalidation for operators: `{"path": ...}`, `{"user": ...}`, `{"tag": ...}` or
+/// `{"pattern": ...}` (a glob over paths), answering `{"removed": n}`.
+async fn admin_invalidate(
+    State(s): State<AppState>,
+    caller: Option<Extension<UserId>>,
+    Json(body): Json<InvalidateBody>,
+) -> Response {
+    match caller.as_deref() {
+        Some(c) if c.0 == ADMIN => {}
+        Some(_) => return error(StatusCode::FORBIDDEN, "administrator only"),
+        None => return error(StatusCode::UNAUTHORIZED, "authentication required"),
+    }
+    let Some(cache) = &s.cache else {
+        return Json(json!({"removed": 0})).into_response();
+    };
+    let result = match (body.path, body.user, body.tag, body.pattern) {
+        (Some(path), None, None, None) => cache.invalidate_path(&path).await,
+        (None, Some(user), None, None) => cache.invalidate_user(&user).await,
+        (None, None, Some(tag), None) => cache.invalidate_tag(&tag).await,
+        (None, None, None, Some(pattern)) => {
+            cache.invalidate_pattern(&PathPattern::glob(pattern)).await
+        }
+        _ => {
+            return error(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "give exactly one of path, user, tag, pattern",
+            )
+        }
+    };
+    match result {
+        Ok(removed) => Json(json!({ "removed": removed })).into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "invalidation failed");
+            error(StatusCode::SERVICE_UNAVAILABLE, "cache unavailable")
+        }
+    }
 }
 
 async fn health(State(s): State<AppState>) -> Json<Value> {
@@ -297,7 +363,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     "/users/{id}/menu",
                     Policy::per_user(Duration::from_secs(900)),
                 )?
-                .route("/roles", Policy::shared(Duration::from_secs(3600)))?
+                .route(
+                    "/roles",
+                    Policy::shared(Duration::from_secs(3600)).tag("roles"),
+                )?
                 .route("/prompts/{name}", Policy::shared(Duration::from_secs(300)))?,
         )
     } else {
@@ -315,7 +384,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .route("/users/{id}/roles", axum::routing::put(set_roles))
         .route("/roles", get(roles))
         .route("/prompts/{name}", get(prompt))
-        .route("/health", get(health));
+        .route("/health", get(health))
+        .route(
+            "/admin/cache/invalidate",
+            axum::routing::post(admin_invalidate),
+        );
     if let Some(cache) = cache {
         // Inside `auth`, so the identity is known when the cache runs.
         app = app.layer(cache);

@@ -18,9 +18,15 @@ async fn cluster_caches_and_invalidates_across_slots() {
 
     // Hits are served from the cluster.
     let me = [("x-test-user", "9")];
-    assert_eq!(send(&app, get_with("/users/9/menu", &me)).await.x_cache(), "MISS");
+    assert_eq!(
+        send(&app, get_with("/users/9/menu", &me)).await.x_cache(),
+        "MISS"
+    );
     wait_until("stored", || handle.stats().stored == 1).await;
-    assert_eq!(send(&app, get_with("/users/9/menu", &me)).await.x_cache(), "HIT");
+    assert_eq!(
+        send(&app, get_with("/users/9/menu", &me)).await.x_cache(),
+        "HIT"
+    );
     handle
         .invalidate(&RequestKey::new("/users/9/menu").identity("9"))
         .await

@@ -233,6 +233,50 @@ fn backend_caches_per_user_and_invalidates_on_role_change() {
     let r = until_hit(p, "/prompts/welcome?version=2&lang=en", None);
     assert_eq!(r.body["text"], "[en v2] prompt welcome");
 
+    // Operators invalidate by tag, pattern, path or user; only the administrator may.
+    let admin = [("authorization", "Bearer admin")];
+    let post = |headers: &[(&str, &str)], body: &str| {
+        http(p, "POST", "/admin/cache/invalidate", headers, body)
+    };
+    let r = post(&admin, r#"{"tag":"roles"}"#);
+    assert_eq!(
+        (r.status, &r.body),
+        (200, &serde_json::json!({"removed": 1}))
+    );
+    assert_eq!(get(p, "/roles", None).header("x-cache"), Some("MISS"));
+    let r = post(&admin, r#"{"pattern":"/prompts/*"}"#);
+    assert_eq!(
+        (r.status, &r.body),
+        (200, &serde_json::json!({"removed": 1}))
+    );
+    let (n, v) = bearer("1");
+    assert_eq!(post(&[(n, &v)], r#"{"tag":"roles"}"#).status, 403);
+    assert_eq!(post(&[], r#"{"tag":"roles"}"#).status, 401);
+    assert_eq!(post(&admin, r#"{"tag":"a","user":"1"}"#).status, 422);
+    assert_eq!(
+        http(
+            p,
+            "PUT",
+            "/users/1/roles",
+            &[(n, &v)],
+            r#"{"roles":["viewer"]}"#
+        )
+        .status,
+        204
+    );
+    let (n2, v2) = bearer("2");
+    assert_eq!(
+        http(
+            p,
+            "PUT",
+            "/users/1/roles",
+            &[(n2, &v2)],
+            r#"{"roles":["admin"]}"#
+        )
+        .status,
+        403
+    );
+
     let h = get(p, "/health", None);
     assert_eq!(
         h.body,
