@@ -17,7 +17,9 @@ use tower::ServiceExt;
 use tower_redis_cache::{CacheLayer, Identity, Policy, RedisConfig, RedisStore};
 
 fn handler(_: Request<Body>) -> std::future::Ready<Result<Response<Body>, Infallible>> {
-    std::future::ready(Ok(Response::new(Body::from("{\"permissions\":[\"read\"]}"))))
+    std::future::ready(Ok(Response::new(Body::from(
+        "{\"permissions\":[\"read\"]}",
+    ))))
 }
 
 type Svc = tower::util::BoxCloneService<Request<Body>, Response<Body>, Infallible>;
@@ -28,7 +30,9 @@ async fn send(svc: Svc, user: usize, item: usize) {
         .body(Body::empty())
         .unwrap();
     let res = svc.oneshot(req).await.unwrap();
-    http_body_util::BodyExt::collect(res.into_body()).await.unwrap();
+    http_body_util::BodyExt::collect(res.into_body())
+        .await
+        .unwrap();
 }
 
 fn main() {
@@ -94,8 +98,7 @@ fn main() {
             let mut pages = std::pin::pin!(client.scan("bench:v1:*", Some(1000), None));
             while let Some(page) = pages.next().await {
                 let mut page = page.unwrap();
-                seen += fred::types::scan::Scanner::take_results(&mut page)
-                    .map_or(0, |k| k.len());
+                seen += fred::types::scan::Scanner::take_results(&mut page).map_or(0, |k| k.len());
             }
             scans.push(t.elapsed());
             assert!(seen >= total - per_user * (round + 1), "{seen}");

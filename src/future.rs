@@ -63,6 +63,10 @@ pin_project! {
             #[pin]
             future: S::Future,
         },
+        Invalidate {
+            invalidation: SyncWrapper<Pin<Box<dyn Future<Output = ()> + Send>>>,
+            response: SyncWrapper<Option<S::Response>>,
+        },
         Done,
     }
 }
@@ -75,6 +79,8 @@ enum Mode {
     Bypass(BypassReason, Option<HeaderName>),
     /// Looked up; on a miss the response may be stored.
     Cache(Box<Ctx>),
+    /// A write (PUT, PATCH, POST, DELETE) whose success invalidates its path's entries.
+    Write(Arc<CacheLayer>, String),
 }
 
 pub(crate) struct Ctx {
@@ -99,6 +105,13 @@ where
         ResponseFuture {
             state: State::Call { future },
             mode: Mode::Passthrough,
+        }
+    }
+
+    pub(crate) fn write(future: S::Future, shared: Arc<CacheLayer>, path: String) -> Self {
+        ResponseFuture {
+            state: State::Call { future },
+            mode: Mode::Write(shared, path),
         }
     }
 
@@ -165,8 +178,32 @@ where
                 }
                 StateProj::Call { future } => {
                     let response = ready!(future.poll(cx))?;
+                    if let Mode::Write(shared, path) = this.mode {
+                        if response.status().is_success() {
+                            let invalidation =
+                                invalidate_after_write(Arc::clone(shared), std::mem::take(path));
+                            this.state.set(State::Invalidate {
+                                invalidation: SyncWrapper::new(Box::pin(invalidation)),
+                                response: SyncWrapper::new(Some(response)),
+                            });
+                            continue;
+                        }
+                    }
                     this.state.set(State::Done);
                     return Poll::Ready(Ok(respond(response, this.mode)));
+                }
+                StateProj::Invalidate {
+                    invalidation,
+                    response,
+                } => {
+                    ready!(invalidation.get_mut().as_mut().poll(cx));
+                    let response = response.get_mut().take();
+                    this.state.set(State::Done);
+                    match response {
+                        Some(r) => return Poll::Ready(Ok(respond(r, this.mode))),
+                        // Taken only here, right before `Done`.
+                        None => return Poll::Pending,
+                    }
                 }
                 StateProj::Done => {
                     // Polled after completion: a contract violation by the caller; stay
@@ -175,6 +212,17 @@ where
                 }
             }
         }
+    }
+}
+
+/// Invalidates a path after a successful write to it, before the response is returned, so
+/// the writer's next read is fresh. A failure is logged and counted; the write's own
+/// response is returned either way (it succeeded).
+async fn invalidate_after_write(shared: Arc<CacheLayer>, path: String) {
+    let handle = crate::handle::CacheHandle::new((*shared).clone());
+    if let Err(e) = handle.invalidate_path(&path).await {
+        Counters::incr(&shared.runtime.counters.write_errors);
+        tracing::warn!(path = %path, error = %e, "invalidation after a write failed; entries may be stale until their TTL");
     }
 }
 
@@ -262,7 +310,7 @@ where
     B: http_body::Body<Data = Bytes>,
 {
     let ctx = match mode {
-        Mode::Passthrough => {
+        Mode::Passthrough | Mode::Write(..) => {
             let (mut parts, body) = response.into_parts();
             strip_control_headers(&mut parts.headers);
             return Response::from_parts(parts, ResponseBody::passthrough(body));

@@ -39,6 +39,7 @@ pub(crate) struct Settings {
     pub(crate) keyer: Keyer,
     pub(crate) identity: Identity,
     pub(crate) x_cache: Option<HeaderName>,
+    pub(crate) invalidate_on_write: bool,
 }
 
 /// Counters and the write bound: shared by every clone of a layer, its services and handle.
@@ -114,6 +115,7 @@ impl CacheLayer {
                 keyer: Keyer::new(DEFAULT_NAMESPACE),
                 identity: Identity::default(),
                 x_cache: Some(HeaderName::from_static("x-cache")),
+                invalidate_on_write: false,
             },
             routes: Arc::new(Routes {
                 default: Arc::new(policy.into()),
@@ -175,6 +177,15 @@ impl CacheLayer {
     /// `Cache-Status` (RFC 9211) is always sent.
     pub fn status_header(mut self, name: HeaderName) -> Self {
         self.settings.x_cache = Some(name);
+        self
+    }
+
+    /// After a successful (2xx) PUT, PATCH, POST or DELETE to a path, removes that path's
+    /// entries (every query, user and header variant) before the response is returned.
+    /// Off by default. Entries of other paths that show the same data (a list showing the
+    /// item just changed) still need [`CacheHandle`] calls or tags of your own.
+    pub fn invalidate_on_write(mut self, on: bool) -> Self {
+        self.settings.invalidate_on_write = on;
         self
     }
 

@@ -83,6 +83,11 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
 
         if !cacheable_method(req.method()) {
+            let writes = [Method::PUT, Method::PATCH, Method::POST, Method::DELETE];
+            if self.shared.settings.invalidate_on_write && writes.contains(req.method()) {
+                let path = req.uri().path().to_owned();
+                return ResponseFuture::write(inner.call(req), Arc::clone(&self.shared), path);
+            }
             return ResponseFuture::passthrough(inner.call(req));
         }
         let shared = &self.shared;

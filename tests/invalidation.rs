@@ -251,3 +251,60 @@ async fn with_redis_down_invalidations_fail_promptly() {
         started.elapsed()
     );
 }
+
+#[tokio::test]
+async fn successful_writes_invalidate_their_path_when_asked() {
+    let server = RedisServer::start();
+    let app_with = |on: bool, ns: &'static str| {
+        let url = server.url();
+        async move {
+            let store = RedisStore::connect(RedisConfig::from_url(&url).unwrap())
+                .await
+                .unwrap();
+            let cache = CacheLayer::new(store, Duration::from_secs(60))
+                .namespace(ns)
+                .unwrap()
+                .invalidate_on_write(on);
+            let handle = cache.handle();
+            let app = Router::new()
+                .route(
+                    "/items/{id}",
+                    get(|| async { "item" }).put(|body: String| async move {
+                        if body == "fail" {
+                            http::StatusCode::INTERNAL_SERVER_ERROR
+                        } else {
+                            http::StatusCode::NO_CONTENT
+                        }
+                    }),
+                )
+                .layer(cache);
+            (app, handle)
+        }
+    };
+    let put_req = |body: &'static str| {
+        http::Request::put("/items/1")
+            .body(axum::body::Body::from(body))
+            .unwrap()
+    };
+
+    let (app, handle) = app_with(true, "onw").await;
+    send(&app, get_req("/items/1?v=1")).await;
+    send(&app, get_req("/items/1?v=2")).await;
+    send(&app, get_req("/items/2")).await;
+    wait_until("stored", || handle.stats().stored == 3).await;
+    // A failed write invalidates nothing.
+    assert_eq!(send(&app, put_req("fail")).await.status, 500);
+    assert_eq!(send(&app, get_req("/items/1?v=1")).await.x_cache(), "HIT");
+    // A successful one removes every variant of its path before it answers.
+    assert_eq!(send(&app, put_req("ok")).await.status, 204);
+    assert_eq!(send(&app, get_req("/items/1?v=1")).await.x_cache(), "MISS");
+    assert_eq!(send(&app, get_req("/items/1?v=2")).await.x_cache(), "MISS");
+    assert_eq!(send(&app, get_req("/items/2")).await.x_cache(), "HIT");
+
+    // Off by default.
+    let (app, handle) = app_with(false, "off").await;
+    send(&app, get_req("/items/1")).await;
+    wait_until("stored", || handle.stats().stored == 1).await;
+    assert_eq!(send(&app, put_req("ok")).await.status, 204);
+    assert_eq!(send(&app, get_req("/items/1")).await.x_cache(), "HIT");
+}
