@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use http::{HeaderMap, HeaderName, HeaderValue, Uri};
 
+use crate::breaker::BreakerState;
 use crate::key::KeyInput;
 use crate::layer::CacheLayer;
 use crate::status::Stats;
@@ -34,17 +35,20 @@ pub struct CacheHandle {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum RedisStatus {
-    /// Redis answered a PING within the command deadline.
+    /// Redis answered a PING within the lookup deadline.
     Connected,
+    /// Redis answered, but slower than the lookup deadline: lookups may time out.
+    Degraded,
     /// Redis did not answer; requests are served uncached.
     Unavailable,
 }
 
 impl RedisStatus {
-    /// `"connected"` or `"unavailable"`, as the Python utility's `/health` said.
+    /// `"connected"`, `"degraded"` or `"unavailable"`.
     pub fn as_str(self) -> &'static str {
         match self {
             RedisStatus::Connected => "connected",
+            RedisStatus::Degraded => "degraded",
             RedisStatus::Unavailable => "unavailable",
         }
     }
@@ -54,10 +58,34 @@ impl RedisStatus {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Health {
-    /// Whether Redis answered.
+    /// Whether Redis answered, and how fast.
     pub redis: RedisStatus,
+    /// The circuit breaker after the check.
+    pub breaker: BreakerState,
     /// The PING round-trip time, when it answered.
     pub round_trip: Option<Duration>,
+}
+
+impl Health {
+    /// The Python utility's `/health` body: `{"status":"ok","env":...,"redis":...}`, with
+    /// `"redis"` `"connected"` (also when degraded) or `"unavailable"`, plus `"redis_state"`,
+    /// `"breaker"` and `"round_trip_ms"`. The status stays `"ok"` when only Redis is down:
+    /// a cache outage is not a service outage.
+    pub fn to_json(&self, env: &str) -> String {
+        let redis = match self.redis {
+            RedisStatus::Unavailable => "unavailable",
+            _ => "connected",
+        };
+        serde_json::json!({
+            "status": "ok",
+            "env": env,
+            "redis": redis,
+            "redis_state": self.redis.as_str(),
+            "breaker": self.breaker.as_str(),
+            "round_trip_ms": self.round_trip.map(|d| d.as_secs_f64() * 1000.0),
+        })
+        .to_string()
+    }
 }
 
 /// A Redis operation of the handle failed (Redis down, too slow, or refusing the command).
@@ -152,21 +180,30 @@ impl CacheHandle {
 
     /// Counters since the layer was built.
     pub fn stats(&self) -> Stats {
-        self.layer.runtime.counters.snapshot()
+        let mut stats = self.layer.runtime.counters.snapshot();
+        stats.breaker_opened = self.store().breaker_opened();
+        stats
     }
 
-    /// Pings Redis within the command deadline.
+    /// Pings Redis within the command deadline (not gated by the circuit breaker; a reply
+    /// closes it).
     pub async fn health(&self) -> Health {
-        match self.layer.settings.store.ping().await {
-            Ok(rtt) => Health {
-                redis: RedisStatus::Connected,
-                round_trip: Some(rtt),
-            },
-            Err(_) => Health {
-                redis: RedisStatus::Unavailable,
-                round_trip: None,
-            },
+        let store = self.store();
+        let (redis, round_trip) = match store.ping().await {
+            Ok(rtt) if rtt <= store.lookup_timeout() => (RedisStatus::Connected, Some(rtt)),
+            Ok(rtt) => (RedisStatus::Degraded, Some(rtt)),
+            Err(_) => (RedisStatus::Unavailable, None),
+        };
+        Health {
+            redis,
+            breaker: store.breaker_state(),
+            round_trip,
         }
+    }
+
+    /// The state of the circuit breaker around Redis, without asking Redis.
+    pub fn breaker(&self) -> BreakerState {
+        self.store().breaker_state()
     }
 
     /// The Redis key of a request (for inspection and tests).
@@ -355,4 +392,31 @@ impl fmt::Debug for CacheHandle {
             .field("namespace", &self.layer.settings.keyer.namespace())
             .finish()
     }
+}
+
+/// A ready-made axum route for `/health`, answering [`Health::to_json`].
+///
+/// ```no_run
+/// # async fn run(handle: tower_redis_cache::CacheHandle) {
+/// let app: axum::Router = axum::Router::new()
+///     .route("/health", tower_redis_cache::health_route(handle, "production"));
+/// # }
+/// ```
+#[cfg(feature = "axum")]
+pub fn health_route<S>(
+    handle: CacheHandle,
+    env: impl Into<String>,
+) -> axum::routing::MethodRouter<S>
+where
+    S: Clone + Send + Sync + 'static,
+{
+    let env: std::sync::Arc<str> = env.into().into();
+    axum::routing::get(move || {
+        let handle = handle.clone();
+        let env = env.clone();
+        async move {
+            let body = handle.health().await.to_json(&env);
+            ([(http::header::CONTENT_TYPE, "application/json")], body)
+        }
+    })
 }

@@ -89,6 +89,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod body;
+mod breaker;
 mod config;
 mod entry;
 mod future;
@@ -101,11 +102,14 @@ mod status;
 mod store;
 
 pub use body::ResponseBody;
+pub use breaker::BreakerState;
 pub use config::{
     ConfigError, RedisConfig, DEFAULT_COMMAND_TIMEOUT, DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_LOOKUP_TIMEOUT, DEFAULT_POOL_SIZE,
 };
 pub use future::ResponseFuture;
+#[cfg(feature = "axum")]
+pub use handle::health_route;
 pub use handle::{CacheError, CacheHandle, Health, PathPattern, RedisStatus, RequestKey};
 pub use key::Identity;
 pub use layer::{CacheLayer, DEFAULT_MAX_PENDING_WRITES, DEFAULT_NAMESPACE};

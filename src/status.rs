@@ -147,6 +147,8 @@ pub struct Stats {
     pub refused: u64,
     /// Stored values that could not be decoded (corrupt, foreign or another format version).
     pub undecodable: u64,
+    /// How many times the circuit breaker has opened.
+    pub breaker_opened: u64,
 }
 
 #[derive(Debug, Default)]
@@ -181,6 +183,7 @@ impl Counters {
             write_errors: r(&self.write_errors),
             refused: r(&self.refused),
             undecodable: r(&self.undecodable),
+            breaker_opened: 0,
         }
     }
 }

@@ -1,7 +1,7 @@
 //! The Redis store on a fred `Pool`. Every Redis command of the crate lives here.
 
 use std::fmt;
-use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,11 +12,8 @@ use fred::prelude::{
 };
 use fred::types::config::UnresponsiveConfig;
 
+use crate::breaker::{Breaker, BreakerState};
 use crate::config::{ConfigError, RedisConfig};
-
-const UNKNOWN: u8 = 0;
-const UP: u8 = 1;
-const DOWN: u8 = 2;
 
 /// Deletes a key only if it still holds the given bytes, so that removing a corrupt entry
 /// never removes a good one written in the meantime.
@@ -46,13 +43,8 @@ struct Inner {
     pool: Pool,
     read: Options,
     write: Options,
-    state: AtomicU8,
-    /// Consecutive failed commands; the state turns to down after `FAILURES_TO_DOWN`.
-    failures: AtomicU32,
+    breaker: Breaker,
 }
-
-/// How many consecutive failures mark Redis unavailable (one slow reply is not an outage).
-const FAILURES_TO_DOWN: u32 = 3;
 
 impl fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -119,20 +111,16 @@ impl RedisStore {
                     max_attempts: Some(1),
                     ..Options::default()
                 },
-                state: AtomicU8::new(UNKNOWN),
-                failures: AtomicU32::new(0),
+                breaker: Breaker::new(),
             }),
         };
         match tokio::time::timeout(connect_timeout, store.inner.pool.wait_for_connect()).await {
-            Ok(Ok(())) => store.observe_ok(),
-            Ok(Err(e)) => store.observe_err("connect", &e),
-            Err(_) => {
-                let e = FredError::new(
-                    ErrorKind::Timeout,
-                    "no connection within the connect timeout",
-                );
-                store.observe_err("connect", &e);
-            }
+            Ok(Ok(())) => store.inner.breaker.success(),
+            Ok(Err(e)) => store.inner.breaker.open_now("connect", e.details()),
+            Err(_) => store
+                .inner
+                .breaker
+                .open_now("connect", "no connection within the connect timeout"),
         }
         Ok(store)
     }
@@ -150,64 +138,47 @@ impl RedisStore {
         &self.inner.pool
     }
 
-    /// Whether the last command reached Redis. Starts `false` until a command succeeds.
+    /// Whether Redis is in use: it has answered, and the circuit breaker is closed.
     pub fn is_available(&self) -> bool {
-        self.inner.state.load(Ordering::Relaxed) == UP
+        self.inner.breaker.ever_up() && self.inner.breaker.state() == BreakerState::Closed
     }
 
-    fn observe_ok(&self) {
-        self.inner.failures.store(0, Ordering::Relaxed);
-        if self.inner.state.swap(UP, Ordering::Relaxed) == DOWN {
-            tracing::info!("redis is available again; caching resumed");
-        }
+    /// The state of the circuit breaker.
+    pub fn breaker_state(&self) -> BreakerState {
+        self.inner.breaker.state()
     }
 
-    fn observe_err(&self, op: &'static str, err: &FredError) {
-        let failures = self
-            .inner
-            .failures
-            .fetch_add(1, Ordering::Relaxed)
-            .saturating_add(1);
-        if failures >= FAILURES_TO_DOWN {
-            self.observe_down(op, err);
+    /// How many times the breaker has opened.
+    pub(crate) fn breaker_opened(&self) -> u64 {
+        self.inner.breaker.opened.load(Ordering::Relaxed)
+    }
+
+    /// Fails at once, without touching Redis, while the breaker is open.
+    fn gate(&self) -> Result<(), FredError> {
+        if self.inner.breaker.allow() {
+            Ok(())
         } else {
-            tracing::debug!(op, kind = ?err.kind(), error = %err.details(), "redis command failed");
-        }
-    }
-
-    fn observe_down(&self, op: &'static str, err: &FredError) {
-        if self.inner.state.swap(DOWN, Ordering::Relaxed) != DOWN {
-            tracing::warn!(
-                op,
-                kind = ?err.kind(),
-                error = %err.details(),
-                "redis is unavailable; serving uncached until it answers again"
-            );
-        } else {
-            tracing::trace!(op, error = %err.details(), "redis still unavailable");
+            Err(FredError::new(ErrorKind::Canceled, "circuit breaker open"))
         }
     }
 
     fn observe<T>(&self, op: &'static str, r: Result<T, FredError>) -> Result<T, FredError> {
         match &r {
-            Ok(_) => self.observe_ok(),
-            // An error answered by Redis (wrong type, OOM, READONLY...) means it is reachable
-            // but this command failed; it is logged per occurrence at debug level.
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    ErrorKind::Unknown | ErrorKind::InvalidArgument | ErrorKind::Parse
-                ) =>
-            {
-                tracing::debug!(op, kind = ?e.kind(), error = %e.details(), "redis command failed");
+            Ok(_) => self.inner.breaker.success(),
+            // Redis answered: it is reachable, this command failed (wrong type, out of
+            // memory, read-only replica, missing permission...). Not an outage.
+            Err(e) if answered(e) => {
+                self.inner.breaker.success();
+                tracing::debug!(op, error = %e.details(), "redis refused a command");
             }
-            Err(e) => self.observe_err(op, e),
+            Err(e) => self.inner.breaker.failure(op, e.details()),
         }
         r
     }
 
     /// GET within the lookup deadline.
     pub(crate) async fn get(&self, key: &str) -> Result<Option<Bytes>, FredError> {
+        self.gate()?;
         let r = self
             .inner
             .pool
@@ -239,6 +210,26 @@ impl RedisStore {
             .await;
         self.observe("ping", r).map(|()| start.elapsed())
     }
+}
+
+/// Whether an error is Redis's answer to a command (so Redis is reachable), as opposed to a
+/// timeout, a lost connection, or a server that cannot serve at all (loading, busy).
+fn answered(e: &FredError) -> bool {
+    const ANSWERS: [&str; 8] = [
+        "ERR",
+        "WRONGTYPE",
+        "OOM",
+        "READONLY",
+        "NOSCRIPT",
+        "NOPERM",
+        "EXECABORT",
+        "NOAUTH",
+    ];
+    let first = e.details().split_whitespace().next().unwrap_or("");
+    matches!(
+        e.kind(),
+        ErrorKind::InvalidArgument | ErrorKind::InvalidCommand | ErrorKind::Parse
+    ) || ANSWERS.contains(&first)
 }
 
 /// Adds a member to an index (a sorted set scored by expiry), prunes expired members and
@@ -323,6 +314,7 @@ impl RedisStore {
         seq_key: &str,
         timeout: Duration,
     ) -> Result<u64, FredError> {
+        self.gate()?;
         let options = Options {
             timeout: Some(timeout),
             ..self.inner.read.clone()
@@ -339,6 +331,7 @@ impl RedisStore {
     /// Writes an entry race-safely: pending value, index registration, marker check, then
     /// confirm (or withdraw if an invalidation ran since the miss began).
     pub(crate) async fn write(&self, w: Write) -> Result<Written, FredError> {
+        self.gate()?;
         let pool = self.inner.pool.with_options(&self.inner.write);
         let ttl_ms = ms(w.ttl);
         let now = now_ms();
