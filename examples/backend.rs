@@ -304,12 +304,17 @@ async fn admin_invalidate(
     }
 }
 
-async fn health(State(s): State<AppState>) -> Json<Value> {
-    let redis = match &s.cache {
-        Some(cache) => cache.health().await.redis.as_str(),
-        None => "disabled",
-    };
-    Json(json!({"status": "ok", "env": s.env, "redis": redis}))
+/// `{"status":"ok","env":...,"redis":"connected"|"unavailable",...}`: the service stays "ok"
+/// when only Redis is down.
+async fn health(State(s): State<AppState>) -> Response {
+    match &s.cache {
+        Some(cache) => (
+            [(axum::http::header::CONTENT_TYPE, "application/json")],
+            cache.health().await.to_json(&s.env),
+        )
+            .into_response(),
+        None => Json(json!({"status": "ok", "env": s.env, "redis": "disabled"})).into_response(),
+    }
 }
 
 fn env_or(name: &str, default: &str) -> String {

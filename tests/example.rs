@@ -26,20 +26,39 @@ impl Drop for Backend {
 
 fn example_binary() -> PathBuf {
     // target/<profile>/deps/example-<hash> → target/<profile>/examples/backend
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().and_then(|d| d.parent()).unwrap();
-    let bin = dir.join("examples").join("backend");
-    if !bin.exists() {
-        // `cargo test` builds examples, `cargo test --test example` does not: build it.
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .args(["build", "--example", "backend"])
-            .status()
-            .unwrap();
-        assert!(status.success(), "building the example failed");
-    }
-    assert!(bin.exists(), "{} is missing", bin.display());
-    bin
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let exe = std::env::current_exe().unwrap();
+            let dir = exe.parent().and_then(|d| d.parent()).unwrap();
+            let bin = dir.join("examples").join("backend");
+            // `cargo test` builds examples first; `cargo test --test example` does not, and
+            // may find a binary older than its source: build it then (never otherwise, since
+            // a nested cargo could wait on the outer one's lock).
+            let modified =
+                |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+            let source =
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/backend.rs");
+            let lib = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+            let newest_src = std::fs::read_dir(&lib)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter_map(|e| modified(&e.path()))
+                .chain(modified(&source))
+                .max();
+            if modified(&bin).is_none() || modified(&bin) < newest_src {
+                let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+                let status = Command::new(cargo)
+                    .args(["build", "--example", "backend"])
+                    .status()
+                    .unwrap();
+                assert!(status.success(), "building the example failed");
+            }
+            assert!(bin.exists(), "{} is missing", bin.display());
+            bin
+        })
+        .clone()
 }
 
 fn start_backend(redis: &RedisServer, extra: &[(&str, &str)]) -> Backend {
@@ -278,10 +297,10 @@ fn backend_caches_per_user_and_invalidates_on_role_change() {
     );
 
     let h = get(p, "/health", None);
-    assert_eq!(
-        h.body,
-        serde_json::json!({"status": "ok", "env": "test", "redis": "connected"})
-    );
+    assert_eq!(h.body["status"], "ok");
+    assert_eq!(h.body["env"], "test");
+    assert_eq!(h.body["redis"], "connected");
+    assert_eq!(h.body["breaker"], "closed");
 }
 
 #[test]

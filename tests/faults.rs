@@ -260,3 +260,66 @@ async fn an_outage_is_logged_once_not_per_request() {
         "a second outage is logged again"
     );
 }
+
+#[tokio::test]
+async fn the_breaker_skips_a_frozen_redis_and_closes_when_it_answers() {
+    use tower_redis_cache::BreakerState;
+    let mut server = RedisServer::start();
+    let (app, handle, _) = setup(&server).await;
+    answered(&app).await;
+    wait_until("stored", || handle.stats().stored == 1).await;
+    assert_eq!(handle.breaker(), BreakerState::Closed);
+
+    server.freeze();
+    // A few lookups pay the deadline, then the breaker opens...
+    for _ in 0..3 {
+        assert_eq!(answered(&app).await, "MISS");
+    }
+    assert_eq!(handle.breaker(), BreakerState::Open);
+    assert_eq!(handle.stats().breaker_opened, 1);
+    // ...and requests stop waiting on Redis: 100 of them take far less than one deadline
+    // each (50 ms); at most a probe every 250 ms pays it.
+    let started = Instant::now();
+    for _ in 0..100 {
+        assert_eq!(answered(&app).await, "MISS");
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+
+    server.thaw();
+    until_hit(&app).await;
+    assert_eq!(handle.breaker(), BreakerState::Closed);
+    let health = handle.health().await;
+    assert_eq!(health.redis, RedisStatus::Connected);
+    assert!(health.round_trip.is_some());
+}
+
+#[tokio::test]
+async fn health_json_keeps_the_service_ok_when_redis_is_down() {
+    let mut server = RedisServer::start();
+    let (_, handle, _) = setup(&server).await;
+    let app: Router =
+        Router::new().route("/health", tower_redis_cache::health_route(handle, "test"));
+    let up = send(&app, get_req("/health")).await;
+    assert_eq!(up.header("content-type"), Some("application/json"));
+    let v: serde_json::Value = serde_json::from_slice(&up.body).unwrap();
+    assert_eq!(
+        (v["status"].as_str(), v["env"].as_str(), v["redis"].as_str()),
+        (Some("ok"), Some("test"), Some("connected"))
+    );
+    assert_eq!(v["breaker"], "closed");
+    assert!(v["round_trip_ms"].as_f64().unwrap() > 0.0);
+
+    server.kill();
+    let down = send(&app, get_req("/health")).await;
+    assert_eq!(down.status, 200);
+    let v: serde_json::Value = serde_json::from_slice(&down.body).unwrap();
+    assert_eq!(
+        (v["status"].as_str(), v["redis"].as_str()),
+        (Some("ok"), Some("unavailable"))
+    );
+    assert!(v["round_trip_ms"].is_null());
+}
