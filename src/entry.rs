@@ -399,3 +399,100 @@ mod tests {
         assert!(body >= start && body < start + raw.len());
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    //! Property tests run in CI: the decoder never panics and never accepts a mangled
+    //! envelope as the original.
+    use super::*;
+    use proptest::prelude::*;
+
+    fn entry_strategy() -> impl Strategy<Value = Entry> {
+        (
+            200u16..600,
+            proptest::collection::vec(("[a-z][a-z0-9-]{0,20}", "[ -~]{0,40}"), 0..8),
+            proptest::option::of(proptest::collection::vec(
+                ("[a-z]{1,10}", "[ -~]{0,10}"),
+                0..3,
+            )),
+            proptest::collection::vec(any::<u8>(), 0..2048),
+            any::<u64>(),
+            any::<u64>(),
+        )
+            .prop_map(|(status, headers, trailers, body, at, ttl)| {
+                let map = |pairs: Vec<(String, String)>| {
+                    let mut m = HeaderMap::new();
+                    for (n, v) in pairs {
+                        m.append(
+                            HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                            HeaderValue::from_str(&v).unwrap(),
+                        );
+                    }
+                    m
+                };
+                Entry {
+                    status: StatusCode::from_u16(status).unwrap(),
+                    headers: map(headers),
+                    trailers: trailers.map(map),
+                    body: Bytes::from(body),
+                    stored_at_ms: at,
+                    ttl_ms: ttl,
+                    confirmed: false,
+                }
+            })
+    }
+
+    fn encode(e: &Entry) -> Bytes {
+        Entry::encode(
+            e.status,
+            &e.headers,
+            e.trailers.as_ref(),
+            &[e.body.clone()],
+            [7; 8],
+            e.stored_at_ms,
+            e.ttl_ms,
+        )
+    }
+
+    proptest! {
+        #[test]
+        fn round_trips(e in entry_strategy()) {
+            prop_assert_eq!(Entry::decode(&encode(&e)).unwrap(), e);
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(raw in proptest::collection::vec(any::<u8>(), 0..4096)) {
+            let _ = Entry::decode(&Bytes::from(raw.clone()));
+            let mut prefixed = b"TRC\x01\x01".to_vec();
+            prefixed.extend(raw);
+            let _ = Entry::decode(&Bytes::from(prefixed));
+        }
+
+        #[test]
+        fn a_flipped_byte_is_rejected_or_decodes_to_a_different_entry(
+            e in entry_strategy(),
+            at in any::<prop::sample::Index>(),
+            bit in 0u8..8,
+        ) {
+            let raw = encode(&e);
+            let mut bad = raw.to_vec();
+            let i = at.index(bad.len());
+            bad[i] ^= 1 << bit;
+            match Entry::decode(&Bytes::from(bad)) {
+                Err(_) => {}
+                // The state byte (0/1) and the nonce are not part of the entry's value.
+                Ok(d) if (STATE_OFFSET..NONCE_OFFSET + 8).contains(&i) => {
+                    prop_assert_eq!(d.body, e.body);
+                }
+                Ok(d) => prop_assert_ne!(d, e),
+            }
+        }
+
+        #[test]
+        fn truncations_are_rejected(e in entry_strategy(), at in any::<prop::sample::Index>()) {
+            let raw = encode(&e);
+            let cut = at.index(raw.len());
+            prop_assert!(Entry::decode(&raw.slice(..cut)).is_err());
+        }
+    }
+}

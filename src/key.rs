@@ -491,3 +491,35 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn keys_are_bounded_and_distinct(
+            p1 in "/[ -~]{0,300}", q1 in proptest::option::of("[ -~]{0,300}"),
+            p2 in "/[ -~]{0,300}", q2 in proptest::option::of("[ -~]{0,300}"),
+        ) {
+            let k = Keyer::new("ns");
+            let key = |path: &str, query: Option<&str>| k.key(&KeyInput {
+                route: None,
+                identity: None,
+                path,
+                query,
+                key_headers: &[],
+                headers: &HeaderMap::new(),
+            });
+            let (a, b) = (key(&p1, q1.as_deref()), key(&p2, q2.as_deref()));
+            prop_assert!(a.len() <= 80 && b.len() <= 80);
+            let norm = |q: &Option<String>| normalized_query(q.as_deref()).join("&");
+            if p1 != p2 || norm(&q1) != norm(&q2) {
+                prop_assert_ne!(a, b);
+            } else {
+                prop_assert_eq!(a, b);
+            }
+        }
+    }
+}

@@ -594,3 +594,52 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use http::HeaderValue;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn cache_control_never_panics(value in proptest::collection::vec(any::<u8>(), 0..200)) {
+            if let Ok(v) = HeaderValue::from_bytes(&value) {
+                let mut h = HeaderMap::new();
+                h.insert(header::CACHE_CONTROL, v);
+                let _ = cache_control(&h);
+            }
+        }
+
+        #[test]
+        fn directives_are_found_among_any_others(
+            before in proptest::collection::vec("[a-z-]{1,12}(=[a-z0-9]{1,5})?", 0..4),
+            after in proptest::collection::vec("[a-z-]{1,12}(=[a-z0-9]{1,5})?", 0..4),
+            which in 0usize..3,
+            upper in any::<bool>(),
+        ) {
+            let names = ["no-store", "no-cache", "private"];
+            let mut name = names[which].to_owned();
+            if upper {
+                name = name.to_uppercase();
+            }
+            let mut parts = before.clone();
+            parts.push(name);
+            parts.extend(after.clone());
+            let mut h = HeaderMap::new();
+            h.insert(header::CACHE_CONTROL, HeaderValue::from_str(&parts.join(", ")).unwrap());
+            let d = cache_control(&h);
+            prop_assert!([d.no_store, d.no_cache, d.private][which]);
+        }
+
+        #[test]
+        fn quoted_arguments_hide_their_contents(inner in "(no-store|no-cache|[a-z, -]){0,8}") {
+            let mut h = HeaderMap::new();
+            let v = format!("private=\"{}\", max-age=5", inner.replace('"', ""));
+            h.insert(header::CACHE_CONTROL, HeaderValue::from_str(&v).unwrap());
+            let d = cache_control(&h);
+            prop_assert!(d.private);
+            prop_assert!(!d.no_store && !d.no_cache, "{}", v);
+        }
+    }
+}
