@@ -377,6 +377,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     } else {
         None
     };
+    if let Some(cache) = &cache {
+        // A Redis user without the permissions the cache needs is a start-up error.
+        cache.handle().check().await?;
+    }
     let state = AppState {
         db,
         cache: cache.as_ref().map(CacheLayer::handle),

@@ -59,6 +59,9 @@ pub enum ConfigError {
     /// A namespace that is empty, longer than 64 characters or has characters other than
     /// `A-Z a-z 0-9 _ - .`.
     InvalidNamespace(String),
+    /// The Redis user may not run a command the cache needs (an ACL rule), or the server
+    /// refused it otherwise. Found by [`CacheHandle::check`](crate::CacheHandle::check).
+    Permission(String),
     /// A route template that cannot be added to the layer's table.
     InvalidRoute {
         /// The template.
@@ -80,6 +83,10 @@ impl fmt::Display for ConfigError {
             ConfigError::InvalidNamespace(ns) => write!(
                 f,
                 "invalid cache namespace {ns:?}: use 1 to 64 characters of A-Z a-z 0-9 _ - ."
+            ),
+            ConfigError::Permission(reason) => write!(
+                f,
+                "redis refused a command the cache needs (check the user's ACL): {reason}"
             ),
             ConfigError::InvalidRoute { route, reason } => {
                 write!(f, "invalid route template {route:?}: {reason}")

@@ -201,6 +201,21 @@ impl CacheHandle {
         }
     }
 
+    /// Checks, at start-up, that Redis lets the cache run every command it needs (GET, SET,
+    /// EVAL, INCR, the sorted-set commands, SCAN, UNLINK...) on keys of its namespace. A
+    /// missing ACL permission is a [`ConfigError::Permission`](crate::ConfigError) naming
+    /// the command, instead of requests that silently never cache. When Redis cannot be
+    /// reached the check passes (there is nothing to check yet) and says so in the log.
+    ///
+    /// ```no_run
+    /// # async fn run(cache: tower_redis_cache::CacheLayer) -> Result<(), tower_redis_cache::ConfigError> {
+    /// cache.handle().check().await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn check(&self) -> Result<(), crate::ConfigError> {
+        self.store().check(self.keyer().namespace()).await
+    }
+
     /// The state of the circuit breaker around Redis, without asking Redis.
     pub fn breaker(&self) -> BreakerState {
         self.store().breaker_state()

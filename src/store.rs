@@ -561,3 +561,83 @@ mod tests {
         assert!(CONFIRM.contains(&format!("SETRANGE', KEYS[1], {STATE_OFFSET},")));
     }
 }
+
+impl RedisStore {
+    /// Runs every kind of command the cache uses on throw-away keys under `prefix`, so that
+    /// a missing ACL permission shows at start-up. Redis unreachable: `Ok` (nothing to
+    /// check now; logged).
+    pub(crate) async fn check(&self, prefix: &str) -> Result<(), ConfigError> {
+        let key = format!("{prefix}:probe");
+        let index = format!("{prefix}:probe:ix");
+        let pool = self.inner.pool.with_options(&self.inner.write);
+        let now = now_ms();
+        let nonce = Bytes::from_static(b"probe!!!");
+        let value = crate::entry::Entry::encode(
+            http::StatusCode::OK,
+            &http::HeaderMap::new(),
+            None,
+            &[],
+            *b"probe!!!",
+            0,
+            1,
+        );
+        let steps = async {
+            pool.ping::<()>(None).await?;
+            pool.set::<(), _, _>(&key, value, Some(Expiration::PX(5000)), None, false)
+                .await?;
+            pool.get::<Option<Bytes>, _>(&key).await?;
+            pool.eval::<i64, _, _, _>(
+                ADD_TO_INDEX,
+                index.as_str(),
+                vec![
+                    key.clone(),
+                    (now + 5000).to_string(),
+                    now.to_string(),
+                    "6000".into(),
+                ],
+            )
+            .await?;
+            pool.eval::<i64, _, _, _>(
+                CONFIRM,
+                key.as_str(),
+                vec![
+                    nonce.clone(),
+                    Bytes::from_static(&[crate::entry::CONFIRMED]),
+                ],
+            )
+            .await?;
+            pool.eval::<i64, _, _, _>(
+                RAISE_MARKER,
+                key.as_str(),
+                vec!["1".to_owned(), "5000".to_owned()],
+            )
+            .await?;
+            pool.incr::<u64, _>(&key).await?;
+            pool.zrange::<Vec<String>, _, _, _>(index.as_str(), 0, -1, None, false, None, false)
+                .await?;
+            pool.zrem::<i64, _, _>(index.as_str(), key.as_str()).await?;
+            pool.set::<(), _, _>(&key, "x", Some(Expiration::PX(5000)), None, false)
+                .await?;
+            pool.eval::<i64, _, _, _>(WITHDRAW, key.as_str(), vec![nonce])
+                .await?;
+            pool.scan_page::<(String, Vec<String>), _, _>(
+                "0",
+                format!("{prefix}:probe*"),
+                Some(10),
+                None,
+            )
+            .await?;
+            pool.unlink::<u64, _>(vec![key.clone(), index.clone()])
+                .await?;
+            Ok::<(), FredError>(())
+        };
+        match steps.await {
+            Ok(()) => Ok(()),
+            Err(e) if answered(&e) => Err(ConfigError::Permission(e.details().to_owned())),
+            Err(e) => {
+                tracing::warn!(error = %e.details(), "redis unreachable: permissions not checked");
+                Ok(())
+            }
+        }
+    }
+}
