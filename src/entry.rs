@@ -447,7 +447,7 @@ mod fuzz {
             e.status,
             &e.headers,
             e.trailers.as_ref(),
-            &[e.body.clone()],
+            std::slice::from_ref(&e.body),
             [7; 8],
             e.stored_at_ms,
             e.ttl_ms,

@@ -548,20 +548,6 @@ impl RedisStore {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::entry::{NONCE_OFFSET, STATE_OFFSET};
-
-    #[test]
-    fn scripts_use_the_envelope_offsets() {
-        // Lua's GETRANGE/SETRANGE offsets are 0-based and GETRANGE's end is inclusive.
-        let nonce = format!("GETRANGE', KEYS[1], {}, {}", NONCE_OFFSET, NONCE_OFFSET + 7);
-        assert!(CONFIRM.contains(&nonce) && WITHDRAW.contains(&nonce));
-        assert!(CONFIRM.contains(&format!("SETRANGE', KEYS[1], {STATE_OFFSET},")));
-    }
-}
-
 impl RedisStore {
     /// Runs every kind of command the cache uses on throw-away keys under `prefix`, so that
     /// a missing ACL permission shows at start-up. Redis unreachable: `Ok` (nothing to
@@ -639,5 +625,19 @@ impl RedisStore {
                 Ok(())
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::entry::{NONCE_OFFSET, STATE_OFFSET};
+
+    #[test]
+    fn scripts_use_the_envelope_offsets() {
+        // Lua's GETRANGE/SETRANGE offsets are 0-based and GETRANGE's end is inclusive.
+        let nonce = format!("GETRANGE', KEYS[1], {}, {}", NONCE_OFFSET, NONCE_OFFSET + 7);
+        assert!(CONFIRM.contains(&nonce) && WITHDRAW.contains(&nonce));
+        assert!(CONFIRM.contains(&format!("SETRANGE', KEYS[1], {STATE_OFFSET},")));
     }
 }
