@@ -323,3 +323,102 @@ async fn health_json_keeps_the_service_ok_when_redis_is_down() {
     );
     assert!(v["round_trip_ms"].is_null());
 }
+
+/// Steady load through a real axum server on loopback while Redis is killed, restarted
+/// empty, frozen, thawed and filled up: no request fails, every body is the handler's
+/// answer, and hits come back after each recovery.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn steady_load_through_every_fault() {
+    use common::load::Conn;
+    let mut server = RedisServer::start();
+    let store = RedisStore::connect(RedisConfig::from_url(&server.url()).unwrap())
+        .await
+        .unwrap();
+    let cache = CacheLayer::new(store, Duration::from_secs(60));
+    let handle = cache.handle();
+    let app =
+        Router::new()
+            .route(
+                "/items/{id}",
+                get(
+                    |axum::extract::Path(id): axum::extract::Path<u32>| async move {
+                        format!("item {id}")
+                    },
+                ),
+            )
+            .layer(cache);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let workers: Vec<_> = (0..8)
+        .map(|w| {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let mut conn = Conn::new(addr);
+                let (mut ok, mut bad, mut slowest, mut hits) =
+                    (0u64, Vec::new(), Duration::ZERO, 0u64);
+                let mut i = w;
+                while !stop.load(Ordering::Relaxed) {
+                    let id = i % 50;
+                    i += 1;
+                    match conn.get(&format!("/items/{id}"), &[]).await {
+                        Ok(r) if r.status == 200 && r.body == format!("item {id}").as_bytes() => {
+                            ok += 1;
+                            hits += u64::from(r.hit);
+                            slowest = slowest.max(r.took);
+                        }
+                        Ok(r) => bad.push(format!(
+                            "{} {:?}",
+                            r.status,
+                            String::from_utf8_lossy(&r.body)
+                        )),
+                        Err(e) => bad.push(e),
+                    }
+                }
+                (ok, bad, slowest, hits)
+            })
+        })
+        .collect();
+
+    let phase = Duration::from_millis(800);
+    let hits_now = |h: &tower_redis_cache::CacheHandle| h.stats().hits;
+    tokio::time::sleep(phase).await;
+    assert!(hits_now(&handle) > 0, "healthy: hits");
+    server.kill();
+    tokio::time::sleep(phase).await;
+    server.restart();
+    let before = hits_now(&handle);
+    wait_until("hits after restart", || hits_now(&handle) > before).await;
+    tokio::time::sleep(phase).await;
+    server.freeze();
+    tokio::time::sleep(phase).await;
+    server.thaw();
+    let before = hits_now(&handle);
+    wait_until("hits after thaw", || hits_now(&handle) > before).await;
+    let out = std::process::Command::new("redis-cli")
+        .args([
+            "-p",
+            &server.port().to_string(),
+            "CONFIG",
+            "SET",
+            "maxmemory",
+            "1",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    tokio::time::sleep(phase).await;
+    stop.store(true, Ordering::Relaxed);
+
+    let (mut ok, mut slowest) = (0, Duration::ZERO);
+    for w in workers {
+        let (o, bad, s, _) = w.await.unwrap();
+        assert!(bad.is_empty(), "failed requests: {bad:?}");
+        ok += o;
+        slowest = slowest.max(s);
+    }
+    assert!(ok > 100, "{ok}");
+    assert!(slowest < BOUND, "slowest request {slowest:?}");
+}
