@@ -50,8 +50,14 @@ struct Phase {
 }
 
 fn main() {
-    let phase_secs: u64 = std::env::var("PHASE_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(6);
-    let workers: usize = std::env::var("WORKERS").ok().and_then(|v| v.parse().ok()).unwrap_or(16);
+    let phase_secs: u64 = std::env::var("PHASE_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(6);
+    let workers: usize = std::env::var("WORKERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(16);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -60,22 +66,29 @@ fn main() {
     let mut redis = common::RedisServer::start();
     let url = redis.url();
     let (plain, cached, handle) = rt.block_on(async {
-        let store = RedisStore::connect(RedisConfig::from_url(&url).unwrap()).await.unwrap();
+        let store = RedisStore::connect(RedisConfig::from_url(&url).unwrap())
+            .await
+            .unwrap();
         let cache = CacheLayer::new(store, Duration::from_secs(600));
         let handle = cache.handle();
         (serve(app()).await, serve(app().layer(cache)).await, handle)
     });
 
     // stats[server][phase]
-    let stats: Arc<Mutex<Vec<Vec<Phase>>>> = Arc::new(Mutex::new(vec![vec![Phase::default(); 5]; 2]));
+    let stats: Arc<Mutex<Vec<Vec<Phase>>>> =
+        Arc::new(Mutex::new(vec![vec![Phase::default(); 5]; 2]));
     let phase_now = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let phase_start = Arc::new(Mutex::new(Instant::now()));
     let stop = Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::new();
     for (s, addr) in [plain, cached].into_iter().enumerate() {
         for w in 0..workers {
-            let (stats, phase_now, phase_start, stop) =
-                (stats.clone(), phase_now.clone(), phase_start.clone(), stop.clone());
+            let (stats, phase_now, phase_start, stop) = (
+                stats.clone(),
+                phase_now.clone(),
+                phase_start.clone(),
+                stop.clone(),
+            );
             tasks.push(rt.spawn(async move {
                 let mut conn = Conn::new(addr);
                 let mut i = w * 7;

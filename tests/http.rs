@@ -13,6 +13,7 @@ use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::Router;
 use bytes::Bytes;
+use common::scenario::{fake_auth, UserId};
 use common::{get as get_req, get_with, send, wait_until, RedisServer};
 use fred::prelude::{ClientLike, KeysInterface};
 use http::{HeaderMap, HeaderValue, Request, StatusCode};
@@ -42,30 +43,6 @@ impl Calls {
     fn get(&self) -> usize {
         self.0.load(Ordering::SeqCst)
     }
-}
-
-#[derive(Clone)]
-struct UserId(String);
-impl std::fmt::Display for UserId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-/// Copies `x-test-user` into a `UserId` extension, as an auth layer would.
-async fn fake_auth(
-    mut req: Request<Body>,
-    next: axum::middleware::Next,
-) -> axum::response::Response {
-    if let Some(user) = req
-        .headers()
-        .get("x-test-user")
-        .and_then(|v| v.to_str().ok())
-    {
-        let user = UserId(user.to_owned());
-        req.extensions_mut().insert(user);
-    }
-    next.run(req).await
 }
 
 fn build_app(cache: CacheLayer, calls: Calls) -> Router {

@@ -23,7 +23,8 @@ impl std::fmt::Display for UserId {
     }
 }
 
-async fn fake_auth(
+/// Copies `x-test-user` into a `UserId` extension, as an auth layer would.
+pub async fn fake_auth(
     mut req: Request<Body>,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
