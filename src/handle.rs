@@ -88,13 +88,23 @@ impl Health {
     }
 }
 
-/// A Redis operation of the handle failed (Redis down, too slow, or refusing the command).
+/// A Redis operation of the handle failed (Redis down, too slow, or refusing the command),
+/// or a value could not be serialized.
 #[derive(Debug)]
 pub struct CacheError {
     source: fred::error::Error,
 }
 
 impl CacheError {
+    pub(crate) fn serialize(e: serde_json::Error) -> Self {
+        CacheError {
+            source: fred::error::Error::new(
+                fred::error::ErrorKind::Parse,
+                format!("value does not serialize to JSON: {e}"),
+            ),
+        }
+    }
+
     /// Whether the command ran out of time (or was not sent because Redis is unreachable).
     pub fn is_timeout(&self) -> bool {
         matches!(
@@ -246,12 +256,16 @@ impl CacheHandle {
         })
     }
 
-    fn store(&self) -> &crate::store::RedisStore {
+    pub(crate) fn store(&self) -> &crate::store::RedisStore {
         &self.layer.settings.store
     }
 
-    fn keyer(&self) -> &crate::key::Keyer {
+    pub(crate) fn keyer(&self) -> &crate::key::Keyer {
         &self.layer.settings.keyer
+    }
+
+    pub(crate) fn runtime(&self) -> &crate::layer::Runtime {
+        &self.layer.runtime
     }
 
     async fn by_indexes(&self, indexes: Vec<String>) -> Result<u64, CacheError> {

@@ -49,6 +49,8 @@ pub(crate) struct Runtime {
     pub(crate) writes: Arc<Semaphore>,
     /// Bytes of entries being written: bounds memory while Redis is slow.
     pub(crate) write_bytes: Arc<Semaphore>,
+    /// `get_or_insert_json` computations in flight, by key.
+    pub(crate) inflight: crate::value::Inflight,
 }
 
 /// The default bound on the bytes of entries being written at once.
@@ -60,6 +62,7 @@ impl Runtime {
             counters: Counters::default(),
             writes: Arc::new(Semaphore::new(max_pending_writes)),
             write_bytes: Arc::new(Semaphore::new(DEFAULT_MAX_PENDING_BYTES)),
+            inflight: crate::value::Inflight::default(),
         }
     }
 }

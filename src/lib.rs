@@ -100,6 +100,7 @@ mod policy;
 mod service;
 mod status;
 mod store;
+mod value;
 
 pub use body::ResponseBody;
 pub use breaker::BreakerState;
@@ -117,3 +118,4 @@ pub use policy::{CacheOverride, Policy, DEFAULT_MAX_BODY_SIZE, TAG_HEADERS, TTL_
 pub use service::CacheService;
 pub use status::{BypassReason, CacheStatus, Stats, CACHE_NAME, CACHE_STATUS};
 pub use store::RedisStore;
+pub use value::ValueKey;

@@ -410,6 +410,56 @@ impl RedisStore {
         Ok(())
     }
 
+    /// GET of a plain value (not on the request path: the command deadline applies).
+    pub(crate) async fn get_value(&self, key: &str) -> Result<Option<Bytes>, FredError> {
+        let r = self
+            .inner
+            .pool
+            .with_options(&self.inner.write)
+            .get::<Option<Bytes>, _>(key)
+            .await;
+        self.observe("get", r)
+    }
+
+    /// SET of a plain value with an expiry, registered in `indexes` (sorted sets scored by
+    /// expiry, like entries) so that index invalidations remove it too.
+    pub(crate) async fn set_value(
+        &self,
+        key: &str,
+        value: Bytes,
+        ttl: Duration,
+        indexes: &[String],
+    ) -> Result<(), FredError> {
+        let pool = self.inner.pool.with_options(&self.inner.write);
+        let ttl_ms = ms(ttl);
+        let now = now_ms();
+        let r = pool
+            .set::<(), _, _>(key, value, Some(Expiration::PX(ttl_ms)), None, false)
+            .await;
+        self.observe("set", r)?;
+        let adds = indexes.iter().map(|index| {
+            pool.eval::<i64, _, _, _>(
+                ADD_TO_INDEX,
+                index.as_str(),
+                vec![
+                    key.to_owned(),
+                    now.saturating_add(ttl_ms).to_string(),
+                    now.to_string(),
+                    ttl_ms.saturating_add(1000).to_string(),
+                ],
+            )
+        });
+        for r in futures_util::future::join_all(adds).await {
+            self.observe("index", r)?;
+        }
+        Ok(())
+    }
+
+    /// Unlinks keys (public to the crate for the value cache).
+    pub(crate) async fn remove(&self, keys: Vec<String>) -> Result<u64, FredError> {
+        self.unlink(keys).await
+    }
+
     /// Unlinks keys, grouped by hash slot so that it works on a cluster; returns how many
     /// existed.
     async fn unlink(&self, keys: Vec<String>) -> Result<u64, FredError> {
