@@ -25,40 +25,46 @@ impl Drop for Backend {
 }
 
 fn example_binary() -> PathBuf {
-    // target/<profile>/deps/example-<hash> → target/<profile>/examples/backend
-    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    BUILT
-        .get_or_init(|| {
-            let exe = std::env::current_exe().unwrap();
-            let dir = exe.parent().and_then(|d| d.parent()).unwrap();
-            let bin = dir.join("examples").join("backend");
-            // `cargo test` builds examples first; `cargo test --test example` does not, and
-            // may find a binary older than its source: build it then (never otherwise, since
-            // a nested cargo could wait on the outer one's lock).
-            let modified =
-                |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-            let source =
-                std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/backend.rs");
-            let lib = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
-            let newest_src = std::fs::read_dir(&lib)
-                .into_iter()
-                .flatten()
-                .flatten()
-                .filter_map(|e| modified(&e.path()))
-                .chain(modified(&source))
-                .max();
-            if modified(&bin).is_none() || modified(&bin) < newest_src {
-                let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-                let status = Command::new(cargo)
-                    .args(["build", "--example", "backend"])
-                    .status()
-                    .unwrap();
-                assert!(status.success(), "building the example failed");
-            }
-            assert!(bin.exists(), "{} is missing", bin.display());
-            bin
-        })
-        .clone()
+    example("backend")
+}
+
+fn example(name: &str) -> PathBuf {
+    // target/<profile>/deps/example-<hash> → target/<profile>/examples/<name>
+    static BUILT: std::sync::Mutex<Vec<(String, PathBuf)>> = std::sync::Mutex::new(Vec::new());
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, p)) = built.iter().find(|(n, _)| n == name) {
+        return p.clone();
+    }
+    let path = (|| {
+        let exe = std::env::current_exe().unwrap();
+        let dir = exe.parent().and_then(|d| d.parent()).unwrap();
+        let bin = dir.join("examples").join(name);
+        // `cargo test` builds examples first; `cargo test --test example` does not, and
+        // may find a binary older than its source: build it then (never otherwise, since
+        // a nested cargo could wait on the outer one's lock).
+        let modified = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+        let source = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/backend.rs");
+        let lib = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let newest_src = std::fs::read_dir(&lib)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| modified(&e.path()))
+            .chain(modified(&source))
+            .max();
+        if modified(&bin).is_none() || modified(&bin) < newest_src {
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let status = Command::new(cargo)
+                .args(["build", "--example", name])
+                .status()
+                .unwrap();
+            assert!(status.success(), "building the example failed");
+        }
+        assert!(bin.exists(), "{} is missing", bin.display());
+        bin
+    })();
+    built.push((name.to_owned(), path.clone()));
+    path
 }
 
 fn start_backend(redis: &RedisServer, extra: &[(&str, &str)]) -> Backend {
@@ -351,4 +357,27 @@ fn backend_starts_without_redis_and_without_cache() {
     assert_eq!(r1.header("x-cache"), None);
     assert_eq!(r2.db_reads(), r1.db_reads() + 1);
     assert_eq!(get(plain.port, "/health", None).body["redis"], "disabled");
+}
+
+#[test]
+fn functions_example_caches_and_invalidates() {
+    let redis = RedisServer::start();
+    let out = Command::new(example("functions"))
+        .env_clear()
+        .env("REDIS_PORT", redis.port().to_string())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("round 2: [\"read\"] [\"home\", \"profile\"]"),
+        "{text}"
+    );
+    assert!(text.contains("(2 database queries so far)"), "{text}");
+    assert!(!text.contains("(4 database queries so far)"), "{text}");
+    assert!(text.contains("2 cached values removed"), "{text}");
+    assert!(
+        text.contains("after the change: [\"read\", \"write\", \"delete\"]"),
+        "{text}"
+    );
 }
