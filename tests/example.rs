@@ -35,7 +35,7 @@ fn example(name: &str) -> PathBuf {
     if let Some((_, p)) = built.iter().find(|(n, _)| n == name) {
         return p.clone();
     }
-    let path = (|| {
+    let build = || {
         let exe = std::env::current_exe().unwrap();
         let dir = exe.parent().and_then(|d| d.parent()).unwrap();
         let bin = dir.join("examples").join(name);
@@ -62,7 +62,8 @@ fn example(name: &str) -> PathBuf {
         }
         assert!(bin.exists(), "{} is missing", bin.display());
         bin
-    })();
+    };
+    let path = build();
     built.push((name.to_owned(), path.clone()));
     path
 }

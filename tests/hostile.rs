@@ -126,15 +126,22 @@ async fn odd_paths_and_queries_never_collide_nor_panic() {
         let again = send(&app, get_req(uri)).await;
         assert_eq!(again.x_cache(), "HIT", "{uri}");
         let q = uri.split_once('?').map(|(_, q)| q).unwrap_or("");
-        if q != "x=1&&x=2&" {
-            assert!(
-                again.text().starts_with(&format!("{q} #")),
-                "{uri}: {}",
-                again.text()
-            );
-        }
+        // `x=1&x=2` and `x=1&&x=2&` are one entry: either request's answer may be in it.
+        let same = ["x=1&x=2", "x=1&&x=2&"];
+        let expected: Vec<String> = if same.contains(&q) {
+            same.iter().map(|q| format!("{q} #")).collect()
+        } else {
+            vec![format!("{q} #")]
+        };
+        assert!(
+            expected.iter().any(|e| again.text().starts_with(e)),
+            "{uri}: {}",
+            again.text()
+        );
     }
-    assert_eq!(calls.load(Ordering::SeqCst) as u64, uris.len() as u64 - 1);
+    // One call per entry; the two spellings of one entry may both have missed.
+    let calls = calls.load(Ordering::SeqCst) as u64;
+    assert!(calls == distinct || calls == distinct + 1, "{calls}");
     for key in server.keys("cache:*") {
         assert!(key.len() < 100, "{key}");
     }
