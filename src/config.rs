@@ -54,8 +54,11 @@ pub enum ConfigError {
     /// TLS was asked for (`rediss://`, `REDIS_SSL=true`) but the crate was built without
     /// its `tls` feature.
     TlsUnavailable,
-    /// TLS could not be set up (for example, no trusted root certificates on the machine).
+    /// TLS could not be set up (no trusted root certificates on the machine, a CA file that
+    /// cannot be read), or the server's certificate is not trusted.
     Tls(String),
+    /// Redis refused the credentials (wrong password or user name).
+    Auth(String),
     /// A namespace that is empty, longer than 64 characters or has characters other than
     /// `A-Z a-z 0-9 _ - .`.
     InvalidNamespace(String),
@@ -80,6 +83,7 @@ impl fmt::Display for ConfigError {
                 "TLS requested but tower-redis-cache was built without its `tls` feature",
             ),
             ConfigError::Tls(reason) => write!(f, "TLS setup failed: {reason}"),
+            ConfigError::Auth(reason) => write!(f, "redis refused the credentials: {reason}"),
             ConfigError::InvalidNamespace(ns) => write!(
                 f,
                 "invalid cache namespace {ns:?}: use 1 to 64 characters of A-Z a-z 0-9 _ - ."
@@ -152,6 +156,7 @@ impl RedisConfig {
     /// | `REDIS_USERNAME` | ACL user name | none |
     /// | `REDIS_DB` | database number, 0 to 255 | `0` |
     /// | `REDIS_SSL` | `true`/`false` (also `1`/`0`, `yes`/`no`): TLS with the system's roots | `false` |
+    /// | `REDIS_CA_CERT` | path to a PEM bundle of extra trusted roots (TLS only) | none |
     /// | `REDIS_POOL_SIZE` | connections, 1 to 1024 | `8` |
     /// | `REDIS_LOOKUP_TIMEOUT_MS` | deadline of a lookup on the request path | `50` |
     /// | `REDIS_TIMEOUT_MS` | deadline of other commands | `500` |
@@ -160,6 +165,12 @@ impl RedisConfig {
     /// variable.
     pub fn from_env() -> Result<Self, ConfigError> {
         Self::from_vars(|name| std::env::var_os(name))
+    }
+
+    /// [`from_env`](Self::from_env) with the variables taken from `get` instead of the
+    /// process environment (for tests, or settings from another source).
+    pub fn from_env_with(get: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        Self::from_vars(|name| get(name).map(Into::into))
     }
 
     pub(crate) fn from_vars(
@@ -238,6 +249,12 @@ impl RedisConfig {
             }
             Self::with(fred)
         };
+        if let Some(path) = var("REDIS_CA_CERT")? {
+            config = config.ca_cert(&path).map_err(|e| ConfigError::InvalidVar {
+                var: "REDIS_CA_CERT",
+                reason: e.to_string(),
+            })?;
+        }
         if let Some(n) = number::<usize>("REDIS_POOL_SIZE", var("REDIS_POOL_SIZE")?, 1..=1024)? {
             config.pool_size = n;
         }
@@ -253,6 +270,21 @@ impl RedisConfig {
             config.command_timeout = Duration::from_millis(ms);
         }
         Ok(config)
+    }
+
+    /// Trusts the certificates of a PEM file in addition to the system's roots (a private
+    /// CA, or a test server's). The connection must use TLS (`rediss://`, `REDIS_SSL=true`).
+    pub fn ca_cert(mut self, path: impl AsRef<std::path::Path>) -> Result<Self, ConfigError> {
+        if !self.fred.uses_tls() {
+            return Err(ConfigError::Tls(
+                "a CA certificate was given but the connection does not use TLS".into(),
+            ));
+        }
+        let pem = std::fs::read(path.as_ref()).map_err(|e| {
+            ConfigError::Tls(format!("cannot read {}: {e}", path.as_ref().display()))
+        })?;
+        tls_with_extra_roots(&mut self.fred, &pem)?;
+        Ok(self)
     }
 
     /// The number of connections (at least 1; default 8).
@@ -336,6 +368,43 @@ fn enable_tls(config: &mut Config) -> Result<(), ConfigError> {
 
 #[cfg(not(feature = "tls"))]
 fn enable_tls(_: &mut Config) -> Result<(), ConfigError> {
+    Err(ConfigError::TlsUnavailable)
+}
+
+/// A rustls client (ring provider) trusting the system's roots and the PEM's certificates.
+#[cfg(feature = "tls")]
+fn tls_with_extra_roots(config: &mut Config, pem: &[u8]) -> Result<(), ConfigError> {
+    use fred::rustls;
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
+
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in fred::rustls_native_certs::load_native_certs().certs {
+        let _ = roots.add(cert);
+    }
+    let mut added = 0;
+    for cert in CertificateDer::pem_slice_iter(pem) {
+        let cert = cert.map_err(|e| ConfigError::Tls(format!("invalid PEM: {e}")))?;
+        roots
+            .add(cert)
+            .map_err(|e| ConfigError::Tls(format!("invalid certificate: {e}")))?;
+        added += 1;
+    }
+    if added == 0 {
+        return Err(ConfigError::Tls("no certificate in the CA file".into()));
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let client = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ConfigError::Tls(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.tls = Some(fred::types::config::TlsConnector::from(client).into());
+    Ok(())
+}
+
+#[cfg(not(feature = "tls"))]
+fn tls_with_extra_roots(_: &mut Config, _: &[u8]) -> Result<(), ConfigError> {
     Err(ConfigError::TlsUnavailable)
 }
 

@@ -63,6 +63,7 @@ impl RedisStore {
     ///
     /// Must be called within a Tokio runtime.
     pub async fn connect(config: RedisConfig) -> Result<Self, ConfigError> {
+        probe(&config).await?;
         let mut fred_config = config.fred.clone();
         // Keep retrying when Redis is down at start instead of failing `connect`.
         fred_config.fail_fast = false;
@@ -210,6 +211,47 @@ impl RedisStore {
             .await;
         self.observe("ping", r).map(|()| start.elapsed())
     }
+}
+
+/// One connection attempt, to tell a configuration that cannot work (untrusted certificate,
+/// refused credentials) from a Redis that is down (which is not an error: the pool keeps
+/// trying).
+async fn probe(config: &RedisConfig) -> Result<(), ConfigError> {
+    let mut fred_config = config.fred.clone();
+    fred_config.fail_fast = true;
+    let timeout = config.connect_timeout;
+    let client = Builder::from_config(fred_config)
+        .with_connection_config(|c| {
+            c.connection_timeout = timeout;
+            c.internal_command_timeout = timeout;
+        })
+        .build()
+        .map_err(|e| ConfigError::InvalidUrl(e.details().to_owned()))?;
+    let result = tokio::time::timeout(timeout * 2, client.init()).await;
+    let _ = client.quit().await;
+    let e = match result {
+        Ok(Ok(_)) | Err(_) => return Ok(()),
+        Ok(Err(e)) => e,
+    };
+    let details = e.details().to_owned();
+    let lower = details.to_ascii_lowercase();
+    if matches!(e.kind(), ErrorKind::Auth)
+        || [
+            "wrongpass",
+            "noauth",
+            "invalid username-password",
+            "invalid password",
+        ]
+        .iter()
+        .any(|p| lower.contains(p))
+    {
+        return Err(ConfigError::Auth(details));
+    }
+    if lower.contains("certificate") || lower.contains("handshake") || lower.contains("tls") {
+        return Err(ConfigError::Tls(details));
+    }
+    tracing::debug!(error = %details, "redis not reachable at start");
+    Ok(())
 }
 
 /// Whether an error is Redis's answer to a command (so Redis is reachable), as opposed to a

@@ -23,6 +23,10 @@ pub struct RedisServer {
     dir: PathBuf,
     frozen: bool,
     cluster: bool,
+    /// Extra arguments (TLS, passwords...). With TLS the server listens on `port` with TLS
+    /// only, and readiness is a TCP connect.
+    extra: Vec<String>,
+    tls: bool,
 }
 
 fn free_port() -> u16 {
@@ -45,6 +49,8 @@ impl RedisServer {
                 dir,
                 frozen: false,
                 cluster: false,
+                extra: Vec::new(),
+                tls: false,
             };
             if server.spawn() {
                 return server;
@@ -64,14 +70,23 @@ impl RedisServer {
             dir,
             frozen: false,
             cluster: false,
+            extra: Vec::new(),
+            tls: false,
         }
     }
 
     fn spawn(&mut self) -> bool {
+        let port = self.port.to_string();
+        let (port_flag, tls_port): (&str, Vec<&str>) = if self.tls {
+            ("0", vec!["--tls-port", &port])
+        } else {
+            (&port, vec![])
+        };
         let child = Command::new("redis-server")
+            .args(["--port", port_flag])
+            .args(&tls_port)
+            .args(&self.extra)
             .args([
-                "--port",
-                &self.port.to_string(),
                 "--bind",
                 "127.0.0.1",
                 "--save",
@@ -97,7 +112,12 @@ impl RedisServer {
             if let Ok(Some(_)) = child.try_wait() {
                 return false; // exited: port taken
             }
-            if ping(self.port) {
+            let ready = if self.tls {
+                TcpStream::connect(("127.0.0.1", self.port)).is_ok()
+            } else {
+                ping(self.port)
+            };
+            if ready {
                 self.child = Some(child);
                 return true;
             }
@@ -106,6 +126,20 @@ impl RedisServer {
         let _ = child.kill();
         let _ = child.wait();
         false
+    }
+
+    /// A server with extra arguments, started on a free port.
+    pub fn start_with(extra: &[String], tls: bool) -> Self {
+        let mut server = RedisServer::unstarted();
+        server.extra = extra.to_vec();
+        server.tls = tls;
+        server.restart();
+        server
+    }
+
+    /// The folder the server runs in (for certificates and the like).
+    pub fn dir(&self) -> &std::path::Path {
+        &self.dir
     }
 
     pub fn port(&self) -> u16 {
