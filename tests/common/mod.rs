@@ -99,7 +99,15 @@ impl RedisServer {
             .arg("--dir")
             .arg(&self.dir)
             .args(if self.cluster {
-                &["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"][..]
+                &[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-node-timeout",
+                    "2000",
+                    // Replicas fail over even before their first sync completed (tests are young).
+                    "--cluster-replica-validity-factor",
+                    "0",
+                ][..]
             } else {
                 &[][..]
             })
@@ -291,6 +299,12 @@ pub struct RedisCluster {
 
 impl RedisCluster {
     pub fn start(n: usize) -> Self {
+        Self::start_with_replicas(n, 0)
+    }
+
+    /// `primaries` primaries with `replicas` replicas each.
+    pub fn start_with_replicas(primaries: usize, replicas: usize) -> Self {
+        let n = primaries * (1 + replicas);
         let mut nodes = Vec::new();
         for _ in 0..n {
             let mut node = RedisServer::unstarted();
@@ -306,7 +320,7 @@ impl RedisCluster {
             .arg("--cluster")
             .arg("create")
             .args(&addrs)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status()
@@ -327,6 +341,39 @@ impl RedisCluster {
             }
         }
         RedisCluster { nodes }
+    }
+
+    /// The node that serves `key`'s slot as primary now.
+    pub fn primary_of(&self, key: &str) -> usize {
+        for (i, n) in self.nodes.iter().enumerate() {
+            let out = Command::new("redis-cli")
+                .args(["-p", &n.port().to_string(), "cluster", "keyslot", key])
+                .output()
+                .expect("redis-cli");
+            let slot: u16 = String::from_utf8_lossy(&out.stdout)
+                .trim()
+                .parse()
+                .unwrap_or(0);
+            let out = Command::new("redis-cli")
+                .args(["-p", &n.port().to_string(), "cluster", "nodes"])
+                .output()
+                .expect("redis-cli");
+            for line in String::from_utf8_lossy(&out.stdout).lines() {
+                let f: Vec<&str> = line.split_whitespace().collect();
+                if f.len() < 9 || !f[2].contains("myself") || !f[2].contains("master") {
+                    continue;
+                }
+                for range in &f[8..] {
+                    let (a, b) = range.split_once('-').unwrap_or((range, range));
+                    if let (Ok(a), Ok(b)) = (a.parse::<u16>(), b.parse::<u16>()) {
+                        if (a..=b).contains(&slot) {
+                            return i;
+                        }
+                    }
+                }
+            }
+        }
+        panic!("no primary serves {key}");
     }
 
     pub fn url(&self) -> String {
