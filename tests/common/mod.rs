@@ -27,6 +27,8 @@ pub struct RedisServer {
     /// only, and readiness is a TCP connect.
     extra: Vec<String>,
     tls: bool,
+    /// A sentinel: started from this configuration file with `--sentinel`.
+    sentinel_conf: Option<PathBuf>,
 }
 
 fn free_port() -> u16 {
@@ -51,6 +53,7 @@ impl RedisServer {
                 cluster: false,
                 extra: Vec::new(),
                 tls: false,
+                sentinel_conf: None,
             };
             if server.spawn() {
                 return server;
@@ -72,10 +75,21 @@ impl RedisServer {
             cluster: false,
             extra: Vec::new(),
             tls: false,
+            sentinel_conf: None,
         }
     }
 
     fn spawn(&mut self) -> bool {
+        if let Some(conf) = &self.sentinel_conf {
+            let child = Command::new("redis-server")
+                .arg(conf)
+                .arg("--sentinel")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn();
+            let Ok(child) = child else { return false };
+            return self.wait_ready(child);
+        }
         let port = self.port.to_string();
         let (port_flag, tls_port): (&str, Vec<&str>) = if self.tls {
             ("0", vec!["--tls-port", &port])
@@ -114,7 +128,11 @@ impl RedisServer {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn();
-        let Ok(mut child) = child else { return false };
+        let Ok(child) = child else { return false };
+        self.wait_ready(child)
+    }
+
+    fn wait_ready(&mut self, mut child: Child) -> bool {
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = child.try_wait() {
@@ -143,6 +161,28 @@ impl RedisServer {
         server.tls = tls;
         server.restart();
         server
+    }
+
+    /// A sentinel monitoring `master_port` as `mymaster` (quorum 2, down after 1 s).
+    pub fn start_sentinel(master_port: u16) -> Self {
+        let mut s = RedisServer::unstarted();
+        let conf = s.dir.join("sentinel.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "port {}\nbind 127.0.0.1\nprotected-mode no\ndir {}\n\
+                 sentinel monitor mymaster 127.0.0.1 {master_port} 2\n\
+                 sentinel down-after-milliseconds mymaster 1000\n\
+                 sentinel failover-timeout mymaster 5000\n\
+                 sentinel parallel-syncs mymaster 1\n",
+                s.port,
+                s.dir.display()
+            ),
+        )
+        .expect("sentinel.conf");
+        s.sentinel_conf = Some(conf);
+        s.restart();
+        s
     }
 
     /// The folder the server runs in (for certificates and the like).

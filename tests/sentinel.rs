@@ -1,0 +1,142 @@
+//! Redis Sentinel (1 primary, 1 replica, 3 sentinels, started once for this test binary):
+//! caching through the sentinels, then the primary killed under load and the replica
+//! promoted.
+
+mod common;
+
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::routing::get;
+use axum::Router;
+use common::{get as get_req, send, wait_until, RedisServer};
+use tower_redis_cache::{CacheLayer, RedisConfig, RedisStore};
+
+fn cli(port: u16, args: &[&str]) -> String {
+    let out = Command::new("redis-cli")
+        .args(["-p", &port.to_string()])
+        .args(args)
+        .output()
+        .expect("redis-cli");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinel_caches_and_survives_a_failover() {
+    let mut primary = RedisServer::start();
+    let replica = RedisServer::start_with(
+        &[
+            "--replicaof".into(),
+            "127.0.0.1".into(),
+            primary.port().to_string(),
+        ],
+        false,
+    );
+    until("replication", 20, || {
+        cli(replica.port(), &["INFO", "replication"]).contains("master_link_status:up")
+    });
+    let sentinels: Vec<RedisServer> = (0..3)
+        .map(|_| RedisServer::start_sentinel(primary.port()))
+        .collect();
+    until("sentinels to see the replica and each other", 30, || {
+        sentinels.iter().all(|s| {
+            let replicas = cli(s.port(), &["SENTINEL", "REPLICAS", "mymaster"]);
+            let others = cli(s.port(), &["SENTINEL", "SENTINELS", "mymaster"]);
+            replicas.contains(&replica.port().to_string())
+                && others.matches("127.0.0.1").count() >= 2
+        })
+    });
+
+    let url = format!(
+        "redis-sentinel://127.0.0.1:{}?sentinelServiceName=mymaster&node=127.0.0.1:{}&node=127.0.0.1:{}",
+        sentinels[0].port(),
+        sentinels[1].port(),
+        sentinels[2].port()
+    );
+    let store = RedisStore::connect(RedisConfig::from_url(&url).unwrap())
+        .await
+        .unwrap();
+    let cache = CacheLayer::new(store, Duration::from_secs(60));
+    let handle = cache.handle();
+    let app = Router::new()
+        .route("/data", get(|| async { "data" }))
+        .layer(cache);
+    assert_eq!(send(&app, get_req("/data")).await.x_cache(), "MISS");
+    wait_until("stored", || handle.stats().stored == 1).await;
+    assert_eq!(send(&app, get_req("/data")).await.x_cache(), "HIT");
+
+    // Failover under load.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let load: Vec<_> = (0..4)
+        .map(|_| {
+            let (app, stop, ok, failed) = (app.clone(), stop.clone(), ok.clone(), failed.clone());
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    let started = Instant::now();
+                    let r = send(&app, get_req("/data")).await;
+                    if r.status == 200
+                        && r.text() == "data"
+                        && started.elapsed() < Duration::from_secs(1)
+                    {
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    primary.kill();
+    let sentinel = sentinels[0].port();
+    let replica_port = replica.port().to_string();
+    tokio::task::spawn_blocking(move || {
+        until("the replica's promotion", 30, || {
+            cli(
+                sentinel,
+                &["SENTINEL", "GET-MASTER-ADDR-BY-NAME", "mymaster"],
+            )
+            .contains(&replica_port)
+        })
+    })
+    .await
+    .unwrap();
+    // Caching resumes on the new primary.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        handle.invalidate_path("/data").await.ok();
+        let _ = send(&app, get_req("/data")).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if send(&app, get_req("/data")).await.x_cache() == "HIT" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "caching did not resume: {:?}",
+            handle.stats()
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in load {
+        t.await.unwrap();
+    }
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "requests failed during the failover"
+    );
+    assert!(ok.load(Ordering::Relaxed) > 10);
+    assert!(cli(replica.port(), &["INFO", "replication"]).contains("role:master"));
+}
