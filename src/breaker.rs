@@ -36,6 +36,8 @@ const HALF_OPEN: u8 = 2;
 pub(crate) const FAILURES_TO_OPEN: u32 = 3;
 /// How long the breaker stays open before a probe.
 pub(crate) const OPEN_FOR: Duration = Duration::from_millis(250);
+/// How long a probe may go without reporting before another caller probes.
+pub(crate) const PROBE_STALE: Duration = Duration::from_secs(1);
 
 #[derive(Debug)]
 pub(crate) struct Breaker {
@@ -84,16 +86,32 @@ impl Breaker {
         match self.state.load(Ordering::Acquire) {
             CLOSED => true,
             OPEN => {
-                let since = self
-                    .now_us()
-                    .saturating_sub(self.opened_at.load(Ordering::Acquire));
-                since >= OPEN_FOR.as_micros() as u64
+                let now = self.now_us();
+                let since = now.saturating_sub(self.opened_at.load(Ordering::Acquire));
+                if since >= OPEN_FOR.as_micros() as u64
                     && self
                         .state
                         .compare_exchange(OPEN, HALF_OPEN, Ordering::AcqRel, Ordering::Acquire)
                         .is_ok()
+                {
+                    // The probe's start: a probe that never reports is replaced later.
+                    self.opened_at.store(now, Ordering::Release);
+                    true
+                } else {
+                    false
+                }
             }
-            _ => false,
+            _ => {
+                // A probe whose request was dropped before Redis answered never reports:
+                // after `PROBE_STALE`, the next caller probes instead.
+                let now = self.now_us();
+                let started = self.opened_at.load(Ordering::Acquire);
+                now.saturating_sub(started) >= PROBE_STALE.as_micros() as u64
+                    && self
+                        .opened_at
+                        .compare_exchange(started, now, Ordering::AcqRel, Ordering::Acquire)
+                        .is_ok()
+            }
         }
     }
 
@@ -192,5 +210,20 @@ mod tests {
         assert_eq!(b.state(), BreakerState::Closed);
         assert!(b.allow());
         assert_eq!(b.opened.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn a_probe_that_never_reports_is_replaced() {
+        let b = Breaker::new();
+        b.open_now("connect", "refused");
+        std::thread::sleep(OPEN_FOR + Duration::from_millis(20));
+        assert!(b.allow(), "probe");
+        // Its request is dropped: no success, no failure.
+        assert!(!b.allow());
+        std::thread::sleep(PROBE_STALE + Duration::from_millis(20));
+        assert!(b.allow(), "a new probe after the stale one");
+        assert!(!b.allow());
+        b.success();
+        assert_eq!(b.state(), BreakerState::Closed);
     }
 }
