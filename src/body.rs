@@ -316,6 +316,8 @@ impl Recorder {
             paths_key: keyer.paths_key(),
             markers,
             miss_seq: self.miss_seq,
+            seq_key: keyer.seq_key(),
+            started: self.started,
         };
         let task_shared = Arc::clone(&shared);
         rt.spawn(async move {

@@ -88,18 +88,19 @@ impl Breaker {
             OPEN => {
                 let now = self.now_us();
                 let since = now.saturating_sub(self.opened_at.load(Ordering::Acquire));
-                if since >= OPEN_FOR.as_micros() as u64
+                let opened = self.opened_at.load(Ordering::Acquire);
+                // Claim the probe by moving `opened_at` first (one caller wins), then turn
+                // half-open; the timestamp is the probe's start, so a probe that never
+                // reports is replaced later.
+                since >= OPEN_FOR.as_micros() as u64
+                    && self
+                        .opened_at
+                        .compare_exchange(opened, now, Ordering::AcqRel, Ordering::Acquire)
+                        .is_ok()
                     && self
                         .state
                         .compare_exchange(OPEN, HALF_OPEN, Ordering::AcqRel, Ordering::Acquire)
                         .is_ok()
-                {
-                    // The probe's start: a probe that never reports is replaced later.
-                    self.opened_at.store(now, Ordering::Release);
-                    true
-                } else {
-                    false
-                }
             }
             _ => {
                 // A probe whose request was dropped before Redis answered never reports:
@@ -137,12 +138,13 @@ impl Breaker {
             self.open();
             tracing::debug!(op, error, "redis probe failed; circuit breaker stays open");
         } else if state == CLOSED && failures >= FAILURES_TO_OPEN {
+            // The time first, so that no caller sees the new state with an old time.
+            self.opened_at.store(self.now_us(), Ordering::Release);
             if self
                 .state
                 .compare_exchange(CLOSED, OPEN, Ordering::AcqRel, Ordering::Acquire)
                 .is_ok()
             {
-                self.opened_at.store(self.now_us(), Ordering::Release);
                 self.opened.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(
                     op,
@@ -158,6 +160,7 @@ impl Breaker {
     /// Opens at once (connection known to be down).
     pub(crate) fn open_now(&self, op: &'static str, error: &str) {
         self.failures.store(FAILURES_TO_OPEN, Ordering::Relaxed);
+        self.opened_at.store(self.now_us(), Ordering::Release);
         if self.state.swap(OPEN, Ordering::AcqRel) == CLOSED {
             self.opened.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(
@@ -166,7 +169,6 @@ impl Breaker {
                 "redis is unavailable; circuit breaker open, serving uncached until it answers again"
             );
         }
-        self.opened_at.store(self.now_us(), Ordering::Release);
     }
 
     fn open(&self) {

@@ -325,7 +325,20 @@ impl fmt::Debug for RedisConfig {
                     .collect::<Vec<_>>()
                     .join(",")
             ),
-            other => format!("{other:?}"),
+            // Fields listed, never the whole value: with fred's `sentinel-auth` it holds the
+            // sentinels' password.
+            ServerConfig::Sentinel {
+                hosts,
+                service_name,
+                ..
+            } => format!(
+                "sentinel[{}]/{service_name}",
+                hosts
+                    .iter()
+                    .map(|s| format!("{}:{}", s.host, s.port))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ),
         };
         f.debug_struct("RedisConfig")
             .field("server", &server)

@@ -284,7 +284,9 @@ impl CacheHandle {
     /// computed right now from being stored afterwards.
     pub async fn invalidate(&self, request: &RequestKey) -> Result<u64, CacheError> {
         let key = self.key(request);
-        let path = request.uri.split('?').next().unwrap_or("");
+        // The path as `key` sees it, so the marker is the one the request's writer checks.
+        let uri: Option<Uri> = request.uri.parse().ok();
+        let path = uri.as_ref().map_or(request.uri.as_str(), |u| u.path());
         let keyer = self.keyer();
         let marker = keyer.marker_of(&keyer.path_index(path));
         self.store()
@@ -347,11 +349,12 @@ impl CacheHandle {
         store
             .invalidate_keys(&keyer.seq_key(), &[keyer.all_marker()], Vec::new())
             .await?;
-        let [entries, indexes] = keyer.scan_patterns();
-        let removed = store.scan_unlink(&[entries, indexes], 0).await?;
+        // The path registry and the indexes go first (see `Keyer::scan_patterns`).
         store
             .invalidate_keys(&keyer.seq_key(), &[], vec![keyer.paths_key()])
             .await?;
+        let [indexes, entries, values] = keyer.scan_patterns();
+        let removed = store.scan_unlink(&[indexes, entries, values], 1).await?;
         Ok(removed)
     }
 }

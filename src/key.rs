@@ -225,11 +225,14 @@ impl Keyer {
         format!("{}:paths", self.namespace)
     }
 
-    /// A SCAN pattern for every key of entries (of every format version) and indexes.
-    pub(crate) fn scan_patterns(&self) -> [String; 2] {
+    /// SCAN patterns for `clear`, in the order it must delete them: indexes first, then
+    /// entries (of every format version) and values. An entry written during the scan then
+    /// registers in a fresh index, and stays reachable by later invalidations.
+    pub(crate) fn scan_patterns(&self) -> [String; 3] {
         [
-            format!("{}:v[0-9]*:*", self.namespace),
             format!("{}:ix:*", self.namespace),
+            format!("{}:v[0-9]*:*", self.namespace),
+            format!("{}:val:*", self.namespace),
         ]
     }
 

@@ -228,7 +228,8 @@ async fn probe(config: &RedisConfig) -> Result<(), ConfigError> {
         .build()
         .map_err(|e| ConfigError::InvalidUrl(e.details().to_owned()))?;
     let result = tokio::time::timeout(timeout * 2, client.init()).await;
-    let _ = client.quit().await;
+    // `quit` has no deadline of its own on this client: a frozen Redis must not hold start-up.
+    let _ = tokio::time::timeout(timeout, client.quit()).await;
     let e = match result {
         Ok(Ok(_)) | Err(_) => return Ok(()),
         Ok(Err(e)) => e,
@@ -254,6 +255,16 @@ async fn probe(config: &RedisConfig) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// Whether Redis refused a command in a way that will not pass: a missing ACL permission, a
+/// command renamed or disabled, refused credentials.
+fn refused_for_good(e: &FredError) -> bool {
+    let details = e.details();
+    let first = details.split_whitespace().next().unwrap_or("");
+    matches!(first, "NOPERM" | "NOAUTH" | "WRONGPASS")
+        || matches!(e.kind(), ErrorKind::Auth | ErrorKind::InvalidCommand)
+        || details.contains("unknown command")
+}
+
 /// Whether an error is Redis's answer to a command (so Redis is reachable), as opposed to a
 /// timeout, a lost connection, or a server that cannot serve at all (loading, busy).
 fn answered(e: &FredError) -> bool {
@@ -274,14 +285,33 @@ fn answered(e: &FredError) -> bool {
     ) || ANSWERS.contains(&first)
 }
 
-/// Adds a member to an index (a sorted set scored by expiry), prunes expired members and
-/// keeps the index alive at least as long as its newest member.
+/// Adds a member to an index (a sorted set scored by expiry, in Redis's own clock so that
+/// instances with skewed clocks agree), never lowering a member's score (variants of one path
+/// may have different TTLs), prunes expired members and keeps the index alive at least as
+/// long as its newest member. ARGV: member, TTL in ms, the index's TTL in ms.
 const ADD_TO_INDEX: &str = r#"
-redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[3])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local score = now + tonumber(ARGV[2])
+local cur = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if (not cur) or tonumber(cur) < score then redis.call('ZADD', KEYS[1], score, ARGV[1]) end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 local ttl = redis.call('PTTL', KEYS[1])
-if ttl < tonumber(ARGV[4]) then redis.call('PEXPIRE', KEYS[1], ARGV[4]) end
+if ttl < tonumber(ARGV[3]) then redis.call('PEXPIRE', KEYS[1], ARGV[3]) end
 return 1"#;
+
+/// Removes members from an index only if their score is still the one read (a member
+/// re-added meanwhile by a fresh write has a new score and stays). ARGV: member, score, ...
+const REMOVE_IF_SCORE: &str = r#"
+local n = 0
+for i = 1, #ARGV, 2 do
+  local cur = redis.call('ZSCORE', KEYS[1], ARGV[i])
+  if cur and cur == ARGV[i + 1] then
+    redis.call('ZREM', KEYS[1], ARGV[i])
+    n = n + 1
+  end
+end
+return n"#;
 
 /// Flips a pending entry to confirmed, only if it is still this writer's value.
 const CONFIRM: &str = r#"
@@ -311,6 +341,25 @@ return cur"#;
 /// is never stored, so a marker always outlives the writes it must stop.
 pub(crate) const MARKER_TTL: Duration = Duration::from_secs(600);
 
+/// Registers `member` in `index` for `ttl_ms` (see `ADD_TO_INDEX`).
+fn add_to_index<'a>(
+    pool: &'a fred::clients::WithOptions<Pool>,
+    index: &'a str,
+    member: &'a str,
+    ttl_ms: i64,
+) -> impl std::future::Future<Output = Result<i64, FredError>> + 'a {
+    pool.eval::<i64, _, _, _>(
+        ADD_TO_INDEX,
+        index,
+        vec![
+            member.to_owned(),
+            ttl_ms.to_string(),
+            // Indexes outlive their newest member a little, so pruning sees it expire.
+            ttl_ms.saturating_add(1000).to_string(),
+        ],
+    )
+}
+
 /// One entry to write, with what it must be registered under and checked against.
 pub(crate) struct Write {
     pub(crate) key: String,
@@ -326,6 +375,11 @@ pub(crate) struct Write {
     pub(crate) markers: Vec<String>,
     /// The namespace's invalidation sequence when the miss began.
     pub(crate) miss_seq: u64,
+    /// The sequence counter itself: a counter lower than `miss_seq` (Redis restarted empty,
+    /// or evicted it) refuses the write.
+    pub(crate) seq_key: String,
+    /// When the miss began: past the marker TTL a race can no longer be detected.
+    pub(crate) started: std::time::Instant,
 }
 
 /// What became of a write.
@@ -376,10 +430,6 @@ impl RedisStore {
         self.gate()?;
         let pool = self.inner.pool.with_options(&self.inner.write);
         let ttl_ms = ms(w.ttl);
-        let now = now_ms();
-        let expires_at = now.saturating_add(ttl_ms);
-        // Indexes outlive their newest member a little, so pruning sees it expire.
-        let index_ttl = ttl_ms.saturating_add(1000);
         let r = pool
             .set::<(), _, _>(&w.key, w.value, Some(Expiration::PX(ttl_ms)), None, false)
             .await;
@@ -389,18 +439,7 @@ impl RedisStore {
             .iter()
             .map(|index| (index.as_str(), w.key.as_str()))
             .chain(std::iter::once((w.paths_key.as_str(), w.path.as_str())))
-            .map(|(index, member)| {
-                pool.eval::<i64, _, _, _>(
-                    ADD_TO_INDEX,
-                    index,
-                    vec![
-                        member.to_owned(),
-                        expires_at.to_string(),
-                        now.to_string(),
-                        index_ttl.to_string(),
-                    ],
-                )
-            });
+            .map(|(index, member)| add_to_index(&pool, index, member, ttl_ms));
         for r in futures_util::future::join_all(registrations).await {
             self.observe("index", r)?;
         }
@@ -408,10 +447,15 @@ impl RedisStore {
             .markers
             .iter()
             .map(|m| pool.get::<Option<u64>, _>(m.as_str()));
-        let mut moved = false;
-        for r in futures_util::future::join_all(markers).await {
+        let seq_now = pool.get::<Option<u64>, _>(w.seq_key.as_str());
+        let (markers, seq_now) =
+            futures_util::future::join(futures_util::future::join_all(markers), seq_now).await;
+        let mut moved = self.observe("seq", seq_now)?.unwrap_or(0) < w.miss_seq;
+        for r in markers {
             moved |= self.observe("marker", r)?.unwrap_or(0) > w.miss_seq;
         }
+        // Markers live `MARKER_TTL`: an older miss cannot be checked against them.
+        moved |= w.started.elapsed() + Duration::from_secs(10) >= MARKER_TTL;
         let nonce = Bytes::copy_from_slice(&w.nonce);
         if moved {
             let r = pool
@@ -474,23 +518,13 @@ impl RedisStore {
     ) -> Result<(), FredError> {
         let pool = self.inner.pool.with_options(&self.inner.write);
         let ttl_ms = ms(ttl);
-        let now = now_ms();
         let r = pool
             .set::<(), _, _>(key, value, Some(Expiration::PX(ttl_ms)), None, false)
             .await;
         self.observe("set", r)?;
-        let adds = indexes.iter().map(|index| {
-            pool.eval::<i64, _, _, _>(
-                ADD_TO_INDEX,
-                index.as_str(),
-                vec![
-                    key.to_owned(),
-                    now.saturating_add(ttl_ms).to_string(),
-                    now.to_string(),
-                    ttl_ms.saturating_add(1000).to_string(),
-                ],
-            )
-        });
+        let adds = indexes
+            .iter()
+            .map(|index| add_to_index(&pool, index, key, ttl_ms));
         for r in futures_util::future::join_all(adds).await {
             self.observe("index", r)?;
         }
@@ -554,15 +588,20 @@ impl RedisStore {
     ) -> Result<u64, FredError> {
         self.mark(seq_key, markers).await?;
         let pool = self.inner.pool.with_options(&self.inner.write);
+        // Members with their scores (a flat list: member, score, member, score...).
         let reads = indexes.iter().map(|i| {
-            pool.zrange::<Vec<String>, _, _, _>(i.as_str(), 0, -1, None, false, None, false)
+            pool.zrange::<Vec<String>, _, _, _>(i.as_str(), 0, -1, None, false, None, true)
         });
         let mut members = Vec::with_capacity(indexes.len());
         for r in futures_util::future::join_all(reads).await {
             members.push(self.observe("zrange", r)?);
         }
         let keys: Vec<String> = {
-            let mut all: Vec<String> = members.iter().flatten().cloned().collect();
+            let mut all: Vec<String> = members
+                .iter()
+                .flat_map(|m| m.iter().step_by(2))
+                .cloned()
+                .collect();
             all.sort_unstable();
             all.dedup();
             all
@@ -572,7 +611,7 @@ impl RedisStore {
             .iter()
             .zip(members)
             .filter(|(_, m)| !m.is_empty())
-            .map(|(i, m)| pool.zrem::<i64, _, _>(i.as_str(), m));
+            .map(|(i, m)| pool.eval::<i64, _, _, _>(REMOVE_IF_SCORE, i.as_str(), m));
         for r in futures_util::future::join_all(cleanups).await {
             self.observe("zrem", r)?;
         }
@@ -705,13 +744,19 @@ impl RedisStore {
                 None,
             )
             .await?;
-            pool.unlink::<u64, _>(vec![key.clone(), index.clone()])
-                .await?;
+            // One key per command: on a cluster the two are in different slots.
+            pool.unlink::<u64, _>(key.clone()).await?;
+            pool.unlink::<u64, _>(index.clone()).await?;
             Ok::<(), FredError>(())
         };
         match steps.await {
             Ok(()) => Ok(()),
-            Err(e) if answered(&e) => Err(ConfigError::Permission(e.details().to_owned())),
+            Err(e) if refused_for_good(&e) => Err(ConfigError::Permission(e.details().to_owned())),
+            Err(e) if answered(&e) => {
+                // Out of memory, a read-only replica during a failover...: passing states.
+                tracing::warn!(error = %e.details(), "redis refused a command during the permission check");
+                Ok(())
+            }
             Err(e) => {
                 tracing::warn!(error = %e.details(), "redis unreachable: permissions not checked");
                 Ok(())
