@@ -312,8 +312,7 @@ impl Recorder {
             nonce,
             ttl: self.ttl,
             indexes,
-            path: std::mem::take(&mut self.path),
-            paths_key: keyer.paths_key(),
+            path: Some((keyer.paths_key(), std::mem::take(&mut self.path))),
             markers,
             miss_seq: self.miss_seq,
             seq_key: keyer.seq_key(),
@@ -350,6 +349,15 @@ fn headers_len(headers: &HeaderMap) -> Option<usize> {
         return None;
     }
     first.to_str().ok()?.trim().parse().ok()
+}
+
+/// A nonce for a write starting now.
+pub(crate) fn nonce_now() -> [u8; 8] {
+    nonce(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default(),
+    )
 }
 
 /// A value unique to one write: time, process and a counter.

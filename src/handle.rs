@@ -281,8 +281,14 @@ impl CacheHandle {
     /// were removed (0 or 1).
     ///
     /// Like every invalidation, it also stops responses to this path that are being
-    /// computed right now from being stored afterwards.
+    /// computed right now from being stored afterwards, and it runs to its end even if the
+    /// caller stops waiting for it (a client that disconnects, a timeout layer).
     pub async fn invalidate(&self, request: &RequestKey) -> Result<u64, CacheError> {
+        let (handle, request) = (self.clone(), request.clone());
+        detached(async move { handle.invalidate_now(&request).await }).await
+    }
+
+    async fn invalidate_now(&self, request: &RequestKey) -> Result<u64, CacheError> {
         let key = self.key(request);
         // The path as `key` sees it, so the marker is the one the request's writer checks.
         let uri: Option<Uri> = request.uri.parse().ok();
@@ -298,18 +304,33 @@ impl CacheHandle {
     /// Removes every entry of a path, exactly as the router sees it (`/users/42/menu`):
     /// every query string, every user, every keyed-header variant.
     pub async fn invalidate_path(&self, path: &str) -> Result<u64, CacheError> {
+        let (handle, path) = (self.clone(), path.to_owned());
+        detached(async move { handle.invalidate_path_now(&path).await }).await
+    }
+
+    async fn invalidate_path_now(&self, path: &str) -> Result<u64, CacheError> {
         self.by_indexes(vec![self.keyer().path_index(path)]).await
     }
 
     /// Removes every entry of one identity across all routes, as the layer's
     /// [`Identity`](crate::Identity) extracts it (for `Identity::extension`, its `Display`).
     pub async fn invalidate_user(&self, identity: &str) -> Result<u64, CacheError> {
+        let (handle, identity) = (self.clone(), identity.to_owned());
+        detached(async move { handle.invalidate_user_now(&identity).await }).await
+    }
+
+    async fn invalidate_user_now(&self, identity: &str) -> Result<u64, CacheError> {
         self.by_indexes(vec![self.keyer().user_index(identity.as_bytes())])
             .await
     }
 
     /// Removes every entry of a route template (`/users/{id}/menu`).
     pub async fn invalidate_route(&self, template: &str) -> Result<u64, CacheError> {
+        let (handle, template) = (self.clone(), template.to_owned());
+        detached(async move { handle.invalidate_route_now(&template).await }).await
+    }
+
+    async fn invalidate_route_now(&self, template: &str) -> Result<u64, CacheError> {
         self.by_indexes(vec![self.keyer().route_index(template)])
             .await
     }
@@ -317,6 +338,11 @@ impl CacheHandle {
     /// Removes every entry carrying a tag (from [`Policy::tag`](crate::Policy::tag) or a
     /// `Cache-Tag` / `Surrogate-Key` response header).
     pub async fn invalidate_tag(&self, tag: &str) -> Result<u64, CacheError> {
+        let (handle, tag) = (self.clone(), tag.to_owned());
+        detached(async move { handle.invalidate_tag_now(&tag).await }).await
+    }
+
+    async fn invalidate_tag_now(&self, tag: &str) -> Result<u64, CacheError> {
         self.by_indexes(vec![self.keyer().tag_index(tag)]).await
     }
 
@@ -324,6 +350,11 @@ impl CacheHandle {
     /// Costs a scan of the cached paths (never `KEYS`), then time proportional to the
     /// entries removed.
     pub async fn invalidate_pattern(&self, pattern: &PathPattern) -> Result<u64, CacheError> {
+        let (handle, pattern) = (self.clone(), pattern.clone());
+        detached(async move { handle.invalidate_pattern_now(&pattern).await }).await
+    }
+
+    async fn invalidate_pattern_now(&self, pattern: &PathPattern) -> Result<u64, CacheError> {
         let keyer = self.keyer();
         let store = self.store();
         // The namespace-wide marker: in-flight responses of any path are not stored.
@@ -344,6 +375,11 @@ impl CacheHandle {
     /// Removes every entry and index of the namespace, on every primary (SCAN and UNLINK
     /// in batches). Returns how many entries were removed.
     pub async fn clear(&self) -> Result<u64, CacheError> {
+        let handle = self.clone();
+        detached(async move { handle.clear_now().await }).await
+    }
+
+    async fn clear_now(&self) -> Result<u64, CacheError> {
         let keyer = self.keyer();
         let store = self.store();
         store
@@ -409,6 +445,24 @@ impl PathPattern {
     /// The pattern as Redis reads it.
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+}
+
+/// Runs an invalidation as its own task, so that it completes even when its caller is
+/// dropped halfway (a marker raised and the entries not yet removed would leave them stale).
+async fn detached<T: Send + 'static>(
+    work: impl std::future::Future<Output = Result<T, CacheError>> + Send + 'static,
+) -> Result<T, CacheError> {
+    match tokio::runtime::Handle::try_current() {
+        Ok(rt) => rt.spawn(work).await.unwrap_or_else(|e| {
+            Err(CacheError {
+                source: fred::error::Error::new(
+                    fred::error::ErrorKind::Unknown,
+                    format!("invalidation task failed: {e}"),
+                ),
+            })
+        }),
+        Err(_) => work.await,
     }
 }
 

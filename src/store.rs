@@ -368,9 +368,8 @@ pub(crate) struct Write {
     pub(crate) ttl: Duration,
     /// Indexes the entry belongs to (path, user, route, tags).
     pub(crate) indexes: Vec<String>,
-    /// The path, registered for glob patterns.
-    pub(crate) path: String,
-    pub(crate) paths_key: String,
+    /// The path and the registry it goes into, for glob patterns (responses only).
+    pub(crate) path: Option<(String, String)>,
     /// Markers that must not have moved past `miss_seq`.
     pub(crate) markers: Vec<String>,
     /// The namespace's invalidation sequence when the miss began.
@@ -438,7 +437,11 @@ impl RedisStore {
             .indexes
             .iter()
             .map(|index| (index.as_str(), w.key.as_str()))
-            .chain(std::iter::once((w.paths_key.as_str(), w.path.as_str())))
+            .chain(
+                w.path
+                    .iter()
+                    .map(|(registry, path)| (registry.as_str(), path.as_str())),
+            )
             .map(|(index, member)| add_to_index(&pool, index, member, ttl_ms));
         for r in futures_util::future::join_all(registrations).await {
             self.observe("index", r)?;

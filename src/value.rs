@@ -74,21 +74,70 @@ impl fmt::Debug for ValueKey {
     }
 }
 
+/// A stored value: `"TRV"`, version 1, state (pending/confirmed, as for entries, at the same
+/// offset so the same scripts confirm it), an 8-byte nonce, then the JSON.
+const VALUE_MAGIC: &[u8; 4] = b"TRV\x01";
+const VALUE_HEADER: usize = 4 + 1 + 8;
+
+fn envelope(state: u8, nonce: [u8; 8], json: &[u8]) -> Bytes {
+    let mut out = Vec::with_capacity(VALUE_HEADER + json.len());
+    out.extend_from_slice(VALUE_MAGIC);
+    out.push(state);
+    out.extend_from_slice(&nonce);
+    out.extend_from_slice(json);
+    Bytes::from(out)
+}
+
+/// The JSON of a confirmed value; a pending, foreign or truncated value is none.
+fn json_of(raw: &[u8]) -> Option<&[u8]> {
+    (raw.len() >= VALUE_HEADER
+        && raw.starts_with(VALUE_MAGIC)
+        && raw[VALUE_MAGIC.len()] == crate::entry::CONFIRMED)
+        .then(|| &raw[VALUE_HEADER..])
+}
+
+/// A computation in flight, and the invalidation sequence read before it began: a caller
+/// that read a later sequence (an invalidation ran since) does not join it.
+type Slot = (Option<u64>, Arc<OnceCell<Bytes>>);
+
 /// Computations in flight, so that concurrent callers of one key share one run.
 #[derive(Debug, Default)]
-pub(crate) struct Inflight(Mutex<HashMap<String, Arc<OnceCell<Bytes>>>>);
+pub(crate) struct Inflight(Mutex<HashMap<String, Slot>>);
 
 impl Inflight {
-    fn cell(&self, key: &str) -> Arc<OnceCell<Bytes>> {
+    fn cell(&self, key: &str, seq: Option<u64>) -> Arc<OnceCell<Bytes>> {
         let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        Arc::clone(map.entry(key.to_owned()).or_default())
+        match map.get(key) {
+            // Join unless this caller saw an invalidation the computation did not (a caller
+            // without a sequence, Redis being unreachable, joins any).
+            Some((started, cell)) if seq <= *started => Arc::clone(cell),
+            _ => {
+                let cell = Arc::new(OnceCell::new());
+                map.insert(key.to_owned(), (seq, Arc::clone(&cell)));
+                cell
+            }
+        }
     }
 
     fn done(&self, key: &str, cell: &Arc<OnceCell<Bytes>>) {
         let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if map.get(key).is_some_and(|c| Arc::ptr_eq(c, cell)) {
+        if map.get(key).is_some_and(|(_, c)| Arc::ptr_eq(c, cell)) {
             map.remove(key);
         }
+    }
+}
+
+/// Forgets a computation when its caller is done or dropped (cancelled), so the map never
+/// keeps keys nobody computes.
+struct Forget<'a> {
+    inflight: &'a Inflight,
+    key: &'a str,
+    cell: Arc<OnceCell<Bytes>>,
+}
+
+impl Drop for Forget<'_> {
+    fn drop(&mut self) {
+        self.inflight.done(self.key, &self.cell);
     }
 }
 
@@ -129,8 +178,9 @@ impl CacheHandle {
     ) -> Result<(), CacheError> {
         let json = serde_json::to_vec(value).map_err(CacheError::serialize)?;
         let (redis_key, indexes) = self.value_key(key);
+        let value = envelope(crate::entry::CONFIRMED, [0; 8], &json);
         self.store()
-            .set_value(&redis_key, Bytes::from(json), ttl, &indexes)
+            .set_value(&redis_key, value, ttl, &indexes)
             .await
             .map_err(CacheError::from)
     }
@@ -144,7 +194,7 @@ impl CacheHandle {
     ) -> Result<Option<T>, CacheError> {
         let (redis_key, _) = self.value_key(key);
         let raw = self.store().get_value(&redis_key).await?;
-        Ok(raw.and_then(|raw| decode(&redis_key, &raw)))
+        Ok(raw.and_then(|raw| json_of(&raw).and_then(|json| decode(&redis_key, json))))
     }
 
     /// Removes the value under `key`; returns how many values were removed (0 or 1).
@@ -191,17 +241,31 @@ impl CacheHandle {
     {
         let (redis_key, indexes) = self.value_key(key);
         let store = self.store();
-        match store.get_value(&redis_key).await {
+        let keyer = self.keyer();
+        let started = std::time::Instant::now();
+        // Within the lookup deadline and behind the circuit breaker, like a response lookup.
+        match store.get(&redis_key).await {
             Ok(Some(raw)) => {
-                if let Some(v) = decode(&redis_key, &raw) {
+                if let Some(v) = json_of(&raw).and_then(|json| decode(&redis_key, json)) {
                     return Ok(v);
                 }
             }
             Ok(None) => {}
             Err(e) => tracing::debug!(error = %e.details(), "value cache unavailable; computing"),
         }
+        // The invalidation sequence before computing: the result is stored only if no
+        // invalidation of its user ran meanwhile (as for responses).
+        let seq = store
+            .read_seq(&keyer.seq_key(), store.lookup_timeout())
+            .await
+            .ok();
         let inflight = &self.runtime().inflight;
-        let cell = inflight.cell(&redis_key);
+        let cell = inflight.cell(&redis_key, seq);
+        let _forget = Forget {
+            inflight,
+            key: &redis_key,
+            cell: Arc::clone(&cell),
+        };
         // Kept outside the shared computation so that a caller whose computation did not run
         // can still run it (when the leader's value could not be shared).
         let mut compute = Some(compute);
@@ -220,20 +284,14 @@ impl CacheHandle {
                         Bytes::new()
                     }
                 };
-                if !json.is_empty() {
-                    if let Err(e) = store
-                        .set_value(&redis_key, json.clone(), ttl, &indexes)
-                        .await
-                    {
-                        tracing::debug!(error = %e.details(), "value not cached");
-                    }
+                if let (false, Some(miss_seq)) = (json.is_empty(), seq) {
+                    self.store_computed(&redis_key, &json, ttl, indexes, miss_seq, started);
                 }
                 own = Some(value);
                 Ok(json)
             })
             .await
             .cloned();
-        inflight.done(&redis_key, &cell);
         let shared = shared?;
         if let Some(v) = own {
             return Ok(v);
@@ -249,9 +307,64 @@ impl CacheHandle {
         };
         compute().await
     }
+
+    /// Writes a computed value in the background (under the bound on pending writes), with
+    /// the race-safe protocol of responses: pending, indexed, checked against the markers of
+    /// its user and the namespace, then confirmed or withdrawn.
+    fn store_computed(
+        &self,
+        redis_key: &str,
+        json: &[u8],
+        ttl: Duration,
+        indexes: Vec<String>,
+        miss_seq: u64,
+        started: std::time::Instant,
+    ) {
+        let runtime = self.runtime();
+        let Ok(permit) = Arc::clone(&runtime.writes).try_acquire_owned() else {
+            crate::status::Counters::incr(&runtime.counters.writes_dropped);
+            return;
+        };
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let keyer = self.keyer();
+        let nonce = crate::body::nonce_now();
+        let mut markers: Vec<String> = indexes.iter().map(|i| keyer.marker_of(i)).collect();
+        markers.push(keyer.all_marker());
+        let write = crate::store::Write {
+            key: redis_key.to_owned(),
+            value: envelope(crate::entry::PENDING, nonce, json),
+            nonce,
+            ttl,
+            indexes,
+            path: None,
+            markers,
+            miss_seq,
+            seq_key: keyer.seq_key(),
+            started,
+        };
+        let handle = self.clone();
+        rt.spawn(async move {
+            let counters = &handle.runtime().counters;
+            match handle.store().write(write).await {
+                Ok(crate::store::Written::Stored) => {
+                    crate::status::Counters::incr(&counters.stored)
+                }
+                Ok(crate::store::Written::Refused) => {
+                    crate::status::Counters::incr(&counters.refused)
+                }
+                Err(e) => {
+                    crate::status::Counters::incr(&counters.write_errors);
+                    tracing::debug!(error = %e.details(), "value not cached");
+                }
+            }
+            drop(permit);
+        });
+    }
 }
 
-/// Deserializes a stored value; a value of another shape is a miss.
+/// Deserializes a value's JSON; a value of another shape is a miss.
 fn decode<T: DeserializeOwned>(key: &str, raw: &[u8]) -> Option<T> {
     if raw.is_empty() {
         return None;

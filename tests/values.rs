@@ -57,8 +57,10 @@ async fn set_get_delete_json() {
     let store = RedisStore::connect(RedisConfig::from_url(&server.url()).unwrap())
         .await
         .unwrap();
-    let raw: String = store.pool().get(&keys[0]).await.unwrap();
-    assert_eq!(raw, r#"{"user":42,"permissions":["read"]}"#);
+    let raw: Vec<u8> = store.pool().get(&keys[0]).await.unwrap();
+    // A 13-byte header (format, state, nonce), then the JSON.
+    assert_eq!(&raw[..5], b"TRV\x01\x01");
+    assert_eq!(&raw[13..], br#"{"user":42,"permissions":["read"]}"#);
     let pttl: i64 = store.pool().pttl(&keys[0]).await.unwrap();
     assert!((59_000..=60_000).contains(&pttl), "{pttl}");
     assert_eq!(h.delete(&key).await.unwrap(), 1);
@@ -108,6 +110,7 @@ async fn a_changed_type_is_a_miss_and_is_replaced() {
         .await
         .unwrap();
     assert_eq!((v.user, calls.load(Ordering::SeqCst)), (7, 1));
+    wait_until("stored", || h.stats().stored == 1).await;
     assert_eq!(h.get_json::<Perms>(&key).await.unwrap(), Some(v));
 }
 
@@ -137,7 +140,8 @@ async fn concurrent_callers_share_one_run() {
         assert_eq!(t.await.unwrap().unwrap().user, 9);
     }
     assert_eq!(calls.load(Ordering::SeqCst), 1);
-    // Later callers read it from Redis.
+    // Later callers read it from Redis (written in the background).
+    wait_until("stored", || h.stats().stored == 1).await;
     let v: Perms = h
         .get_or_insert_json(&key, TTL, || async { Err::<Perms, _>("must not run") })
         .await
@@ -227,4 +231,54 @@ async fn one_call_invalidates_a_users_values_and_responses() {
         .await
         .unwrap()
         .is_some());
+}
+
+#[tokio::test]
+async fn a_value_computed_across_an_invalidation_is_never_stored() {
+    let server = RedisServer::start();
+    let h = handle(&server.url()).await;
+    let key = ValueKey::for_user("user_perms", "5");
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let entered = Arc::new(tokio::sync::Semaphore::new(0));
+    let leader = tokio::spawn({
+        let (h, key, gate, entered) = (h.clone(), key.clone(), gate.clone(), entered.clone());
+        async move {
+            h.get_or_insert_json(&key, TTL, || async move {
+                // Reads the old roles, then waits while they change.
+                entered.add_permits(1);
+                gate.acquire().await.unwrap().forget();
+                Ok::<_, String>(vec!["old".to_owned()])
+            })
+            .await
+        }
+    });
+    entered.acquire().await.unwrap().forget();
+    h.invalidate_user("5").await.unwrap();
+    // A caller after the invalidation does not join the computation that began before it.
+    let fresh = h
+        .get_or_insert_json(&key, TTL, || async {
+            Ok::<_, String>(vec!["new".to_owned()])
+        })
+        .await
+        .unwrap();
+    assert_eq!(fresh, ["new"]);
+    gate.add_permits(1);
+    assert_eq!(
+        leader.await.unwrap().unwrap(),
+        ["old"],
+        "its own caller gets its answer"
+    );
+    // Both writes end; the stale one is refused. (The fresh one may be refused too, when the
+    // stale pending write replaced it before it was confirmed: then the next read computes.)
+    wait_until("both writes", || {
+        let s = h.stats();
+        s.stored + s.refused == 2
+    })
+    .await;
+    assert!(h.stats().refused >= 1);
+    let now = h.get_json::<Vec<String>>(&key).await.unwrap();
+    assert!(
+        now.is_none() || now == Some(vec!["new".to_owned()]),
+        "{now:?}"
+    );
 }
