@@ -312,7 +312,10 @@ impl Recorder {
             nonce,
             ttl: self.ttl,
             indexes,
-            path: Some((keyer.paths_key(), std::mem::take(&mut self.path))),
+            path: Some((
+                keyer.paths_key(),
+                crate::key::indexed_path(&self.path).into_owned(),
+            )),
             markers,
             miss_seq: self.miss_seq,
             seq_key: keyer.seq_key(),

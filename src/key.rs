@@ -185,9 +185,10 @@ impl Keyer {
         format!("{}:ix:{kind}:{hash}", self.namespace)
     }
 
-    /// The index of every entry of a path (all queries, users and header variants).
+    /// The index of every entry of a path (all queries, users and header variants), under
+    /// its [`indexed_path`] so that `/users/%34%32` and `/users/42` are one path.
     pub(crate) fn path_index(&self, path: &str) -> String {
-        self.index("p", &named_hash("path", path.as_bytes()))
+        self.index("p", &named_hash("path", indexed_path(path).as_bytes()))
     }
 
     /// The index of every entry of an identity.
@@ -290,6 +291,41 @@ pub(crate) fn normalized_query(query: Option<&str>) -> Vec<&str> {
         .collect();
     pairs.sort_by(|a, b| a.0.cmp(&b.0));
     pairs.into_iter().map(|(_, p)| p).collect()
+}
+
+/// A path as indexes and patterns see it: percent-escapes of unreserved characters
+/// (`A-Z a-z 0-9 - . _ ~`, RFC 3986 §6.2.2.2) decoded, others kept with upper-case hex. The
+/// router gives `/users/%34%32` and `/users/42` to the same handler, so invalidating one
+/// must reach the other. (Keys keep the exact path.)
+pub(crate) fn indexed_path(path: &str) -> std::borrow::Cow<'_, str> {
+    if !path.contains('%') {
+        return std::borrow::Cow::Borrowed(path);
+    }
+    let bytes = path.as_bytes();
+    let mut out = String::with_capacity(path.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| char::from(b).to_digit(16);
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                let c = char::from((h * 16 + l) as u8);
+                if c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_' | '~') {
+                    out.push(c);
+                } else {
+                    out.push('%');
+                    out.push(bytes[i + 1].to_ascii_uppercase().into());
+                    out.push(bytes[i + 2].to_ascii_uppercase().into());
+                }
+                i += 3;
+                continue;
+            }
+        }
+        // Non-ASCII bytes stay as they are: `path` is valid UTF-8 and we copy whole chars.
+        let ch_len = path[i..].chars().next().map_or(1, char::len_utf8);
+        out.push_str(&path[i..i + ch_len]);
+        i += ch_len;
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 /// A form-urlencoded name, decoded (`+` is a space; invalid escapes stay as they are).
@@ -483,6 +519,20 @@ mod tests {
         );
         assert_eq!(Identity::default().extract(&parts), None);
         assert_eq!(Identity::none().extract(&parts), None);
+    }
+
+    #[test]
+    fn indexed_paths_decode_unreserved_escapes_only() {
+        assert_eq!(indexed_path("/users/42"), "/users/42");
+        assert_eq!(indexed_path("/users/%34%32"), "/users/42");
+        assert_eq!(indexed_path("/a%2fb%2Fc"), "/a%2Fb%2Fc");
+        assert_eq!(indexed_path("/%7e%2D%5f"), "/~-_");
+        assert_eq!(indexed_path("/x%"), "/x%");
+        assert_eq!(indexed_path("/x%4"), "/x%4");
+        assert_eq!(indexed_path("/x%zz/é"), "/x%zz/é");
+        let k = Keyer::new("ns");
+        assert_eq!(k.path_index("/users/%34%32"), k.path_index("/users/42"));
+        assert_ne!(k.path_index("/a%2Fb"), k.path_index("/a/b"));
     }
 
     #[test]
