@@ -214,6 +214,14 @@ impl CacheHandle {
     /// - An error from `compute` is returned to its caller and not cached (a waiting caller
     ///   then runs its own `compute`).
     /// - A Redis problem is never an error: the function runs, uncached.
+    /// - Race-safe like responses: a value computed while an invalidation of its user (or of
+    ///   the namespace) ran is returned to its caller but not stored, and a caller that
+    ///   arrives after such an invalidation does not join the computation that began before.
+    /// - The value is written in the background: a call right after may compute again.
+    ///
+    /// Two things to know: when the computation fails, the callers waiting on it retry one
+    /// after another (each with its own `compute`), not all at once; and `compute` must not
+    /// call `get_or_insert_json` with the same key (it would wait for itself).
     ///
     /// ```no_run
     /// use std::time::Duration;
