@@ -199,6 +199,8 @@ pub(crate) struct Recorder {
     chunks: Vec<Bytes>,
     len: usize,
     limit: usize,
+    /// Whether to add a strong `ETag` computed from the body when the handler set none.
+    etag: bool,
     finished: bool,
 }
 
@@ -227,6 +229,7 @@ impl Recorder {
             chunks: Vec::new(),
             len: 0,
             limit: ctx.policy.max_body_size,
+            etag: ctx.policy.etag,
             finished: false,
         }
     }
@@ -286,6 +289,17 @@ impl Recorder {
         let stored_at_ms = u64::try_from(now.as_millis()).unwrap_or(u64::MAX);
         let ttl_ms = u64::try_from(self.ttl.as_millis()).unwrap_or(u64::MAX);
         let nonce = nonce(now);
+        if self.etag && !self.headers.contains_key(header::ETAG) {
+            // Strong, and the same in every process and after restarts: a hash of the body.
+            let mut h = blake3::Hasher::new();
+            for chunk in &self.chunks {
+                h.update(chunk);
+            }
+            let tag = format!("\"{}\"", &h.finalize().to_hex()[..32]);
+            if let Ok(v) = http::HeaderValue::try_from(tag) {
+                self.headers.insert(header::ETAG, v);
+            }
+        }
         let value = Entry::encode(
             self.status,
             &self.headers,

@@ -95,6 +95,8 @@ pub(crate) struct Ctx {
     pub(crate) identity: Option<Vec<u8>>,
     pub(crate) miss_seq: Option<u64>,
     pub(crate) started: Instant,
+    /// The request's `If-None-Match` and `If-Modified-Since`, for 304s on hits.
+    pub(crate) conditional: Option<Box<(Option<HeaderValue>, Option<HeaderValue>)>>,
 }
 
 impl<S, ReqB> ResponseFuture<S, ReqB>
@@ -275,6 +277,9 @@ fn now_ms() -> u64 {
 /// Builds the response for a hit: the stored head, exact `Content-Length`, `Age`, and the
 /// cache status headers. HEAD gets the headers only.
 fn hit<B>(entry: Entry, ctx: &Ctx) -> Response<ResponseBody<B>> {
+    if ctx.policy.etag && not_modified(&entry.headers, ctx.conditional.as_deref()) {
+        return not_modified_response(entry, ctx);
+    }
     let now = now_ms();
     let age_secs = now.saturating_sub(entry.stored_at_ms) / 1000;
     let ttl_secs = (entry.stored_at_ms.saturating_add(entry.ttl_ms)).saturating_sub(now) / 1000;
@@ -294,6 +299,86 @@ fn hit<B>(entry: Entry, ctx: &Ctx) -> Response<ResponseBody<B>> {
         headers.insert(CONTENT_LENGTH, HeaderValue::from(len));
     }
     headers.insert(AGE, HeaderValue::from(age_secs));
+    set_headers(
+        headers,
+        CacheStatus::Hit,
+        ttl_secs,
+        ctx.shared.settings.x_cache.as_ref(),
+    );
+    res.extensions_mut().insert(CacheStatus::Hit);
+    res
+}
+
+/// Whether a conditional request is satisfied by the entry: `If-None-Match` against its
+/// `ETag` (weak comparison, `*` matches any), or else `If-Modified-Since` against its
+/// `Last-Modified` (RFC 9110 §13.1).
+fn not_modified(
+    headers: &http::HeaderMap,
+    conditional: Option<&(Option<HeaderValue>, Option<HeaderValue>)>,
+) -> bool {
+    let Some((if_none_match, if_modified_since)) = conditional else {
+        return false;
+    };
+    let opaque = |tag: &str| tag.trim().trim_start_matches("W/").to_owned();
+    if let Some(inm) = if_none_match {
+        let Some(etag) = headers
+            .get(http::header::ETAG)
+            .and_then(|v| v.to_str().ok())
+        else {
+            return false;
+        };
+        let etag = opaque(etag);
+        return inm
+            .to_str()
+            .map(|list| {
+                list.split(',')
+                    .any(|t| t.trim() == "*" || opaque(t) == etag)
+            })
+            .unwrap_or(false);
+    }
+    let date = |v: Option<&HeaderValue>| {
+        v.and_then(|v| v.to_str().ok())
+            .and_then(|v| httpdate::parse_http_date(v).ok())
+    };
+    match (
+        date(headers.get(http::header::LAST_MODIFIED)),
+        date(if_modified_since.as_ref()),
+    ) {
+        (Some(modified), Some(since)) => modified <= since,
+        _ => false,
+    }
+}
+
+/// `304 Not Modified` for a hit: no body, and the headers a 200 would have carried that a
+/// 304 must repeat (RFC 9110 §15.4.5).
+fn not_modified_response<B>(entry: Entry, ctx: &Ctx) -> Response<ResponseBody<B>> {
+    use http::header::{CACHE_CONTROL, CONTENT_LOCATION, DATE, ETAG, EXPIRES, LAST_MODIFIED, VARY};
+    let now = now_ms();
+    let mut res = Response::new(ResponseBody::cached(None, None));
+    *res.status_mut() = http::StatusCode::NOT_MODIFIED;
+    let headers = res.headers_mut();
+    for name in [
+        CACHE_CONTROL,
+        CONTENT_LOCATION,
+        DATE,
+        ETAG,
+        EXPIRES,
+        VARY,
+        LAST_MODIFIED,
+    ] {
+        for v in entry.headers.get_all(&name) {
+            headers.append(name.clone(), v.clone());
+        }
+    }
+    if entry.trailers.is_none() {
+        // What a 200 would have sent (RFC 9110 §8.6); routers otherwise write a misleading 0.
+        headers.insert(CONTENT_LENGTH, HeaderValue::from(entry.body.len()));
+    }
+    headers.insert(
+        AGE,
+        HeaderValue::from(now.saturating_sub(entry.stored_at_ms) / 1000),
+    );
+    let ttl_secs = (entry.stored_at_ms.saturating_add(entry.ttl_ms)).saturating_sub(now) / 1000;
     set_headers(
         headers,
         CacheStatus::Hit,

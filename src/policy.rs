@@ -51,6 +51,9 @@ pub struct Policy {
     pub(crate) status_ttls: Vec<(StatusCode, Duration)>,
     pub(crate) max_body_size: usize,
     pub(crate) tags: Vec<String>,
+    /// When set, the response's own freshness sets the TTL, clamped to this range.
+    pub(crate) ttl_from_response: Option<(Duration, Duration)>,
+    pub(crate) etag: bool,
 }
 
 impl Policy {
@@ -63,6 +66,8 @@ impl Policy {
             status_ttls: Vec::new(),
             max_body_size: DEFAULT_MAX_BODY_SIZE,
             tags: Vec::new(),
+            ttl_from_response: None,
+            etag: true,
         }
     }
 
@@ -140,6 +145,22 @@ impl Policy {
     }
 
     /// Shared, and not declared the same for authenticated callers.
+    /// Lets the response's own headers set the TTL, clamped to `min..=max`: `s-maxage` (on
+    /// shared routes), then `max-age`, then `Expires` (against `Date`). Without them the
+    /// route's TTL applies; `max-age=0` (or an `Expires` in the past) stores nothing.
+    pub fn ttl_from_response(mut self, min: Duration, max: Duration) -> Self {
+        self.ttl_from_response = Some((min.min(max), max.max(min)));
+        self
+    }
+
+    /// Whether hits carry a strong `ETag` (computed from the body when the handler set none)
+    /// and answer `If-None-Match` / `If-Modified-Since` with `304 Not Modified`. On by
+    /// default.
+    pub fn etag(mut self, on: bool) -> Self {
+        self.etag = on;
+        self
+    }
+
     pub(crate) fn is_strictly_shared(&self) -> bool {
         self.scope == Scope::Shared
     }
@@ -252,6 +273,8 @@ pub(crate) struct Directives {
     pub(crate) no_store: bool,
     pub(crate) no_cache: bool,
     pub(crate) private: bool,
+    pub(crate) max_age: Option<u64>,
+    pub(crate) s_maxage: Option<u64>,
 }
 
 /// Parses every `Cache-Control` header by token, case-insensitively. Quoted arguments
@@ -265,8 +288,17 @@ pub(crate) fn cache_control(headers: &HeaderMap) -> Directives {
             continue;
         };
         for directive in split_directives(value) {
-            let name = directive.split('=').next().unwrap_or("").trim();
-            if name.eq_ignore_ascii_case("no-store") {
+            let (name, arg) = match directive.split_once('=') {
+                Some((n, a)) => (n.trim(), Some(a.trim().trim_matches('"'))),
+                None => (directive.trim(), None),
+            };
+            // Delta-seconds; an invalid value counts as 0 (RFC 9111 §1.2.2: stale at once).
+            let seconds = || Some(arg.and_then(|a| a.parse::<u64>().ok()).unwrap_or(0));
+            if name.eq_ignore_ascii_case("max-age") {
+                d.max_age = d.max_age.min(seconds()).or(seconds());
+            } else if name.eq_ignore_ascii_case("s-maxage") {
+                d.s_maxage = d.s_maxage.min(seconds()).or(seconds());
+            } else if name.eq_ignore_ascii_case("no-store") {
                 d.no_store = true;
             } else if name.eq_ignore_ascii_case("no-cache") {
                 d.no_cache = true;
@@ -367,6 +399,21 @@ pub(crate) fn response_ttl(
     if cc.private && !policy.is_per_user() {
         return Err(NotStored::Private);
     }
+    if let (Some((min, max)), None) = (policy.ttl_from_response, over) {
+        let shared = !policy.is_per_user();
+        let origin = cc
+            .s_maxage
+            .filter(|_| shared)
+            .or(cc.max_age)
+            .map(Duration::from_secs)
+            .or_else(|| expires_in(headers));
+        if let Some(origin) = origin {
+            if origin.is_zero() {
+                return Err(NotStored::NoStore);
+            }
+            ttl = origin.clamp(min, max);
+        }
+    }
     for value in headers.get_all(header::VARY) {
         let Ok(value) = value.to_str() else {
             return Err(NotStored::Vary);
@@ -385,6 +432,25 @@ pub(crate) fn response_ttl(
         return Err(NotStored::Handler);
     }
     Ok(ttl)
+}
+
+/// `Expires` minus `Date` (or now): how long the origin says the response stays fresh.
+/// An invalid `Expires` means "already expired" (RFC 9111 §5.3).
+fn expires_in(headers: &HeaderMap) -> Option<Duration> {
+    let expires = headers.get(header::EXPIRES)?;
+    let Some(expires) = expires
+        .to_str()
+        .ok()
+        .and_then(|v| httpdate::parse_http_date(v).ok())
+    else {
+        return Some(Duration::ZERO);
+    };
+    let date = headers
+        .get(header::DATE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| httpdate::parse_http_date(v).ok())
+        .unwrap_or_else(std::time::SystemTime::now);
+    Some(expires.duration_since(date).unwrap_or(Duration::ZERO))
 }
 
 /// Whether a request of this method is handled by the cache at all.
@@ -420,7 +486,8 @@ mod tests {
         );
         // Tokens, not substrings.
         let d = cache_control(&h(&[("cache-control", "x-no-store-ish, max-age=3")]));
-        assert_eq!(d, Directives::default());
+        assert!(!d.no_store && !d.no_cache && !d.private);
+        assert_eq!(d.max_age, Some(3));
         // A quoted argument may contain commas and directive names.
         let d = cache_control(&h(&[(
             "cache-control",
@@ -551,6 +618,68 @@ mod tests {
         assert_eq!(take_tags(&mut headers, &p), ["roles", "a", "b", "c", "d"]);
         assert!(!headers.contains_key("cache-tag") && !headers.contains_key("surrogate-key"));
         assert!(headers.contains_key("content-type"));
+    }
+
+    #[test]
+    fn ttl_from_the_response() {
+        let min = Duration::from_secs(10);
+        let max = Duration::from_secs(600);
+        let p = Policy::shared(TTL).ttl_from_response(min, max);
+        let ttl = |pairs: &[(&'static str, &'static str)], p: &Policy| {
+            response_ttl(StatusCode::OK, &h(pairs), None, p)
+        };
+        assert_eq!(
+            ttl(&[("cache-control", "max-age=120")], &p),
+            Ok(Duration::from_secs(120))
+        );
+        assert_eq!(
+            ttl(&[("cache-control", "max-age=120, s-maxage=300")], &p),
+            Ok(Duration::from_secs(300))
+        );
+        assert_eq!(
+            ttl(&[("cache-control", "max-age=5")], &p),
+            Ok(min),
+            "clamped up"
+        );
+        assert_eq!(
+            ttl(&[("cache-control", "max-age=86400")], &p),
+            Ok(max),
+            "clamped down"
+        );
+        assert_eq!(
+            ttl(&[("cache-control", "max-age=0")], &p),
+            Err(NotStored::NoStore)
+        );
+        assert_eq!(
+            ttl(&[("cache-control", "max-age=soon")], &p),
+            Err(NotStored::NoStore)
+        );
+        assert_eq!(ttl(&[], &p), Ok(TTL), "no freshness: the route's TTL");
+        assert_eq!(
+            ttl(
+                &[
+                    ("date", "Wed, 25 Nov 2026 10:00:00 GMT"),
+                    ("expires", "Wed, 25 Nov 2026 10:02:00 GMT")
+                ],
+                &p
+            ),
+            Ok(Duration::from_secs(120))
+        );
+        assert_eq!(ttl(&[("expires", "0")], &p), Err(NotStored::NoStore));
+        // Per-user routes ignore s-maxage (it is for shared caches).
+        let pu = Policy::per_user(TTL).ttl_from_response(min, max);
+        assert_eq!(
+            ttl(
+                &[("cache-control", "private, max-age=60, s-maxage=300")],
+                &pu
+            ),
+            Ok(Duration::from_secs(60))
+        );
+        // Off by default.
+        assert_eq!(
+            ttl(&[("cache-control", "max-age=120")], &Policy::shared(TTL)),
+            Ok(TTL)
+        );
     }
 
     #[test]

@@ -152,6 +152,11 @@ where
             identity,
             miss_seq: None,
             started: Instant::now(),
+            conditional: {
+                let inm = parts.headers.get(http::header::IF_NONE_MATCH).cloned();
+                let ims = parts.headers.get(http::header::IF_MODIFIED_SINCE).cloned();
+                (inm.is_some() || ims.is_some()).then(|| Box::new((inm, ims)))
+            },
         };
         ResponseFuture::lookup(ctx, inner, Request::from_parts(parts, body))
     }
