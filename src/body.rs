@@ -201,12 +201,15 @@ pub(crate) struct Recorder {
     limit: usize,
     /// Whether to add a strong `ETag` computed from the body when the handler set none.
     etag: bool,
+    /// Set when this response leads a coalesced miss: its followers get the entry.
+    flight: Option<crate::coalesce::FlightGuard>,
     finished: bool,
 }
 
 impl Recorder {
     pub(crate) fn new(
         ctx: &Ctx,
+        flight: Option<crate::coalesce::FlightGuard>,
         ttl: Duration,
         status: StatusCode,
         response_headers: &HeaderMap,
@@ -230,6 +233,7 @@ impl Recorder {
             len: 0,
             limit: ctx.policy.max_body_size,
             etag: ctx.policy.etag,
+            flight,
             finished: false,
         }
     }
@@ -266,23 +270,6 @@ impl Recorder {
             Counters::incr(&counters.refused);
             return;
         }
-        let bytes = u32::try_from(self.len).unwrap_or(u32::MAX).max(1);
-        let permits = Arc::clone(&shared.runtime.writes)
-            .try_acquire_owned()
-            .and_then(|w| {
-                Arc::clone(&shared.runtime.write_bytes)
-                    .try_acquire_many_owned(bytes)
-                    .map(|b| (w, b))
-            });
-        let Ok(permit) = permits else {
-            Counters::incr(&counters.writes_dropped);
-            tracing::debug!(key = %self.key, "too many pending cache writes; write dropped");
-            return;
-        };
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            Counters::incr(&counters.writes_dropped);
-            return;
-        };
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();
@@ -309,6 +296,27 @@ impl Recorder {
             stored_at_ms,
             ttl_ms,
         );
+        // Concurrent misses of this key get the response now, whatever becomes of the write.
+        if let Some(flight) = self.flight.take() {
+            flight.complete(value.clone());
+        }
+        let bytes = u32::try_from(self.len).unwrap_or(u32::MAX).max(1);
+        let permits = Arc::clone(&shared.runtime.writes)
+            .try_acquire_owned()
+            .and_then(|w| {
+                Arc::clone(&shared.runtime.write_bytes)
+                    .try_acquire_many_owned(bytes)
+                    .map(|b| (w, b))
+            });
+        let Ok(permit) = permits else {
+            Counters::incr(&counters.writes_dropped);
+            tracing::debug!(key = %self.key, "too many pending cache writes; write dropped");
+            return;
+        };
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            Counters::incr(&counters.writes_dropped);
+            return;
+        };
         let keyer = &shared.settings.keyer;
         let mut indexes = vec![keyer.path_index(&self.path)];
         if let Some(id) = &self.identity {

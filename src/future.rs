@@ -4,7 +4,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::header::{AGE, CONTENT_LENGTH};
@@ -14,6 +14,7 @@ use sync_wrapper::SyncWrapper;
 use tower_service::Service;
 
 use crate::body::{Recorder, ResponseBody};
+use crate::coalesce::{Outcome, Role};
 use crate::entry::{storable_map, Entry};
 use crate::layer::CacheLayer;
 use crate::policy::{
@@ -30,7 +31,13 @@ pub(crate) enum Found {
     Hit(Entry),
     /// No usable entry; `seq` is the namespace's invalidation sequence read right after,
     /// before the inner service runs (none if it could not be read: then nothing is stored).
-    Miss { seq: Option<u64> },
+    /// `flight` is set when this request leads a coalesced miss.
+    Miss {
+        seq: Option<u64>,
+        flight: Option<crate::coalesce::FlightGuard>,
+    },
+    /// The entry of a concurrent miss of the same key (coalescing).
+    Collapsed(Entry),
     /// Redis could not be asked.
     Unavailable,
 }
@@ -97,6 +104,8 @@ pub(crate) struct Ctx {
     pub(crate) started: Instant,
     /// The request's `If-None-Match` and `If-Modified-Since`, for 304s on hits.
     pub(crate) conditional: Option<Box<(Option<HeaderValue>, Option<HeaderValue>)>>,
+    /// Set when this request leads a coalesced miss.
+    pub(crate) flight: Option<crate::coalesce::FlightGuard>,
 }
 
 impl<S, ReqB> ResponseFuture<S, ReqB>
@@ -129,7 +138,8 @@ where
     }
 
     pub(crate) fn lookup(ctx: Ctx, service: S, request: Request<ReqB>) -> Self {
-        let lookup: Lookup = Box::pin(look_up(Arc::clone(&ctx.shared), ctx.key.clone()));
+        let coalesce = if ctx.head { None } else { ctx.policy.coalesce };
+        let lookup: Lookup = Box::pin(look_up(Arc::clone(&ctx.shared), ctx.key.clone(), coalesce));
         ResponseFuture {
             state: State::Lookup {
                 lookup: SyncWrapper::new(lookup),
@@ -163,7 +173,14 @@ where
                             this.state.set(State::Done);
                             return Poll::Ready(Ok(hit(entry, ctx)));
                         }
-                        Found::Miss { seq } => ctx.miss_seq = seq,
+                        Found::Collapsed(entry) => {
+                            this.state.set(State::Done);
+                            return Poll::Ready(Ok(hit_as(entry, ctx, CacheStatus::Collapsed)));
+                        }
+                        Found::Miss { seq, flight } => {
+                            ctx.miss_seq = seq;
+                            ctx.flight = flight;
+                        }
                         Found::Unavailable => ctx.status = CacheStatus::Unavailable,
                     }
                     let StateOwn::Lookup {
@@ -229,7 +246,7 @@ async fn invalidate_after_write(shared: Arc<CacheLayer>, path: String) {
 }
 
 /// GET the entry; on a miss, read the invalidation sequence before the inner service runs.
-async fn look_up(shared: Arc<CacheLayer>, key: String) -> Found {
+async fn look_up(shared: Arc<CacheLayer>, key: String, coalesce: Option<Duration>) -> Found {
     let store = &shared.settings.store;
     let counters = &shared.runtime.counters;
     let started = Instant::now();
@@ -264,7 +281,30 @@ async fn look_up(shared: Arc<CacheLayer>, key: String) -> Found {
             .await
             .ok()
     };
-    Found::Miss { seq }
+    let Some(wait) = coalesce.filter(|_| seq.is_some()) else {
+        return Found::Miss { seq, flight: None };
+    };
+    match shared.runtime.flights.join(&key, seq) {
+        Role::Leader(guard) => Found::Miss {
+            seq,
+            flight: Some(guard),
+        },
+        Role::Follower(mut rx) => {
+            let outcome =
+                tokio::time::timeout(wait, rx.wait_for(|o| !matches!(o, Outcome::Pending))).await;
+            if let Ok(Ok(outcome)) = outcome {
+                if let Outcome::Stored(raw) = &*outcome {
+                    if let Ok(entry) = Entry::decode(raw) {
+                        Counters::incr(&counters.collapsed);
+                        tracing::debug!(key = %key, "coalesced with a concurrent miss");
+                        return Found::Collapsed(entry);
+                    }
+                }
+            }
+            // Not storable, or too slow: ask the inner service ourselves.
+            Found::Miss { seq, flight: None }
+        }
+    }
 }
 
 fn now_ms() -> u64 {
@@ -277,6 +317,10 @@ fn now_ms() -> u64 {
 /// Builds the response for a hit: the stored head, exact `Content-Length`, `Age`, and the
 /// cache status headers. HEAD gets the headers only.
 fn hit<B>(entry: Entry, ctx: &Ctx) -> Response<ResponseBody<B>> {
+    hit_as(entry, ctx, CacheStatus::Hit)
+}
+
+fn hit_as<B>(entry: Entry, ctx: &Ctx, status: CacheStatus) -> Response<ResponseBody<B>> {
     if ctx.policy.etag && not_modified(&entry.headers, ctx.conditional.as_deref()) {
         return not_modified_response(entry, ctx);
     }
@@ -301,11 +345,11 @@ fn hit<B>(entry: Entry, ctx: &Ctx) -> Response<ResponseBody<B>> {
     headers.insert(AGE, HeaderValue::from(age_secs));
     set_headers(
         headers,
-        CacheStatus::Hit,
+        status,
         ttl_secs,
         ctx.shared.settings.x_cache.as_ref(),
     );
-    res.extensions_mut().insert(CacheStatus::Hit);
+    res.extensions_mut().insert(status);
     res
 }
 
@@ -438,7 +482,9 @@ where
                     tracing::debug!(key = %ctx.key, limit, "response larger than the limit; not stored");
                     ResponseBody::passthrough(body)
                 } else {
-                    let recorder = Recorder::new(ctx, ttl, parts.status, &parts.headers, tags);
+                    let flight = ctx.flight.take();
+                    let recorder =
+                        Recorder::new(ctx, flight, ttl, parts.status, &parts.headers, tags);
                     ResponseBody::recording(body, recorder)
                 }
             }

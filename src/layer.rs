@@ -51,6 +51,8 @@ pub(crate) struct Runtime {
     pub(crate) write_bytes: Arc<Semaphore>,
     /// `get_or_insert_json` computations in flight, by key.
     pub(crate) inflight: crate::value::Inflight,
+    /// Misses in flight, for request coalescing.
+    pub(crate) flights: crate::coalesce::Flights,
 }
 
 /// The default bound on the bytes of entries being written at once.
@@ -63,6 +65,7 @@ impl Runtime {
             writes: Arc::new(Semaphore::new(max_pending_writes)),
             write_bytes: Arc::new(Semaphore::new(DEFAULT_MAX_PENDING_BYTES)),
             inflight: crate::value::Inflight::default(),
+            flights: crate::coalesce::Flights::default(),
         }
     }
 }

@@ -90,6 +90,7 @@
 
 mod body;
 mod breaker;
+mod coalesce;
 mod config;
 mod entry;
 mod future;
@@ -114,7 +115,10 @@ pub use handle::health_route;
 pub use handle::{CacheError, CacheHandle, Health, PathPattern, RedisStatus, RequestKey};
 pub use key::Identity;
 pub use layer::{CacheLayer, DEFAULT_MAX_PENDING_WRITES, DEFAULT_NAMESPACE};
-pub use policy::{CacheOverride, Policy, DEFAULT_MAX_BODY_SIZE, TAG_HEADERS, TTL_OVERRIDE_HEADER};
+pub use policy::{
+    CacheOverride, Policy, DEFAULT_COALESCE_WAIT, DEFAULT_MAX_BODY_SIZE, TAG_HEADERS,
+    TTL_OVERRIDE_HEADER,
+};
 pub use service::CacheService;
 pub use status::{BypassReason, CacheStatus, Stats, CACHE_NAME, CACHE_STATUS};
 pub use store::RedisStore;

@@ -6,6 +6,9 @@ use http::{header, HeaderMap, HeaderName, Method, StatusCode};
 
 use crate::status::{BypassReason, NotStored};
 
+/// How long a coalesced miss waits for the one in flight, by default.
+pub const DEFAULT_COALESCE_WAIT: Duration = Duration::from_secs(5);
+
 /// The default limit on a cached body: 1 MiB.
 pub const DEFAULT_MAX_BODY_SIZE: usize = 1024 * 1024;
 
@@ -54,6 +57,8 @@ pub struct Policy {
     /// When set, the response's own freshness sets the TTL, clamped to this range.
     pub(crate) ttl_from_response: Option<(Duration, Duration)>,
     pub(crate) etag: bool,
+    /// How long a concurrent miss waits for the one in flight (`None`: no coalescing).
+    pub(crate) coalesce: Option<Duration>,
 }
 
 impl Policy {
@@ -68,6 +73,7 @@ impl Policy {
             tags: Vec::new(),
             ttl_from_response: None,
             etag: true,
+            coalesce: Some(DEFAULT_COALESCE_WAIT),
         }
     }
 
@@ -158,6 +164,16 @@ impl Policy {
     /// default.
     pub fn etag(mut self, on: bool) -> Self {
         self.etag = on;
+        self
+    }
+
+    /// Request coalescing: concurrent misses of one key in this process make one call to the
+    /// inner service, and the others wait up to `wait` for its response. A response that
+    /// turns out not storable (private, `Set-Cookie`, an error status, too large, cut short)
+    /// is never handed to them: each then calls the inner service itself, as after the wait.
+    /// On by default with a 5 s wait; `Duration::ZERO` turns it off.
+    pub fn coalesce(mut self, wait: Duration) -> Self {
+        self.coalesce = (!wait.is_zero()).then_some(wait);
         self
     }
 

@@ -157,6 +157,7 @@ where
                 let ims = parts.headers.get(http::header::IF_MODIFIED_SINCE).cloned();
                 (inm.is_some() || ims.is_some()).then(|| Box::new((inm, ims)))
             },
+            flight: None,
         };
         ResponseFuture::lookup(ctx, inner, Request::from_parts(parts, body))
     }

@@ -17,6 +17,9 @@ pub const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
 pub enum CacheStatus {
     /// Served from Redis; the inner service was not called.
     Hit,
+    /// Served with the response of a concurrent miss of the same key (request coalescing);
+    /// the inner service was not called for this request.
+    Collapsed,
     /// Not in Redis (or the entry could not be used); the inner service answered.
     Miss,
     /// Redis could not be asked (error or deadline); the inner service answered. Clients
@@ -100,6 +103,12 @@ pub(crate) fn set_headers(
             HeaderValue::try_from(format!("{CACHE_NAME}; hit; ttl={ttl_secs}")).ok(),
             "HIT",
         ),
+        CacheStatus::Collapsed => (
+            Some(HeaderValue::from_static(
+                "tower-redis-cache; fwd=miss; collapsed",
+            )),
+            "HIT",
+        ),
         CacheStatus::Miss | CacheStatus::Unavailable => (
             Some(HeaderValue::from_static("tower-redis-cache; fwd=miss")),
             "MISS",
@@ -128,6 +137,8 @@ pub(crate) fn set_headers(
 pub struct Stats {
     /// Requests served from Redis.
     pub hits: u64,
+    /// Requests served with a concurrent miss's response (coalescing).
+    pub collapsed: u64,
     /// Requests looked up and not found (or found unusable).
     pub misses: u64,
     /// Requests that could not be looked up because of a Redis problem.
@@ -154,6 +165,7 @@ pub struct Stats {
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
     pub(crate) hits: AtomicU64,
+    pub(crate) collapsed: AtomicU64,
     pub(crate) misses: AtomicU64,
     pub(crate) unavailable: AtomicU64,
     pub(crate) bypassed: AtomicU64,
@@ -174,6 +186,7 @@ impl Counters {
         let r = |c: &AtomicU64| c.load(Ordering::Relaxed);
         Stats {
             hits: r(&self.hits),
+            collapsed: r(&self.collapsed),
             misses: r(&self.misses),
             unavailable: r(&self.unavailable),
             bypassed: r(&self.bypassed),

@@ -1,0 +1,133 @@
+//! Request coalescing: concurrent cold requests make one call to the handler; others wait
+//! for its response, and never receive a response that was not storable.
+
+mod common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use common::{get as get_req, send, RedisServer};
+use http::HeaderValue;
+use tower_redis_cache::{CacheHandle, CacheLayer, Policy, RedisConfig, RedisStore};
+
+async fn setup(server: &RedisServer, policy: Policy) -> (Router, CacheHandle, Arc<AtomicUsize>) {
+    let store = RedisStore::connect(RedisConfig::from_url(&server.url()).unwrap())
+        .await
+        .unwrap();
+    let cache = CacheLayer::new(store, policy);
+    let handle = cache.handle();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let (c1, c2) = (calls.clone(), calls.clone());
+    let app = Router::new()
+        .route(
+            "/slow",
+            get(move || {
+                let n = c1.fetch_add(1, Ordering::SeqCst) + 1;
+                async move {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    format!("computed once? call #{n}")
+                }
+            }),
+        )
+        .route(
+            "/cookie",
+            get(move || {
+                let n = c2.fetch_add(1, Ordering::SeqCst) + 1;
+                async move {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    let mut r = format!("for one client only #{n}").into_response();
+                    r.headers_mut()
+                        .insert("set-cookie", HeaderValue::from_static("s=1"));
+                    r
+                }
+            }),
+        )
+        .layer(cache);
+    (app, handle, calls)
+}
+
+async fn concurrently(app: &Router, uri: &'static str, n: usize) -> Vec<common::Got> {
+    let tasks: Vec<_> = (0..n)
+        .map(|_| {
+            let app = app.clone();
+            tokio::spawn(async move { send(&app, get_req(uri)).await })
+        })
+        .collect();
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_cold_requests_make_one_call() {
+    let server = RedisServer::start();
+    let (app, handle, calls) = setup(&server, Policy::shared(Duration::from_secs(60))).await;
+    let replies = concurrently(&app, "/slow", 100).await;
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert!(replies
+        .iter()
+        .all(|r| r.status == 200 && r.text() == "computed once? call #1"));
+    let collapsed = replies
+        .iter()
+        .filter(|r| r.header("cache-status") == Some("tower-redis-cache; fwd=miss; collapsed"))
+        .count();
+    assert_eq!(collapsed, 99);
+    assert_eq!(handle.stats().collapsed, 99);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unstorable_response_is_never_handed_to_the_waiting_requests() {
+    let server = RedisServer::start();
+    let (app, handle, calls) = setup(&server, Policy::shared(Duration::from_secs(60))).await;
+    let replies = concurrently(&app, "/cookie", 10).await;
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        10,
+        "each asked the handler itself"
+    );
+    let mut bodies: Vec<String> = replies.iter().map(|r| r.text()).collect();
+    bodies.sort();
+    bodies.dedup();
+    assert_eq!(bodies.len(), 10, "nobody received another's response");
+    assert_eq!(handle.stats().collapsed, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_whose_client_leaves_lets_the_others_ask_for_themselves() {
+    let server = RedisServer::start();
+    let (app, handle, calls) = setup(&server, Policy::shared(Duration::from_secs(60))).await;
+    // The leader's client gives up before the response.
+    let leader = tokio::spawn({
+        let app = app.clone();
+        async move { send(&app, get_req("/slow")).await }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let followers = tokio::spawn({
+        let app = app.clone();
+        async move { concurrently(&app, "/slow", 5).await }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    leader.abort();
+    let replies = followers.await.unwrap();
+    assert!(replies.iter().all(|r| r.status == 200));
+    // The leader's work is lost with its client: the followers call the handler again
+    // (once, coalesced among themselves, or each; never with a broken response).
+    assert!(calls.load(Ordering::SeqCst) >= 2);
+    assert!(handle.stats().collapsed <= 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coalescing_can_be_turned_off() {
+    let server = RedisServer::start();
+    let policy = Policy::shared(Duration::from_secs(60)).coalesce(Duration::ZERO);
+    let (app, handle, calls) = setup(&server, policy).await;
+    concurrently(&app, "/slow", 10).await;
+    assert_eq!(calls.load(Ordering::SeqCst), 10);
+    assert_eq!(handle.stats().collapsed, 0);
+}
