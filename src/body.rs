@@ -199,6 +199,8 @@ pub(crate) struct Recorder {
     chunks: Vec<Bytes>,
     len: usize,
     limit: usize,
+    /// How long past its freshness the entry is kept (stale-if-error).
+    stale_window: Duration,
     /// Whether to add a strong `ETag` computed from the body when the handler set none.
     etag: bool,
     /// Set when this response leads a coalesced miss: its followers get the entry.
@@ -233,6 +235,7 @@ impl Recorder {
             len: 0,
             limit: ctx.policy.max_body_size,
             etag: ctx.policy.etag,
+            stale_window: ctx.policy.stale_if_error.unwrap_or(Duration::ZERO),
             flight,
             finished: false,
         }
@@ -332,7 +335,7 @@ impl Recorder {
             key: std::mem::take(&mut self.key),
             value,
             nonce,
-            ttl: self.ttl,
+            ttl: self.ttl.saturating_add(self.stale_window),
             indexes,
             path: Some((
                 keyer.paths_key(),

@@ -35,6 +35,8 @@ pub(crate) enum Found {
     Miss {
         seq: Option<u64>,
         flight: Option<crate::coalesce::FlightGuard>,
+        /// An entry past its freshness but within the stale-if-error window.
+        stale: Option<Entry>,
     },
     /// The entry of a concurrent miss of the same key (coalescing).
     Collapsed(Entry),
@@ -106,6 +108,8 @@ pub(crate) struct Ctx {
     pub(crate) conditional: Option<Box<(Option<HeaderValue>, Option<HeaderValue>)>>,
     /// Set when this request leads a coalesced miss.
     pub(crate) flight: Option<crate::coalesce::FlightGuard>,
+    /// A stale entry to answer with if the inner service fails (stale-if-error).
+    pub(crate) stale: Option<Entry>,
 }
 
 impl<S, ReqB> ResponseFuture<S, ReqB>
@@ -139,7 +143,12 @@ where
 
     pub(crate) fn lookup(ctx: Ctx, service: S, request: Request<ReqB>) -> Self {
         let coalesce = if ctx.head { None } else { ctx.policy.coalesce };
-        let lookup: Lookup = Box::pin(look_up(Arc::clone(&ctx.shared), ctx.key.clone(), coalesce));
+        let lookup: Lookup = Box::pin(look_up(
+            Arc::clone(&ctx.shared),
+            ctx.key.clone(),
+            coalesce,
+            ctx.policy.stale_if_error,
+        ));
         ResponseFuture {
             state: State::Lookup {
                 lookup: SyncWrapper::new(lookup),
@@ -177,9 +186,10 @@ where
                             this.state.set(State::Done);
                             return Poll::Ready(Ok(hit_as(entry, ctx, CacheStatus::Collapsed)));
                         }
-                        Found::Miss { seq, flight } => {
+                        Found::Miss { seq, flight, stale } => {
                             ctx.miss_seq = seq;
                             ctx.flight = flight;
+                            ctx.stale = stale;
                         }
                         Found::Unavailable => ctx.status = CacheStatus::Unavailable,
                     }
@@ -196,7 +206,24 @@ where
                     this.state.set(State::Call { future });
                 }
                 StateProj::Call { future } => {
-                    let response = ready!(future.poll(cx))?;
+                    let result = ready!(future.poll(cx));
+                    // stale-if-error: a failure of the inner service is answered by the
+                    // stale entry, when there is one.
+                    if let Mode::Cache(ctx) = this.mode {
+                        let failed = match &result {
+                            Ok(r) => r.status().is_server_error(),
+                            Err(_) => true,
+                        };
+                        if failed {
+                            if let Some(stale) = ctx.stale.take() {
+                                this.state.set(State::Done);
+                                Counters::incr(&ctx.shared.runtime.counters.stale_if_error);
+                                tracing::debug!(key = %ctx.key, "inner service failed; stale entry served");
+                                return Poll::Ready(Ok(hit_as(stale, ctx, CacheStatus::Stale)));
+                            }
+                        }
+                    }
+                    let response = result?;
                     if let Mode::Write(shared, path) = this.mode {
                         if response.status().is_success() {
                             let invalidation =
@@ -246,16 +273,28 @@ async fn invalidate_after_write(shared: Arc<CacheLayer>, path: String) {
 }
 
 /// GET the entry; on a miss, read the invalidation sequence before the inner service runs.
-async fn look_up(shared: Arc<CacheLayer>, key: String, coalesce: Option<Duration>) -> Found {
+async fn look_up(
+    shared: Arc<CacheLayer>,
+    key: String,
+    coalesce: Option<Duration>,
+    stale_window: Option<Duration>,
+) -> Found {
     let store = &shared.settings.store;
     let counters = &shared.runtime.counters;
     let started = Instant::now();
+    let mut stale = None;
     match store.get(&key).await {
         Ok(Some(raw)) => match Entry::decode(&raw) {
-            Ok(entry) if entry.confirmed => {
+            Ok(entry) if entry.confirmed && is_fresh(&entry) => {
                 Counters::incr(&counters.hits);
                 tracing::debug!(key = %key, "cache hit");
                 return Found::Hit(entry);
+            }
+            Ok(entry) if entry.confirmed => {
+                tracing::debug!(key = %key, "stale entry; cache miss");
+                if stale_window.is_some() {
+                    stale = Some(entry);
+                }
             }
             Ok(_) => tracing::debug!(key = %key, "entry not confirmed yet; cache miss"),
             Err(e) => {
@@ -282,12 +321,17 @@ async fn look_up(shared: Arc<CacheLayer>, key: String, coalesce: Option<Duration
             .ok()
     };
     let Some(wait) = coalesce.filter(|_| seq.is_some()) else {
-        return Found::Miss { seq, flight: None };
+        return Found::Miss {
+            seq,
+            flight: None,
+            stale,
+        };
     };
     match shared.runtime.flights.join(&key, seq) {
         Role::Leader(guard) => Found::Miss {
             seq,
             flight: Some(guard),
+            stale,
         },
         Role::Follower(mut rx) => {
             let outcome =
@@ -302,9 +346,18 @@ async fn look_up(shared: Arc<CacheLayer>, key: String, coalesce: Option<Duration
                 }
             }
             // Not storable, or too slow: ask the inner service ourselves.
-            Found::Miss { seq, flight: None }
+            Found::Miss {
+                seq,
+                flight: None,
+                stale,
+            }
         }
     }
+}
+
+/// Whether an entry is within its freshness (entries may be kept longer for stale-if-error).
+fn is_fresh(entry: &Entry) -> bool {
+    now_ms() < entry.stored_at_ms.saturating_add(entry.ttl_ms)
 }
 
 fn now_ms() -> u64 {

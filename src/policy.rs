@@ -59,6 +59,8 @@ pub struct Policy {
     pub(crate) etag: bool,
     /// How long a concurrent miss waits for the one in flight (`None`: no coalescing).
     pub(crate) coalesce: Option<Duration>,
+    /// How long past its freshness an entry is kept to answer when the inner service fails.
+    pub(crate) stale_if_error: Option<Duration>,
 }
 
 impl Policy {
@@ -74,6 +76,7 @@ impl Policy {
             ttl_from_response: None,
             etag: true,
             coalesce: Some(DEFAULT_COALESCE_WAIT),
+            stale_if_error: None,
         }
     }
 
@@ -174,6 +177,14 @@ impl Policy {
     /// On by default with a 5 s wait; `Duration::ZERO` turns it off.
     pub fn coalesce(mut self, wait: Duration) -> Self {
         self.coalesce = (!wait.is_zero()).then_some(wait);
+        self
+    }
+
+    /// stale-if-error: entries are kept `window` past their freshness; when a request for a
+    /// stale entry gets a 5xx or an error from the inner service, the stale entry answers
+    /// instead (`Cache-Status: ...; fwd=stale`, `X-Cache: STALE`), and is counted.
+    pub fn stale_if_error(mut self, window: Duration) -> Self {
+        self.stale_if_error = (!window.is_zero()).then_some(window);
         self
     }
 

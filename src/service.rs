@@ -158,6 +158,7 @@ where
                 (inm.is_some() || ims.is_some()).then(|| Box::new((inm, ims)))
             },
             flight: None,
+            stale: None,
         };
         ResponseFuture::lookup(ctx, inner, Request::from_parts(parts, body))
     }

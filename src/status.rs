@@ -20,6 +20,9 @@ pub enum CacheStatus {
     /// Served with the response of a concurrent miss of the same key (request coalescing);
     /// the inner service was not called for this request.
     Collapsed,
+    /// The inner service failed (5xx or error) and a stale entry answered instead
+    /// ([`Policy::stale_if_error`](crate::Policy::stale_if_error)).
+    Stale,
     /// Not in Redis (or the entry could not be used); the inner service answered.
     Miss,
     /// Redis could not be asked (error or deadline); the inner service answered. Clients
@@ -109,6 +112,13 @@ pub(crate) fn set_headers(
             )),
             "HIT",
         ),
+        CacheStatus::Stale => (
+            HeaderValue::try_from(format!(
+                "{CACHE_NAME}; fwd=stale; detail=stale-if-error; ttl={ttl_secs}"
+            ))
+            .ok(),
+            "STALE",
+        ),
         CacheStatus::Miss | CacheStatus::Unavailable => (
             Some(HeaderValue::from_static("tower-redis-cache; fwd=miss")),
             "MISS",
@@ -139,6 +149,8 @@ pub struct Stats {
     pub hits: u64,
     /// Requests served with a concurrent miss's response (coalescing).
     pub collapsed: u64,
+    /// Requests answered with a stale entry because the inner service failed.
+    pub stale_if_error: u64,
     /// Requests looked up and not found (or found unusable).
     pub misses: u64,
     /// Requests that could not be looked up because of a Redis problem.
@@ -166,6 +178,7 @@ pub struct Stats {
 pub(crate) struct Counters {
     pub(crate) hits: AtomicU64,
     pub(crate) collapsed: AtomicU64,
+    pub(crate) stale_if_error: AtomicU64,
     pub(crate) misses: AtomicU64,
     pub(crate) unavailable: AtomicU64,
     pub(crate) bypassed: AtomicU64,
@@ -187,6 +200,7 @@ impl Counters {
         Stats {
             hits: r(&self.hits),
             collapsed: r(&self.collapsed),
+            stale_if_error: r(&self.stale_if_error),
             misses: r(&self.misses),
             unavailable: r(&self.unavailable),
             bypassed: r(&self.bypassed),
