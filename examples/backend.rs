@@ -370,9 +370,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 )?
                 .route(
                     "/roles",
-                    Policy::shared(Duration::from_secs(3600)).tag("roles"),
+                    Policy::shared(Duration::from_secs(3600))
+                        .tag("roles")
+                        .stale_if_error(Duration::from_secs(86_400)),
                 )?
-                .route("/prompts/{name}", Policy::shared(Duration::from_secs(300)))?,
+                // Coalescing and ETags are on by default; the shared routes also answer from
+                // a stale entry for up to a day when the database fails.
+                .route(
+                    "/prompts/{name}",
+                    Policy::shared(Duration::from_secs(300))
+                        .stale_if_error(Duration::from_secs(86_400)),
+                )?,
         )
     } else {
         None
