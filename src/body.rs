@@ -235,7 +235,7 @@ impl Recorder {
             len: 0,
             limit: ctx.policy.max_body_size,
             etag: ctx.policy.etag,
-            stale_window: ctx.policy.stale_if_error.unwrap_or(Duration::ZERO),
+            stale_window: ctx.policy.stale_window(),
             flight,
             finished: false,
         }
@@ -299,10 +299,9 @@ impl Recorder {
             stored_at_ms,
             ttl_ms,
         );
-        // Concurrent misses of this key get the response now, whatever becomes of the write.
-        if let Some(flight) = self.flight.take() {
-            flight.complete(value.clone());
-        }
+        // Concurrent misses of this key get the response now, whatever becomes of the write;
+        // later ones too, until the write ends.
+        let completed = self.flight.take().map(|f| f.complete(value.clone()));
         let bytes = u32::try_from(self.len).unwrap_or(u32::MAX).max(1);
         let permits = Arc::clone(&shared.runtime.writes)
             .try_acquire_owned()
@@ -365,6 +364,7 @@ impl Recorder {
                 }
             }
             drop(permit);
+            drop(completed);
         });
     }
 }

@@ -39,7 +39,9 @@ impl Flights {
     pub(crate) fn join(&self, key: &str, seq: Option<u64>) -> Role {
         let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((started, tx)) = map.get(key) {
-            if seq <= *started && matches!(*tx.borrow(), Outcome::Pending) {
+            // A completed flight stays joinable until its write to Redis ends, so that
+            // requests arriving in between get its entry instead of calling again.
+            if seq <= *started && !matches!(*tx.borrow(), Outcome::NotStored) {
                 return Role::Follower(tx.subscribe());
             }
         }
@@ -64,21 +66,42 @@ pub(crate) struct FlightGuard {
 }
 
 impl FlightGuard {
-    /// Hands the encoded entry to the followers.
-    pub(crate) fn complete(mut self, entry: Bytes) {
-        self.finish(Outcome::Stored(entry));
+    /// Hands the encoded entry to the followers. The flight stays joinable until the
+    /// returned handle is dropped (when the write to Redis ends).
+    pub(crate) fn complete(mut self, entry: Bytes) -> Completed {
+        self.done = true;
+        self.tx.send_replace(Outcome::Stored(entry));
+        Completed {
+            flights: Arc::clone(&self.flights),
+            key: std::mem::take(&mut self.key),
+            tx: Arc::clone(&self.tx),
+        }
     }
 
     fn finish(&mut self, outcome: Outcome) {
         self.done = true;
         self.tx.send_replace(outcome);
-        let mut map = self.flights.lock().unwrap_or_else(|e| e.into_inner());
-        if map
-            .get(&self.key)
-            .is_some_and(|(_, tx)| Arc::ptr_eq(tx, &self.tx))
-        {
-            map.remove(&self.key);
-        }
+        forget(&self.flights, &self.key, &self.tx);
+    }
+}
+
+fn forget(flights: &Mutex<HashMap<String, Flight>>, key: &str, tx: &Arc<watch::Sender<Outcome>>) {
+    let mut map = flights.lock().unwrap_or_else(|e| e.into_inner());
+    if map.get(key).is_some_and(|(_, t)| Arc::ptr_eq(t, tx)) {
+        map.remove(key);
+    }
+}
+
+/// A completed flight, joinable until dropped.
+pub(crate) struct Completed {
+    flights: Arc<Mutex<HashMap<String, Flight>>>,
+    key: String,
+    tx: Arc<watch::Sender<Outcome>>,
+}
+
+impl Drop for Completed {
+    fn drop(&mut self) {
+        forget(&self.flights, &self.key, &self.tx);
     }
 }
 

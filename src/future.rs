@@ -40,6 +40,12 @@ pub(crate) enum Found {
     },
     /// The entry of a concurrent miss of the same key (coalescing).
     Collapsed(Entry),
+    /// A stale entry within the stale-while-revalidate window; `refresh` is set (with the
+    /// sequence read before it) when this request is the one to refresh it.
+    Revalidate {
+        entry: Entry,
+        refresh: Option<(u64, crate::coalesce::FlightGuard)>,
+    },
     /// Redis could not be asked.
     Unavailable,
 }
@@ -148,6 +154,11 @@ where
             ctx.key.clone(),
             coalesce,
             ctx.policy.stale_if_error,
+            if ctx.head {
+                None
+            } else {
+                ctx.policy.stale_while_revalidate
+            },
         ));
         ResponseFuture {
             state: State::Lookup {
@@ -163,7 +174,9 @@ where
 impl<S, ReqB, ResB> Future for ResponseFuture<S, ReqB>
 where
     S: Service<Request<ReqB>, Response = Response<ResB>>,
-    ResB: http_body::Body<Data = Bytes>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ResB: http_body::Body<Data = Bytes> + Send + 'static,
 {
     type Output = Result<Response<ResponseBody<ResB>>, S::Error>;
 
@@ -185,6 +198,24 @@ where
                         Found::Collapsed(entry) => {
                             this.state.set(State::Done);
                             return Poll::Ready(Ok(hit_as(entry, ctx, CacheStatus::Collapsed)));
+                        }
+                        Found::Revalidate { entry, refresh } => {
+                            let StateOwn::Lookup {
+                                mut service,
+                                request,
+                                ..
+                            } = this.state.as_mut().project_replace(State::Done)
+                            else {
+                                // We are in the `Lookup` arm of this very match.
+                                unreachable!("state changed during poll")
+                            };
+                            if let Some((seq, guard)) = refresh {
+                                // This request's own call refreshes the entry, in the
+                                // background; its client gets the stale entry now.
+                                let future = service.call(request);
+                                spawn_refresh(future, refresh_ctx(ctx, seq, guard));
+                            }
+                            return Poll::Ready(Ok(hit_as(entry, ctx, CacheStatus::Revalidating)));
                         }
                         Found::Miss { seq, flight, stale } => {
                             ctx.miss_seq = seq;
@@ -261,6 +292,53 @@ where
     }
 }
 
+/// The context of a background refresh: a miss of the same key that leads its flight.
+fn refresh_ctx(ctx: &Ctx, seq: u64, guard: crate::coalesce::FlightGuard) -> Ctx {
+    Ctx {
+        shared: Arc::clone(&ctx.shared),
+        key: ctx.key.clone(),
+        policy: Arc::clone(&ctx.policy),
+        head: false,
+        status: CacheStatus::Miss,
+        path: ctx.path.clone(),
+        route: ctx.route.clone(),
+        identity: ctx.identity.clone(),
+        miss_seq: Some(seq),
+        started: Instant::now(),
+        conditional: None,
+        flight: Some(guard),
+        stale: None,
+    }
+}
+
+/// Calls the inner service and records its response to the end, off any client's path.
+fn spawn_refresh<F, B, E>(future: F, ctx: Ctx)
+where
+    F: Future<Output = Result<Response<B>, E>> + Send + 'static,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    E: Send + 'static,
+{
+    let Ok(rt) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    Counters::incr(&ctx.shared.runtime.counters.refreshes);
+    rt.spawn(async move {
+        let mut mode = Mode::Cache(Box::new(ctx));
+        let Ok(response) = future.await else {
+            return;
+        };
+        let mut body = Box::pin(respond(response, &mut mode).into_body());
+        // Drive the body to its end: the recorder stores it (or abandons it on an error).
+        while let Some(frame) =
+            std::future::poll_fn(|cx| http_body::Body::poll_frame(body.as_mut(), cx)).await
+        {
+            if frame.is_err() {
+                break;
+            }
+        }
+    });
+}
+
 /// Invalidates a path after a successful write to it, before the response is returned, so
 /// the writer's next read is fresh. A failure is logged and counted; the write's own
 /// response is returned either way (it succeeded).
@@ -278,6 +356,7 @@ async fn look_up(
     key: String,
     coalesce: Option<Duration>,
     stale_window: Option<Duration>,
+    revalidate: Option<Duration>,
 ) -> Found {
     let store = &shared.settings.store;
     let counters = &shared.runtime.counters;
@@ -289,6 +368,20 @@ async fn look_up(
                 Counters::incr(&counters.hits);
                 tracing::debug!(key = %key, "cache hit");
                 return Found::Hit(entry);
+            }
+            Ok(entry) if entry.confirmed && within(&entry, revalidate) => {
+                Counters::incr(&counters.stale_while_revalidate);
+                let seq = store
+                    .read_seq(&shared.settings.keyer.seq_key(), store.lookup_timeout())
+                    .await
+                    .ok();
+                // One refresh per process: the flight of this key, as for a miss.
+                let refresh = match seq.map(|s| (s, shared.runtime.flights.join(&key, Some(s)))) {
+                    Some((s, Role::Leader(guard))) => Some((s, guard)),
+                    _ => None,
+                };
+                tracing::debug!(key = %key, refresh = refresh.is_some(), "stale entry served while revalidating");
+                return Found::Revalidate { entry, refresh };
             }
             Ok(entry) if entry.confirmed => {
                 tracing::debug!(key = %key, "stale entry; cache miss");
@@ -353,6 +446,18 @@ async fn look_up(
             }
         }
     }
+}
+
+/// Whether a stale entry is still within `window` past its freshness.
+fn within(entry: &Entry, window: Option<Duration>) -> bool {
+    window.is_some_and(|w| {
+        let w = u64::try_from(w.as_millis()).unwrap_or(u64::MAX);
+        now_ms()
+            < entry
+                .stored_at_ms
+                .saturating_add(entry.ttl_ms)
+                .saturating_add(w)
+    })
 }
 
 /// Whether an entry is within its freshness (entries may be kept longer for stale-if-error).

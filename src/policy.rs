@@ -61,6 +61,8 @@ pub struct Policy {
     pub(crate) coalesce: Option<Duration>,
     /// How long past its freshness an entry is kept to answer when the inner service fails.
     pub(crate) stale_if_error: Option<Duration>,
+    /// How long past its freshness an entry is served at once while it is refreshed.
+    pub(crate) stale_while_revalidate: Option<Duration>,
 }
 
 impl Policy {
@@ -77,6 +79,7 @@ impl Policy {
             etag: true,
             coalesce: Some(DEFAULT_COALESCE_WAIT),
             stale_if_error: None,
+            stale_while_revalidate: None,
         }
     }
 
@@ -186,6 +189,21 @@ impl Policy {
     pub fn stale_if_error(mut self, window: Duration) -> Self {
         self.stale_if_error = (!window.is_zero()).then_some(window);
         self
+    }
+
+    /// stale-while-revalidate: for `window` past its freshness, an entry is served at once
+    /// (`Cache-Status: ...; hit; fwd=stale`) while one request per process refreshes it in
+    /// the background (the inner service answers that request's refresh, not its client).
+    pub fn stale_while_revalidate(mut self, window: Duration) -> Self {
+        self.stale_while_revalidate = (!window.is_zero()).then_some(window);
+        self
+    }
+
+    /// How long entries are kept past their freshness.
+    pub(crate) fn stale_window(&self) -> Duration {
+        self.stale_if_error
+            .unwrap_or_default()
+            .max(self.stale_while_revalidate.unwrap_or_default())
     }
 
     pub(crate) fn is_strictly_shared(&self) -> bool {

@@ -66,7 +66,10 @@ impl<S: fmt::Debug> fmt::Debug for CacheService<S> {
 impl<S, ReqB, ResB> Service<Request<ReqB>> for CacheService<S>
 where
     S: Service<Request<ReqB>, Response = Response<ResB>> + Clone,
-    ResB: http_body::Body<Data = bytes::Bytes>,
+    // Sent to a background task by stale-while-revalidate refreshes.
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ResB: http_body::Body<Data = bytes::Bytes> + Send + 'static,
 {
     type Response = Response<ResponseBody<ResB>>;
     type Error = S::Error;

@@ -23,6 +23,9 @@ pub enum CacheStatus {
     /// The inner service failed (5xx or error) and a stale entry answered instead
     /// ([`Policy::stale_if_error`](crate::Policy::stale_if_error)).
     Stale,
+    /// A stale entry served while it is refreshed in the background
+    /// ([`Policy::stale_while_revalidate`](crate::Policy::stale_while_revalidate)).
+    Revalidating,
     /// Not in Redis (or the entry could not be used); the inner service answered.
     Miss,
     /// Redis could not be asked (error or deadline); the inner service answered. Clients
@@ -112,6 +115,12 @@ pub(crate) fn set_headers(
             )),
             "HIT",
         ),
+        CacheStatus::Revalidating => (
+            Some(HeaderValue::from_static(
+                "tower-redis-cache; hit; fwd=stale",
+            )),
+            "STALE",
+        ),
         CacheStatus::Stale => (
             HeaderValue::try_from(format!(
                 "{CACHE_NAME}; fwd=stale; detail=stale-if-error; ttl={ttl_secs}"
@@ -151,6 +160,10 @@ pub struct Stats {
     pub collapsed: u64,
     /// Requests answered with a stale entry because the inner service failed.
     pub stale_if_error: u64,
+    /// Requests answered with a stale entry while it was refreshed.
+    pub stale_while_revalidate: u64,
+    /// Background refreshes started (stale-while-revalidate).
+    pub refreshes: u64,
     /// Requests looked up and not found (or found unusable).
     pub misses: u64,
     /// Requests that could not be looked up because of a Redis problem.
@@ -179,6 +192,8 @@ pub(crate) struct Counters {
     pub(crate) hits: AtomicU64,
     pub(crate) collapsed: AtomicU64,
     pub(crate) stale_if_error: AtomicU64,
+    pub(crate) stale_while_revalidate: AtomicU64,
+    pub(crate) refreshes: AtomicU64,
     pub(crate) misses: AtomicU64,
     pub(crate) unavailable: AtomicU64,
     pub(crate) bypassed: AtomicU64,
@@ -201,6 +216,8 @@ impl Counters {
             hits: r(&self.hits),
             collapsed: r(&self.collapsed),
             stale_if_error: r(&self.stale_if_error),
+            stale_while_revalidate: r(&self.stale_while_revalidate),
+            refreshes: r(&self.refreshes),
             misses: r(&self.misses),
             unavailable: r(&self.unavailable),
             bypassed: r(&self.bypassed),

@@ -15,9 +15,13 @@ use http::HeaderValue;
 use tower_redis_cache::{CacheHandle, CacheLayer, Policy, RedisConfig, RedisStore};
 
 async fn setup(server: &RedisServer, policy: Policy) -> (Router, CacheHandle, Arc<AtomicUsize>) {
-    let store = RedisStore::connect(RedisConfig::from_url(&server.url()).unwrap())
-        .await
-        .unwrap();
+    // A generous lookup deadline: these tests are about coalescing, and on a loaded machine
+    // 100 concurrent lookups could otherwise pass the 50 ms default and skip it (a lookup
+    // that fails is not coalesced).
+    let config = RedisConfig::from_url(&server.url())
+        .unwrap()
+        .lookup_timeout(Duration::from_secs(2));
+    let store = RedisStore::connect(config).await.unwrap();
     let cache = CacheLayer::new(store, policy);
     let handle = cache.handle();
     let calls = Arc::new(AtomicUsize::new(0));

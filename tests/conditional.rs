@@ -11,10 +11,10 @@ use axum::Router;
 use common::{get as get_req, get_with, send, wait_until, RedisServer};
 use fred::prelude::KeysInterface;
 use http::HeaderValue;
-use tower_redis_cache::{CacheHandle, CacheLayer, Policy, RedisConfig, RedisStore, RequestKey};
+use tower_redis_cache::{CacheHandle, CacheLayer, Policy, RedisStore, RequestKey};
 
 async fn setup(server: &RedisServer, policy: Policy) -> (Router, CacheHandle, RedisStore) {
-    let store = RedisStore::connect(RedisConfig::from_url(&server.url()).unwrap())
+    let store = RedisStore::connect(common::relaxed_config(&server.url()))
         .await
         .unwrap();
     let cache = CacheLayer::new(store.clone(), policy);

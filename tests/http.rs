@@ -21,13 +21,13 @@ use http_body::Frame;
 use http_body_util::{BodyExt, StreamBody};
 use tower_redis_cache::{
     CacheHandle, CacheLayer, CacheOverride, CacheService, CacheStatus, Identity, Policy,
-    RedisConfig, RedisStore, RequestKey, ResponseFuture,
+    RedisStore, RequestKey, ResponseFuture,
 };
 
 const MIN: Duration = Duration::from_secs(60);
 
 async fn store(server: &RedisServer) -> RedisStore {
-    RedisStore::connect(RedisConfig::from_url(&server.url()).unwrap())
+    RedisStore::connect(common::relaxed_config(&server.url()))
         .await
         .unwrap()
 }

@@ -10,13 +10,13 @@ use axum::body::Body;
 use common::{get as get_req, read, wait_until, RedisServer};
 use http::{Request, Response, StatusCode};
 use tower::ServiceExt;
-use tower_redis_cache::{CacheLayer, Policy, RedisConfig, RedisStore};
+use tower_redis_cache::{CacheLayer, Policy, RedisStore};
 
 /// 0: answer 200; 1: answer 503; 2: fail with an error.
 #[tokio::test]
 async fn a_stale_entry_answers_when_the_handler_fails() {
     let server = RedisServer::start();
-    let store = RedisStore::connect(RedisConfig::from_url(&server.url()).unwrap())
+    let store = RedisStore::connect(common::relaxed_config(&server.url()))
         .await
         .unwrap();
     let policy = Policy::shared(Duration::from_millis(500)).stale_if_error(Duration::from_secs(60));
@@ -85,4 +85,61 @@ async fn a_stale_entry_answers_when_the_handler_fails() {
     let fresh = r.text();
     wait_until("stored", || handle.stats().stored == 2).await;
     assert_eq!(send("/a").await.unwrap().text(), fresh);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_entries_are_served_at_once_and_refreshed_once() {
+    use axum::routing::get;
+    let server = RedisServer::start();
+    let store = RedisStore::connect(common::relaxed_config(&server.url()))
+        .await
+        .unwrap();
+    let policy =
+        Policy::shared(Duration::from_millis(300)).stale_while_revalidate(Duration::from_secs(60));
+    let cache = CacheLayer::new(store, policy);
+    let handle = cache.handle();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = calls.clone();
+    let app = axum::Router::new()
+        .route(
+            "/v",
+            get(move || {
+                let n = c.fetch_add(1, Ordering::SeqCst) + 1;
+                async move {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    format!("version {n}")
+                }
+            }),
+        )
+        .layer(cache);
+
+    assert_eq!(common::send(&app, get_req("/v")).await.text(), "version 1");
+    wait_until("stored", || handle.stats().stored == 1).await;
+    tokio::time::sleep(Duration::from_millis(400)).await; // stale now
+
+    // Ten concurrent requests: all get the stale entry at once, one refresh runs.
+    let started = std::time::Instant::now();
+    let tasks: Vec<_> = (0..10)
+        .map(|_| {
+            let app = app.clone();
+            tokio::spawn(async move { common::send(&app, get_req("/v")).await })
+        })
+        .collect();
+    for t in tasks {
+        let r = t.await.unwrap();
+        assert_eq!((r.text().as_str(), r.x_cache()), ("version 1", "STALE"));
+        assert_eq!(
+            r.header("cache-status"),
+            Some("tower-redis-cache; hit; fwd=stale")
+        );
+    }
+    assert!(
+        started.elapsed() < Duration::from_millis(200),
+        "not waiting for the handler"
+    );
+    wait_until("the refresh stored", || handle.stats().stored == 2).await;
+    assert_eq!(handle.stats().refreshes, 1);
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    let r = common::send(&app, get_req("/v")).await;
+    assert_eq!((r.text().as_str(), r.x_cache()), ("version 2", "HIT"));
 }

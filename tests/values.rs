@@ -11,12 +11,12 @@ use common::scenario;
 use common::{get_with, send, wait_until, RedisServer};
 use fred::prelude::KeysInterface;
 use serde::{Deserialize, Serialize};
-use tower_redis_cache::{CacheHandle, CacheLayer, Policy, RedisConfig, RedisStore, ValueKey};
+use tower_redis_cache::{CacheHandle, CacheLayer, Policy, RedisStore, ValueKey};
 
 const TTL: Duration = Duration::from_secs(60);
 
 async fn handle(url: &str) -> CacheHandle {
-    let store = RedisStore::connect(RedisConfig::from_url(url).unwrap())
+    let store = RedisStore::connect(common::relaxed_config(url))
         .await
         .unwrap();
     CacheLayer::new(store, Policy::bypass())
@@ -54,7 +54,7 @@ async fn set_get_delete_json() {
         "{keys:?}"
     );
     assert!(!parts.contains(&"42"));
-    let store = RedisStore::connect(RedisConfig::from_url(&server.url()).unwrap())
+    let store = RedisStore::connect(common::relaxed_config(&server.url()))
         .await
         .unwrap();
     let raw: Vec<u8> = store.pool().get(&keys[0]).await.unwrap();
