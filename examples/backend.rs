@@ -372,13 +372,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     "/roles",
                     Policy::shared(Duration::from_secs(3600))
                         .tag("roles")
+                        .stale_while_revalidate(Duration::from_secs(60))
                         .stale_if_error(Duration::from_secs(86_400)),
                 )?
-                // Coalescing and ETags are on by default; the shared routes also answer from
-                // a stale entry for up to a day when the database fails.
+                // Coalescing and ETags are on by default; the shared routes also serve a
+                // stale entry for a minute while it is refreshed, and for up to a day when
+                // the database fails.
                 .route(
                     "/prompts/{name}",
                     Policy::shared(Duration::from_secs(300))
+                        .stale_while_revalidate(Duration::from_secs(60))
                         .stale_if_error(Duration::from_secs(86_400)),
                 )?,
         )
