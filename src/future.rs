@@ -626,6 +626,17 @@ where
     } else {
         match response_ttl(parts.status, &parts.headers, over, &ctx.policy) {
             Err(why) => {
+                if why == NotStored::Vary {
+                    Counters::incr(&counters.vary_refused);
+                    let route = ctx.route.as_deref().unwrap_or(&ctx.path);
+                    if ctx.shared.runtime.first_vary_refusal(route) {
+                        tracing::warn!(
+                            route,
+                            vary = ?parts.headers.get_all(http::header::VARY).iter().collect::<Vec<_>>(),
+                            "responses vary on headers the route does not key on: not stored (key them with Policy::key_header); logged once per route"
+                        );
+                    }
+                }
                 tracing::debug!(key = %ctx.key, reason = why.as_str(), "response not stored");
                 ResponseBody::passthrough(body)
             }

@@ -53,6 +53,17 @@ pub(crate) struct Runtime {
     pub(crate) inflight: crate::value::Inflight,
     /// Misses in flight, for request coalescing.
     pub(crate) flights: crate::coalesce::Flights,
+    /// Routes whose responses were refused for their `Vary` (logged once each).
+    vary_logged: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+impl Runtime {
+    /// True the first time a route's response is refused for its `Vary` (bounded: at most
+    /// 1,000 routes are remembered).
+    pub(crate) fn first_vary_refusal(&self, route: &str) -> bool {
+        let mut seen = self.vary_logged.lock().unwrap_or_else(|e| e.into_inner());
+        seen.len() < 1000 && seen.insert(route.to_owned())
+    }
 }
 
 /// The default bound on the bytes of entries being written at once.
@@ -66,6 +77,7 @@ impl Runtime {
             write_bytes: Arc::new(Semaphore::new(DEFAULT_MAX_PENDING_BYTES)),
             inflight: crate::value::Inflight::default(),
             flights: crate::coalesce::Flights::default(),
+            vary_logged: std::sync::Mutex::default(),
         }
     }
 }

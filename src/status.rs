@@ -164,6 +164,8 @@ pub struct Stats {
     pub stale_while_revalidate: u64,
     /// Background refreshes started (stale-while-revalidate).
     pub refreshes: u64,
+    /// Responses not stored because their `Vary` names a header the route does not key on.
+    pub vary_refused: u64,
     /// Requests looked up and not found (or found unusable).
     pub misses: u64,
     /// Requests that could not be looked up because of a Redis problem.
@@ -194,6 +196,7 @@ pub(crate) struct Counters {
     pub(crate) stale_if_error: AtomicU64,
     pub(crate) stale_while_revalidate: AtomicU64,
     pub(crate) refreshes: AtomicU64,
+    pub(crate) vary_refused: AtomicU64,
     pub(crate) misses: AtomicU64,
     pub(crate) unavailable: AtomicU64,
     pub(crate) bypassed: AtomicU64,
@@ -218,6 +221,7 @@ impl Counters {
             stale_if_error: r(&self.stale_if_error),
             stale_while_revalidate: r(&self.stale_while_revalidate),
             refreshes: r(&self.refreshes),
+            vary_refused: r(&self.vary_refused),
             misses: r(&self.misses),
             unavailable: r(&self.unavailable),
             bypassed: r(&self.bypassed),

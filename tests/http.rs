@@ -342,6 +342,7 @@ async fn unstorable_responses_are_never_stored() {
     assert_eq!(calls.get(), 14);
     assert_eq!(handle.stats().stored, 0);
     assert_eq!(handle.stats().abandoned, 0);
+    assert_eq!(handle.stats().vary_refused, 2, "Vary: * counted");
 }
 
 #[tokio::test]
