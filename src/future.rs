@@ -159,6 +159,7 @@ where
             } else {
                 ctx.policy.stale_while_revalidate
             },
+            ctx.policy.lock,
         ));
         ResponseFuture {
             state: State::Lookup {
@@ -357,6 +358,7 @@ async fn look_up(
     coalesce: Option<Duration>,
     stale_window: Option<Duration>,
     revalidate: Option<Duration>,
+    lock: Option<Duration>,
 ) -> Found {
     let store = &shared.settings.store;
     let counters = &shared.runtime.counters;
@@ -421,11 +423,21 @@ async fn look_up(
         };
     };
     match shared.runtime.flights.join(&key, seq) {
-        Role::Leader(guard) => Found::Miss {
-            seq,
-            flight: Some(guard),
-            stale,
-        },
+        Role::Leader(guard) => {
+            if let Some(lock_ttl) = lock {
+                if let Some(entry) = wait_for_other_instance(&shared, &key, lock_ttl, wait).await {
+                    // Our own followers get it too.
+                    drop(guard.complete(entry.0));
+                    Counters::incr(&counters.collapsed);
+                    return Found::Collapsed(entry.1);
+                }
+            }
+            Found::Miss {
+                seq,
+                flight: Some(guard),
+                stale,
+            }
+        }
         Role::Follower(mut rx) => {
             let outcome =
                 tokio::time::timeout(wait, rx.wait_for(|o| !matches!(o, Outcome::Pending))).await;
@@ -446,6 +458,34 @@ async fn look_up(
             }
         }
     }
+}
+
+/// Takes the cross-instance lock of `key`; if another instance holds it, waits (polling,
+/// up to `wait`) for that instance's confirmed entry. `None`: compute it here (the lock was
+/// ours, Redis did not answer, or the wait ran out: the give-up path).
+async fn wait_for_other_instance(
+    shared: &CacheLayer,
+    key: &str,
+    lock_ttl: Duration,
+    wait: Duration,
+) -> Option<(Bytes, Entry)> {
+    let store = &shared.settings.store;
+    let lock_key = format!("{key}:lock");
+    if store.try_lock(&lock_key, lock_ttl).await.unwrap_or(true) {
+        return None;
+    }
+    let deadline = Instant::now() + wait.min(lock_ttl);
+    while Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        if let Ok(Some(raw)) = store.get(key).await {
+            if let Ok(entry) = Entry::decode(&raw) {
+                if entry.confirmed && is_fresh(&entry) {
+                    return Some((raw, entry));
+                }
+            }
+        }
+    }
+    None
 }
 
 /// Whether a stale entry is still within `window` past its freshness.

@@ -63,6 +63,8 @@ pub struct Policy {
     pub(crate) stale_if_error: Option<Duration>,
     /// How long past its freshness an entry is served at once while it is refreshed.
     pub(crate) stale_while_revalidate: Option<Duration>,
+    /// A Redis lock so that one instance of many computes a miss.
+    pub(crate) lock: Option<Duration>,
 }
 
 impl Policy {
@@ -80,6 +82,7 @@ impl Policy {
             coalesce: Some(DEFAULT_COALESCE_WAIT),
             stale_if_error: None,
             stale_while_revalidate: None,
+            lock: None,
         }
     }
 
@@ -196,6 +199,15 @@ impl Policy {
     /// the background (the inner service answers that request's refresh, not its client).
     pub fn stale_while_revalidate(mut self, window: Duration) -> Self {
         self.stale_while_revalidate = (!window.is_zero()).then_some(window);
+        self
+    }
+
+    /// Coalescing across instances: the instance whose miss leads also takes a short Redis
+    /// lock (`SET NX PX lock_ttl`); misses of other instances then wait (up to the
+    /// coalescing wait) for its entry to appear, and give up and call their handler after.
+    /// Costs one more Redis command per leading miss. Off by default; needs coalescing on.
+    pub fn lock_across_instances(mut self, lock_ttl: Duration) -> Self {
+        self.lock = (!lock_ttl.is_zero()).then_some(lock_ttl);
         self
     }
 

@@ -499,6 +499,24 @@ impl RedisStore {
         Ok(())
     }
 
+    /// SET NX PX: true if this caller took the lock.
+    pub(crate) async fn try_lock(&self, key: &str, ttl: Duration) -> Result<bool, FredError> {
+        self.gate()?;
+        let r = self
+            .inner
+            .pool
+            .with_options(&self.inner.read)
+            .set::<Option<String>, _, _>(
+                key,
+                "1",
+                Some(Expiration::PX(ms(ttl))),
+                Some(fred::types::SetOptions::NX),
+                false,
+            )
+            .await;
+        self.observe("lock", r).map(|r| r.is_some())
+    }
+
     /// GET of a plain value (not on the request path: the command deadline applies).
     pub(crate) async fn get_value(&self, key: &str) -> Result<Option<Bytes>, FredError> {
         let r = self

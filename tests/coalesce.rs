@@ -135,3 +135,51 @@ async fn coalescing_can_be_turned_off() {
     assert_eq!(calls.load(Ordering::SeqCst), 10);
     assert_eq!(handle.stats().collapsed, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_with_the_lock_make_one_call() {
+    let server = RedisServer::start();
+    let policy =
+        Policy::shared(Duration::from_secs(60)).lock_across_instances(Duration::from_secs(5));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let mut apps = Vec::new();
+    for _ in 0..2 {
+        let config = RedisConfig::from_url(&server.url())
+            .unwrap()
+            .lookup_timeout(Duration::from_secs(2));
+        let store = RedisStore::connect(config).await.unwrap();
+        let cache = CacheLayer::new(store, policy.clone())
+            .namespace("two")
+            .unwrap();
+        let c = calls.clone();
+        apps.push(
+            Router::new()
+                .route(
+                    "/slow",
+                    get(move || {
+                        let n = c.fetch_add(1, Ordering::SeqCst) + 1;
+                        async move {
+                            tokio::time::sleep(Duration::from_millis(300)).await;
+                            format!("call #{n}")
+                        }
+                    }),
+                )
+                .layer(cache),
+        );
+    }
+    let tasks: Vec<_> = (0..40)
+        .map(|i| {
+            let app = apps[i % 2].clone();
+            tokio::spawn(async move { send(&app, get_req("/slow")).await })
+        })
+        .collect();
+    for t in tasks {
+        let r = t.await.unwrap();
+        assert_eq!((r.status.as_u16(), r.text().as_str()), (200, "call #1"));
+    }
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "one call across both instances"
+    );
+}
