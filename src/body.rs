@@ -199,8 +199,9 @@ pub(crate) struct Recorder {
     chunks: Vec<Bytes>,
     len: usize,
     limit: usize,
-    /// How long past its freshness the entry is kept (stale-if-error).
-    stale_window: Duration,
+    /// How long past its freshness the entry may be served while refreshed, and may answer
+    /// failures.
+    windows: (Duration, Duration),
     /// Whether to add a strong `ETag` computed from the body when the handler set none.
     etag: bool,
     /// Set when this response leads a coalesced miss: its followers get the entry.
@@ -235,7 +236,7 @@ impl Recorder {
             len: 0,
             limit: ctx.policy.max_body_size,
             etag: ctx.policy.etag,
-            stale_window: ctx.policy.stale_window(),
+            windows: ctx.policy.stale_windows(response_headers),
             flight,
             finished: false,
         }
@@ -296,8 +297,12 @@ impl Recorder {
             trailers.as_ref(),
             &self.chunks,
             nonce,
-            stored_at_ms,
-            ttl_ms,
+            crate::entry::Timing {
+                stored_at_ms,
+                ttl_ms,
+                swr_ms: u64::try_from(self.windows.0.as_millis()).unwrap_or(u64::MAX),
+                sie_ms: u64::try_from(self.windows.1.as_millis()).unwrap_or(u64::MAX),
+            },
         );
         // Concurrent misses of this key get the response now, whatever becomes of the write;
         // later ones too, until the write ends.
@@ -334,7 +339,7 @@ impl Recorder {
             key: std::mem::take(&mut self.key),
             value,
             nonce,
-            ttl: self.ttl.saturating_add(self.stale_window),
+            ttl: self.ttl.saturating_add(self.windows.0.max(self.windows.1)),
             indexes,
             path: Some((
                 keyer.paths_key(),

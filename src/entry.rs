@@ -3,7 +3,8 @@
 //! Layout (all integers big-endian):
 //!
 //! ```text
-//! magic "TRC" | version u8 | state u8 | nonce [u8; 8] | stored_at_ms u64 | ttl_ms u64 | status u16
+//! magic "TRC" | version u8 | state u8 | nonce [u8; 8] | stored_at_ms u64 | ttl_ms u64
+//! | swr_ms u64 | sie_ms u64 | status u16
 //! | n_headers u16 | (name_len u16, name, value_len u32, value)*
 //! | has_trailers u8 | [n_trailers u16 | (name_len u16, name, value_len u32, value)*]
 //! | body_len u64 | body
@@ -46,8 +47,21 @@ pub(crate) struct Entry {
     pub(crate) stored_at_ms: u64,
     /// The time to live the entry was stored with, in milliseconds.
     pub(crate) ttl_ms: u64,
+    /// How long past `ttl_ms` it may be served while refreshed (stale-while-revalidate).
+    pub(crate) swr_ms: u64,
+    /// How long past `ttl_ms` it may answer when the inner service fails (stale-if-error).
+    pub(crate) sie_ms: u64,
     /// Whether the writer confirmed it (see the module docs).
     pub(crate) confirmed: bool,
+}
+
+/// When an entry was stored and how long it lives, in milliseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Timing {
+    pub(crate) stored_at_ms: u64,
+    pub(crate) ttl_ms: u64,
+    pub(crate) swr_ms: u64,
+    pub(crate) sie_ms: u64,
 }
 
 /// Why a stored value could not be decoded.
@@ -80,9 +94,14 @@ impl Entry {
         trailers: Option<&HeaderMap>,
         body: &[Bytes],
         nonce: [u8; 8],
-        stored_at_ms: u64,
-        ttl_ms: u64,
+        timing: Timing,
     ) -> Bytes {
+        let Timing {
+            stored_at_ms,
+            ttl_ms,
+            swr_ms,
+            sie_ms,
+        } = timing;
         let body_len: usize = body.iter().map(Bytes::len).sum();
         let map_len = |m: &HeaderMap| {
             m.iter()
@@ -96,6 +115,7 @@ impl Entry {
             + 8
             + 8
             + 8
+            + 16
             + 2
             + map_len(headers)
             + 1
@@ -109,6 +129,8 @@ impl Entry {
         out.put_slice(&nonce);
         out.put_u64(stored_at_ms);
         out.put_u64(ttl_ms);
+        out.put_u64(swr_ms);
+        out.put_u64(sie_ms);
         out.put_u16(status.as_u16());
         put_map(&mut out, headers);
         match trailers {
@@ -147,6 +169,8 @@ impl Entry {
         let _nonce = cur.u64()?;
         let stored_at_ms = cur.u64()?;
         let ttl_ms = cur.u64()?;
+        let swr_ms = cur.u64()?;
+        let sie_ms = cur.u64()?;
         let status = StatusCode::from_u16(cur.u16()?).map_err(|_| DecodeError::Malformed)?;
         let headers = cur.map()?;
         let trailers = match cur.u8()? {
@@ -166,6 +190,8 @@ impl Entry {
             body,
             stored_at_ms,
             ttl_ms,
+            swr_ms,
+            sie_ms,
             confirmed,
         })
     }
@@ -249,6 +275,16 @@ impl Cursor {
 }
 
 #[cfg(test)]
+fn timing(e: &Entry) -> Timing {
+    Timing {
+        stored_at_ms: e.stored_at_ms,
+        ttl_ms: e.ttl_ms,
+        swr_ms: e.swr_ms,
+        sie_ms: e.sie_ms,
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
@@ -266,6 +302,8 @@ mod tests {
             body: Bytes::from_static(b"{\"hello\":\"world\"}"),
             stored_at_ms: 1_700_000_000_123,
             ttl_ms: 60_000,
+            swr_ms: 5_000,
+            sie_ms: 86_400_000,
             confirmed: false,
         }
     }
@@ -279,8 +317,7 @@ mod tests {
             e.trailers.as_ref(),
             &[Bytes::copy_from_slice(a), Bytes::copy_from_slice(b)],
             *b"12345678",
-            e.stored_at_ms,
-            e.ttl_ms,
+            timing(e),
         )
     }
 
@@ -301,15 +338,7 @@ mod tests {
             body: Bytes::new(),
             ..sample()
         };
-        let raw = Entry::encode(
-            e.status,
-            &e.headers,
-            None,
-            &[],
-            [0; 8],
-            e.stored_at_ms,
-            e.ttl_ms,
-        );
+        let raw = Entry::encode(e.status, &e.headers, None, &[], [0; 8], timing(&e));
         assert_eq!(Entry::decode(&raw).unwrap(), e);
     }
 
@@ -363,7 +392,7 @@ mod tests {
     fn huge_header_counts_are_malformed_not_a_panic() {
         let mut raw = BytesMut::new();
         raw.put_slice(b"TRC\x01\x01");
-        raw.put_slice(&[0; 8 + 8 + 8]);
+        raw.put_slice(&[0; 8 + 8 + 8 + 16]);
         raw.put_u16(200);
         raw.put_u16(u16::MAX);
         for _ in 0..30_000 {
@@ -437,6 +466,8 @@ mod fuzz {
                     body: Bytes::from(body),
                     stored_at_ms: at,
                     ttl_ms: ttl,
+                    swr_ms: ttl / 3,
+                    sie_ms: ttl / 7,
                     confirmed: false,
                 }
             })
@@ -449,8 +480,7 @@ mod fuzz {
             e.trailers.as_ref(),
             std::slice::from_ref(&e.body),
             [7; 8],
-            e.stored_at_ms,
-            e.ttl_ms,
+            timing(e),
         )
     }
 

@@ -153,12 +153,7 @@ where
             Arc::clone(&ctx.shared),
             ctx.key.clone(),
             coalesce,
-            ctx.policy.stale_if_error,
-            if ctx.head {
-                None
-            } else {
-                ctx.policy.stale_while_revalidate
-            },
+            !ctx.head,
             ctx.policy.lock,
         ));
         ResponseFuture {
@@ -242,8 +237,12 @@ where
                     // stale-if-error: a failure of the inner service is answered by the
                     // stale entry, when there is one.
                     if let Mode::Cache(ctx) = this.mode {
+                        // 5xx, an error, or a timeout layer's 408.
                         let failed = match &result {
-                            Ok(r) => r.status().is_server_error(),
+                            Ok(r) => {
+                                r.status().is_server_error()
+                                    || r.status() == http::StatusCode::REQUEST_TIMEOUT
+                            }
                             Err(_) => true,
                         };
                         if failed {
@@ -356,8 +355,7 @@ async fn look_up(
     shared: Arc<CacheLayer>,
     key: String,
     coalesce: Option<Duration>,
-    stale_window: Option<Duration>,
-    revalidate: Option<Duration>,
+    revalidate: bool,
     lock: Option<Duration>,
 ) -> Found {
     let store = &shared.settings.store;
@@ -371,7 +369,7 @@ async fn look_up(
                 tracing::debug!(key = %key, "cache hit");
                 return Found::Hit(entry);
             }
-            Ok(entry) if entry.confirmed && within(&entry, revalidate) => {
+            Ok(entry) if entry.confirmed && revalidate && within(&entry, entry.swr_ms) => {
                 Counters::incr(&counters.stale_while_revalidate);
                 let seq = store
                     .read_seq(&shared.settings.keyer.seq_key(), store.lookup_timeout())
@@ -387,7 +385,7 @@ async fn look_up(
             }
             Ok(entry) if entry.confirmed => {
                 tracing::debug!(key = %key, "stale entry; cache miss");
-                if stale_window.is_some() {
+                if within(&entry, entry.sie_ms) {
                     stale = Some(entry);
                 }
             }
@@ -488,16 +486,14 @@ async fn wait_for_other_instance(
     None
 }
 
-/// Whether a stale entry is still within `window` past its freshness.
-fn within(entry: &Entry, window: Option<Duration>) -> bool {
-    window.is_some_and(|w| {
-        let w = u64::try_from(w.as_millis()).unwrap_or(u64::MAX);
-        now_ms()
+/// Whether a stale entry is still within `window_ms` past its freshness.
+fn within(entry: &Entry, window_ms: u64) -> bool {
+    window_ms > 0
+        && now_ms()
             < entry
                 .stored_at_ms
                 .saturating_add(entry.ttl_ms)
-                .saturating_add(w)
-    })
+                .saturating_add(window_ms)
 }
 
 /// Whether an entry is within its freshness (entries may be kept longer for stale-if-error).

@@ -47,6 +47,20 @@
 //!   (RFC 9211) and `X-Cache: HIT`; misses `fwd=miss` / `MISS`; bypasses
 //!   `fwd=bypass; detail=...` / `BYPASS`. The identity never appears in them.
 //!
+//! # Per-route HTTP caching features
+//!
+//! Request coalescing ([`Policy::coalesce`], on by default; across instances with
+//! [`Policy::lock_across_instances`]), strong ETags and `304 Not Modified` on hits
+//! ([`Policy::etag`], on by default), TTLs from the response's own headers
+//! ([`Policy::ttl_from_response`]), [`Policy::stale_while_revalidate`] and
+//! [`Policy::stale_if_error`].
+//!
+//! # Invalidation and values
+//!
+//! [`CacheLayer::handle`] gives a [`CacheHandle`]: race-safe invalidation by request, path,
+//! user, route, tag, glob pattern or the whole namespace, health and counters, and a JSON
+//! value cache with `get_or_insert_json` (the Python utility's `@cached`).
+//!
 //! # Security
 //!
 //! - **A shared route serves one response to everybody.** Requests carrying

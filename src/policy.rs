@@ -187,7 +187,8 @@ impl Policy {
     }
 
     /// stale-if-error: entries are kept `window` past their freshness; when a request for a
-    /// stale entry gets a 5xx or an error from the inner service, the stale entry answers
+    /// stale entry gets a 5xx, a 408 (a timeout layer's answer) or an error from the inner
+    /// service, the stale entry answers
     /// instead (`Cache-Status: ...; fwd=stale`, `X-Cache: STALE`), and is counted.
     pub fn stale_if_error(mut self, window: Duration) -> Self {
         self.stale_if_error = (!window.is_zero()).then_some(window);
@@ -211,11 +212,19 @@ impl Policy {
         self
     }
 
-    /// How long entries are kept past their freshness.
-    pub(crate) fn stale_window(&self) -> Duration {
-        self.stale_if_error
-            .unwrap_or_default()
-            .max(self.stale_while_revalidate.unwrap_or_default())
+    /// The stale windows of a response (stale-while-revalidate, stale-if-error): the
+    /// route's, or the response's own `Cache-Control` directives when longer.
+    pub(crate) fn stale_windows(&self, headers: &HeaderMap) -> (Duration, Duration) {
+        let d = cache_control(headers);
+        let own = |s: Option<u64>| s.map(Duration::from_secs).unwrap_or_default();
+        (
+            self.stale_while_revalidate
+                .unwrap_or_default()
+                .max(own(d.stale_while_revalidate)),
+            self.stale_if_error
+                .unwrap_or_default()
+                .max(own(d.stale_if_error)),
+        )
     }
 
     pub(crate) fn is_strictly_shared(&self) -> bool {
@@ -332,6 +341,8 @@ pub(crate) struct Directives {
     pub(crate) private: bool,
     pub(crate) max_age: Option<u64>,
     pub(crate) s_maxage: Option<u64>,
+    pub(crate) stale_while_revalidate: Option<u64>,
+    pub(crate) stale_if_error: Option<u64>,
 }
 
 /// Parses every `Cache-Control` header by token, case-insensitively. Quoted arguments
@@ -355,6 +366,10 @@ pub(crate) fn cache_control(headers: &HeaderMap) -> Directives {
                 d.max_age = d.max_age.min(seconds()).or(seconds());
             } else if name.eq_ignore_ascii_case("s-maxage") {
                 d.s_maxage = d.s_maxage.min(seconds()).or(seconds());
+            } else if name.eq_ignore_ascii_case("stale-while-revalidate") {
+                d.stale_while_revalidate = d.stale_while_revalidate.max(seconds());
+            } else if name.eq_ignore_ascii_case("stale-if-error") {
+                d.stale_if_error = d.stale_if_error.max(seconds());
             } else if name.eq_ignore_ascii_case("no-store") {
                 d.no_store = true;
             } else if name.eq_ignore_ascii_case("no-cache") {

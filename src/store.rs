@@ -716,8 +716,12 @@ impl RedisStore {
             None,
             &[],
             *b"probe!!!",
-            0,
-            1,
+            crate::entry::Timing {
+                stored_at_ms: 0,
+                ttl_ms: 1,
+                swr_ms: 0,
+                sie_ms: 0,
+            },
         );
         let steps = async {
             pool.ping::<()>(None).await?;

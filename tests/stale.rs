@@ -143,3 +143,60 @@ async fn stale_entries_are_served_at_once_and_refreshed_once() {
     let r = common::send(&app, get_req("/v")).await;
     assert_eq!((r.text().as_str(), r.x_cache()), ("version 2", "HIT"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_responses_own_stale_directives_apply() {
+    use axum::response::IntoResponse;
+    use axum::routing::get;
+    let server = RedisServer::start();
+    let store = RedisStore::connect(common::relaxed_config(&server.url()))
+        .await
+        .unwrap();
+    // No stale windows on the route: they come from the response.
+    let cache = CacheLayer::new(store, Policy::shared(Duration::from_millis(300)));
+    let handle = cache.handle();
+    let mode = Arc::new(AtomicU8::new(0));
+    let m = mode.clone();
+    let app = axum::Router::new()
+        .route(
+            "/swr",
+            get(|| async {
+                let mut r = "swr".into_response();
+                r.headers_mut().insert(
+                    "cache-control",
+                    http::HeaderValue::from_static("max-age=1, stale-while-revalidate=60"),
+                );
+                r
+            }),
+        )
+        .route(
+            "/sie",
+            get(move || {
+                let fail = m.load(Ordering::SeqCst) == 1;
+                async move {
+                    let mut r = "sie".into_response();
+                    r.headers_mut().insert(
+                        "cache-control",
+                        http::HeaderValue::from_static("max-age=1, stale-if-error=60"),
+                    );
+                    if fail {
+                        *r.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+                    }
+                    r
+                }
+            }),
+        )
+        .layer(cache);
+    common::send(&app, get_req("/swr")).await;
+    common::send(&app, get_req("/sie")).await;
+    wait_until("stored", || handle.stats().stored == 2).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let r = common::send(&app, get_req("/swr")).await;
+    assert_eq!(r.x_cache(), "STALE");
+    mode.store(1, Ordering::SeqCst);
+    let r = common::send(&app, get_req("/sie")).await;
+    assert_eq!(
+        (r.status.as_u16(), r.text().as_str(), r.x_cache()),
+        (200, "sie", "STALE")
+    );
+}
