@@ -302,6 +302,7 @@ impl Recorder {
                 ttl_ms,
                 swr_ms: u64::try_from(self.windows.0.as_millis()).unwrap_or(u64::MAX),
                 sie_ms: u64::try_from(self.windows.1.as_millis()).unwrap_or(u64::MAX),
+                delta_ms: u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX),
             },
         );
         // Concurrent misses of this key get the response now, whatever becomes of the write;

@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! magic "TRC" | version u8 | state u8 | nonce [u8; 8] | stored_at_ms u64 | ttl_ms u64
-//! | swr_ms u64 | sie_ms u64 | status u16
+//! | swr_ms u64 | sie_ms u64 | delta_ms u64 | status u16
 //! | n_headers u16 | (name_len u16, name, value_len u32, value)*
 //! | has_trailers u8 | [n_trailers u16 | (name_len u16, name, value_len u32, value)*]
 //! | body_len u64 | body
@@ -51,6 +51,8 @@ pub(crate) struct Entry {
     pub(crate) swr_ms: u64,
     /// How long past `ttl_ms` it may answer when the inner service fails (stale-if-error).
     pub(crate) sie_ms: u64,
+    /// How long the response took to compute, in milliseconds (for early refresh).
+    pub(crate) delta_ms: u64,
     /// Whether the writer confirmed it (see the module docs).
     pub(crate) confirmed: bool,
 }
@@ -62,6 +64,8 @@ pub(crate) struct Timing {
     pub(crate) ttl_ms: u64,
     pub(crate) swr_ms: u64,
     pub(crate) sie_ms: u64,
+    /// How long the response took to compute (for early refresh).
+    pub(crate) delta_ms: u64,
 }
 
 /// Why a stored value could not be decoded.
@@ -101,6 +105,7 @@ impl Entry {
             ttl_ms,
             swr_ms,
             sie_ms,
+            delta_ms,
         } = timing;
         let body_len: usize = body.iter().map(Bytes::len).sum();
         let map_len = |m: &HeaderMap| {
@@ -115,7 +120,7 @@ impl Entry {
             + 8
             + 8
             + 8
-            + 16
+            + 24
             + 2
             + map_len(headers)
             + 1
@@ -131,6 +136,7 @@ impl Entry {
         out.put_u64(ttl_ms);
         out.put_u64(swr_ms);
         out.put_u64(sie_ms);
+        out.put_u64(delta_ms);
         out.put_u16(status.as_u16());
         put_map(&mut out, headers);
         match trailers {
@@ -171,6 +177,7 @@ impl Entry {
         let ttl_ms = cur.u64()?;
         let swr_ms = cur.u64()?;
         let sie_ms = cur.u64()?;
+        let delta_ms = cur.u64()?;
         let status = StatusCode::from_u16(cur.u16()?).map_err(|_| DecodeError::Malformed)?;
         let headers = cur.map()?;
         let trailers = match cur.u8()? {
@@ -192,6 +199,7 @@ impl Entry {
             ttl_ms,
             swr_ms,
             sie_ms,
+            delta_ms,
             confirmed,
         })
     }
@@ -281,6 +289,7 @@ fn timing(e: &Entry) -> Timing {
         ttl_ms: e.ttl_ms,
         swr_ms: e.swr_ms,
         sie_ms: e.sie_ms,
+        delta_ms: e.delta_ms,
     }
 }
 
@@ -304,6 +313,7 @@ mod tests {
             ttl_ms: 60_000,
             swr_ms: 5_000,
             sie_ms: 86_400_000,
+            delta_ms: 42,
             confirmed: false,
         }
     }
@@ -392,7 +402,7 @@ mod tests {
     fn huge_header_counts_are_malformed_not_a_panic() {
         let mut raw = BytesMut::new();
         raw.put_slice(b"TRC\x01\x01");
-        raw.put_slice(&[0; 8 + 8 + 8 + 16]);
+        raw.put_slice(&[0; 8 + 8 + 8 + 24]);
         raw.put_u16(200);
         raw.put_u16(u16::MAX);
         for _ in 0..30_000 {
@@ -468,6 +478,7 @@ mod fuzz {
                     ttl_ms: ttl,
                     swr_ms: ttl / 3,
                     sie_ms: ttl / 7,
+                    delta_ms: ttl / 11,
                     confirmed: false,
                 }
             })

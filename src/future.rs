@@ -45,6 +45,8 @@ pub(crate) enum Found {
     Revalidate {
         entry: Entry,
         refresh: Option<(u64, crate::coalesce::FlightGuard)>,
+        /// Still fresh (an early refresh): served as a plain hit.
+        fresh: bool,
     },
     /// Redis could not be asked.
     Unavailable,
@@ -155,6 +157,7 @@ where
             coalesce,
             !ctx.head,
             ctx.policy.lock,
+            ctx.policy.early_refresh,
         ));
         ResponseFuture {
             state: State::Lookup {
@@ -195,7 +198,11 @@ where
                             this.state.set(State::Done);
                             return Poll::Ready(Ok(hit_as(entry, ctx, CacheStatus::Collapsed)));
                         }
-                        Found::Revalidate { entry, refresh } => {
+                        Found::Revalidate {
+                            entry,
+                            refresh,
+                            fresh,
+                        } => {
                             let StateOwn::Lookup {
                                 mut service,
                                 request,
@@ -211,7 +218,12 @@ where
                                 let future = service.call(request);
                                 spawn_refresh(future, refresh_ctx(ctx, seq, guard));
                             }
-                            return Poll::Ready(Ok(hit_as(entry, ctx, CacheStatus::Revalidating)));
+                            let status = if fresh {
+                                CacheStatus::Hit
+                            } else {
+                                CacheStatus::Revalidating
+                            };
+                            return Poll::Ready(Ok(hit_as(entry, ctx, status)));
                         }
                         Found::Miss { seq, flight, stale } => {
                             ctx.miss_seq = seq;
@@ -357,6 +369,7 @@ async fn look_up(
     coalesce: Option<Duration>,
     revalidate: bool,
     lock: Option<Duration>,
+    early: Option<f64>,
 ) -> Found {
     let store = &shared.settings.store;
     let counters = &shared.runtime.counters;
@@ -367,21 +380,28 @@ async fn look_up(
             Ok(entry) if entry.confirmed && is_fresh(&entry) => {
                 Counters::incr(&counters.hits);
                 tracing::debug!(key = %key, "cache hit");
+                if revalidate && early.is_some_and(|beta| xfetch_due(&entry, beta)) {
+                    let refresh = claim_refresh(&shared, &key).await;
+                    if refresh.is_some() {
+                        tracing::debug!(key = %key, "early refresh");
+                        return Found::Revalidate {
+                            entry,
+                            refresh,
+                            fresh: true,
+                        };
+                    }
+                }
                 return Found::Hit(entry);
             }
             Ok(entry) if entry.confirmed && revalidate && within(&entry, entry.swr_ms) => {
                 Counters::incr(&counters.stale_while_revalidate);
-                let seq = store
-                    .read_seq(&shared.settings.keyer.seq_key(), store.lookup_timeout())
-                    .await
-                    .ok();
-                // One refresh per process: the flight of this key, as for a miss.
-                let refresh = match seq.map(|s| (s, shared.runtime.flights.join(&key, Some(s)))) {
-                    Some((s, Role::Leader(guard))) => Some((s, guard)),
-                    _ => None,
-                };
+                let refresh = claim_refresh(&shared, &key).await;
                 tracing::debug!(key = %key, refresh = refresh.is_some(), "stale entry served while revalidating");
-                return Found::Revalidate { entry, refresh };
+                return Found::Revalidate {
+                    entry,
+                    refresh,
+                    fresh: false,
+                };
             }
             Ok(entry) if entry.confirmed => {
                 tracing::debug!(key = %key, "stale entry; cache miss");
@@ -484,6 +504,40 @@ async fn wait_for_other_instance(
         }
     }
     None
+}
+
+/// Becomes the one request of this process that refreshes `key` (the flight of the key,
+/// as for a miss), with the invalidation sequence read before.
+async fn claim_refresh(
+    shared: &CacheLayer,
+    key: &str,
+) -> Option<(u64, crate::coalesce::FlightGuard)> {
+    let store = &shared.settings.store;
+    let seq = store
+        .read_seq(&shared.settings.keyer.seq_key(), store.lookup_timeout())
+        .await
+        .ok()?;
+    match shared.runtime.flights.join(key, Some(seq)) {
+        Role::Leader(guard) => Some((seq, guard)),
+        Role::Follower(_) => None,
+    }
+}
+
+/// XFetch (Vattani et al.): refresh now if `now - delta * beta * ln(u) >= expiry`, with `u`
+/// uniform in (0, 1] and `delta` the time the response took to compute.
+fn xfetch_due(entry: &Entry, beta: f64) -> bool {
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut h = blake3::Hasher::new();
+    h.update(&n.to_le_bytes());
+    h.update(&now_ms().to_le_bytes());
+    let mut bytes = [0u8; 8];
+    bytes.copy_from_slice(&h.finalize().as_bytes()[..8]);
+    let u = (u64::from_le_bytes(bytes) >> 11) as f64 / (1u64 << 53) as f64;
+    let u = u.max(f64::MIN_POSITIVE);
+    let gap = entry.delta_ms.max(1) as f64 * beta * -u.ln();
+    let expiry = entry.stored_at_ms.saturating_add(entry.ttl_ms) as f64;
+    now_ms() as f64 + gap >= expiry
 }
 
 /// Whether a stale entry is still within `window_ms` past its freshness.

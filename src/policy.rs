@@ -65,6 +65,8 @@ pub struct Policy {
     pub(crate) stale_while_revalidate: Option<Duration>,
     /// A Redis lock so that one instance of many computes a miss.
     pub(crate) lock: Option<Duration>,
+    /// XFetch's beta: refresh hot entries early, with a probability rising near expiry.
+    pub(crate) early_refresh: Option<f64>,
 }
 
 impl Policy {
@@ -83,6 +85,7 @@ impl Policy {
             stale_if_error: None,
             stale_while_revalidate: None,
             lock: None,
+            early_refresh: None,
         }
     }
 
@@ -209,6 +212,15 @@ impl Policy {
     /// Costs one more Redis command per leading miss. Off by default; needs coalescing on.
     pub fn lock_across_instances(mut self, lock_ttl: Duration) -> Self {
         self.lock = (!lock_ttl.is_zero()).then_some(lock_ttl);
+        self
+    }
+
+    /// XFetch-style early refresh: a hit close to its entry's expiry refreshes it in the
+    /// background (one request per process), with a probability that rises as expiry nears
+    /// and with the time the response took to compute, so hot keys never all expire at
+    /// once. `beta` 1.0 is the usual choice; larger refreshes earlier. Off by default.
+    pub fn early_refresh(mut self, beta: f64) -> Self {
+        self.early_refresh = (beta.is_finite() && beta > 0.0).then_some(beta);
         self
     }
 

@@ -721,6 +721,7 @@ impl RedisStore {
                 ttl_ms: 1,
                 swr_ms: 0,
                 sie_ms: 0,
+                delta_ms: 0,
             },
         );
         let steps = async {

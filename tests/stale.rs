@@ -200,3 +200,68 @@ async fn the_responses_own_stale_directives_apply() {
         (200, "sie", "STALE")
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hot_entries_are_refreshed_early() {
+    use axum::routing::get;
+    let server = RedisServer::start();
+    let app_with = |beta: f64, ns: &'static str| {
+        let url = server.url();
+        async move {
+            let store = RedisStore::connect(common::relaxed_config(&url))
+                .await
+                .unwrap();
+            let cache = CacheLayer::new(
+                store,
+                Policy::shared(Duration::from_secs(2)).early_refresh(beta),
+            )
+            .namespace(ns)
+            .unwrap();
+            let handle = cache.handle();
+            let calls = Arc::new(AtomicUsize::new(0));
+            let c = calls.clone();
+            let app = axum::Router::new()
+                .route(
+                    "/hot",
+                    get(move || {
+                        let n = c.fetch_add(1, Ordering::SeqCst) + 1;
+                        async move {
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                            format!("version {n}")
+                        }
+                    }),
+                )
+                .layer(cache);
+            (app, handle)
+        }
+    };
+    // A large beta: the first hit already refreshes (computing took 200 ms; the gap drawn is
+    // 200 ms x 50 x an exponential variable, far past the 2 s TTL but for one chance in e^10).
+    let (app, handle) = app_with(50.0, "early").await;
+    common::send(&app, get_req("/hot")).await;
+    wait_until("stored", || handle.stats().stored == 1).await;
+    let r = common::send(&app, get_req("/hot")).await;
+    assert_eq!(
+        (r.x_cache(), r.text().as_str()),
+        ("HIT", "version 1"),
+        "served at once"
+    );
+    wait_until("the early refresh stored", || handle.stats().stored == 2).await;
+    assert_eq!(handle.stats().refreshes, 1);
+    assert_eq!(
+        common::send(&app, get_req("/hot")).await.text(),
+        "version 2"
+    );
+
+    // A tiny beta: no early refresh this far from expiry.
+    let (app, handle) = app_with(0.000_001, "late").await;
+    common::send(&app, get_req("/hot")).await;
+    wait_until("stored", || handle.stats().stored == 1).await;
+    for _ in 0..5 {
+        assert_eq!(
+            common::send(&app, get_req("/hot")).await.text(),
+            "version 1"
+        );
+    }
+    assert_eq!(handle.stats().refreshes, 0);
+}
