@@ -1,0 +1,335 @@
+//! Load benchmark: the same axum handler served by separate processes, `plain` (no cache),
+//! `naive` (a hand-written Redis middleware: GET by path, on a miss call the handler, collect
+//! the body, SET EX) and `cache-redis` (this crate), driven over loopback by 64 keep-alive
+//! connections, contenders alternated so machine noise hits them alike. Prints req/s,
+//! p50/p99 and peak RSS per scenario, with ratios against `plain` and `naive`.
+//!
+//! `cargo bench --bench load` (`SECS` per run, default 4; `ROUNDS`, default 2). It starts its
+//! own redis-server. (The near-cache contender of issue 7 does not exist yet.)
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::net::SocketAddr;
+use std::process::{Child, Command};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::{Path, Query, Request};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use bytes::Bytes;
+use common::load::{percentiles, Conn};
+use fred::prelude::{ClientLike, Expiration, KeysInterface};
+use tower_redis_cache::{CacheLayer, Identity, Policy, RedisConfig, RedisStore};
+
+const CONTENDERS: [&str; 3] = ["plain", "naive", "cache-redis"];
+const CONNECTIONS: usize = 64;
+
+#[derive(serde::Deserialize)]
+struct Size {
+    size: Option<usize>,
+}
+
+fn app() -> Router {
+    Router::new()
+        .route(
+            "/item/{id}",
+            get(|Path(id): Path<u32>, Query(s): Query<Size>| async move {
+                let size = s.size.unwrap_or(1024);
+                let mut body = format!("item {id} ").into_bytes();
+                body.resize(size, b'x');
+                Bytes::from(body)
+            }),
+        )
+        .route(
+            "/user/{id}",
+            get(|Path(id): Path<u32>| async move {
+                let mut body = format!("user {id} ").into_bytes();
+                body.resize(1024, b'u');
+                Bytes::from(body)
+            }),
+        )
+        .route(
+            "/slow/{id}",
+            get(|Path(id): Path<u64>| async move {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                format!("slow {id}")
+            }),
+        )
+}
+
+/// The middleware a user writes without a library.
+async fn naive(pool: fred::clients::Pool, req: Request, next: Next) -> Response {
+    let user = req
+        .headers()
+        .get("x-user")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    let key = format!("naive:{}:{}", user, req.uri());
+    if let Ok(Some(body)) = pool.get::<Option<Bytes>, _>(&key).await {
+        return body.into_response();
+    }
+    let res = next.run(req).await;
+    let (parts, body) = res.into_parts();
+    let Ok(bytes) = http_body_util::BodyExt::collect(body)
+        .await
+        .map(|c| c.to_bytes())
+    else {
+        return Response::from_parts(parts, Body::empty());
+    };
+    let _: Result<(), _> = pool
+        .set(&key, bytes.clone(), Some(Expiration::EX(600)), None, false)
+        .await;
+    Response::from_parts(parts, Body::from(bytes))
+}
+
+async fn serve(kind: &str, port: u16, redis: &str) {
+    let app = match kind {
+        "plain" => app(),
+        "naive" => {
+            let pool = fred::prelude::Builder::from_config(
+                fred::prelude::Config::from_url(redis).unwrap(),
+            )
+            .build_pool(8)
+            .unwrap();
+            pool.init().await.unwrap();
+            app().layer(axum::middleware::from_fn(move |req, next| {
+                naive(pool.clone(), req, next)
+            }))
+        }
+        _ => {
+            let store = RedisStore::connect(RedisConfig::from_url(redis).unwrap())
+                .await
+                .unwrap();
+            let cache = CacheLayer::new(store, Policy::shared(Duration::from_secs(600)))
+                .identity(Identity::header(http::HeaderName::from_static("x-user")))
+                .route("/user/{id}", Policy::per_user(Duration::from_secs(600)))
+                .unwrap();
+            app().layer(cache)
+        }
+    };
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
+    axum::serve(listener, app).await.unwrap();
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn peak_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+struct Server {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One scenario: a path (and headers) for request number `i`.
+type Scenario = (&'static str, fn(u64) -> (String, Option<String>));
+
+fn scenarios() -> Vec<Scenario> {
+    vec![
+        ("hits 1 KiB, 1,000 keys", |i| {
+            (format!("/item/{}?size=1024", i % 1000), None)
+        }),
+        ("hits 16 KiB, 1,000 keys", |i| {
+            (format!("/item/{}?size=16384", i % 1000), None)
+        }),
+        ("hits 256 KiB, 1,000 keys", |i| {
+            (format!("/item/{}?size=262144", i % 1000), None)
+        }),
+        ("per-user hits, 10,000 users", |i| {
+            let u = i % 10_000;
+            (format!("/user/{u}"), Some(u.to_string()))
+        }),
+        ("misses, 20 ms handler", |i| (format!("/slow/{i}"), None)),
+        ("90% hits / 10% misses", |i| {
+            if i % 10 == 0 {
+                (format!("/item/{}?size=1024&miss={i}", 1_000_000 + i), None)
+            } else {
+                (format!("/item/{}?size=1024", i % 1000), None)
+            }
+        }),
+    ]
+}
+
+fn main() {
+    if let (Ok(kind), Ok(port), Ok(redis)) = (
+        std::env::var("LOAD_SERVE"),
+        std::env::var("LOAD_PORT"),
+        std::env::var("LOAD_REDIS"),
+    ) {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(serve(&kind, port.parse().unwrap(), &redis));
+        return;
+    }
+    let secs: u64 = std::env::var("SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4);
+    let rounds: usize = std::env::var("ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2);
+    let redis = common::RedisServer::start();
+    let exe = std::env::current_exe().unwrap();
+    let servers: Vec<Server> = CONTENDERS
+        .iter()
+        .map(|kind| {
+            let port = free_port();
+            let child = Command::new(&exe)
+                .env("LOAD_SERVE", kind)
+                .env("LOAD_PORT", port.to_string())
+                .env("LOAD_REDIS", redis.url())
+                .spawn()
+                .unwrap();
+            let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while std::net::TcpStream::connect(addr).is_err() {
+                assert!(Instant::now() < deadline, "{kind} did not start");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Server { child, addr }
+        })
+        .collect();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+
+    println!(
+        "load: {CONNECTIONS} keep-alive connections, {secs} s per run, {rounds} rounds, contenders alternated; nproc {}",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    println!(
+        "{:<29} | {:<11} | {:>9} {:>9} {:>9} | {:>8} {:>8} | {:>8}",
+        "scenario", "contender", "req/s", "p50", "p99", "x plain", "x naive", "rss MiB"
+    );
+    for (name, path) in scenarios() {
+        // Warm: every key once, so hit scenarios measure hits.
+        let mut results: Vec<(u64, Vec<Duration>)> = vec![(0, Vec::new()); CONTENDERS.len()];
+        for round in 0..rounds {
+            for c in 0..CONTENDERS.len() {
+                // Alternate the order each round.
+                let c = if round % 2 == 0 {
+                    c
+                } else {
+                    CONTENDERS.len() - 1 - c
+                };
+                let addr = servers[c].addr;
+                let (n, mut lat) =
+                    rt.block_on(drive(addr, path, Duration::from_secs(secs), round == 0));
+                results[c].0 += n;
+                results[c].1.append(&mut lat);
+            }
+        }
+        let rates: Vec<f64> = results
+            .iter()
+            .map(|r| r.0 as f64 / (secs as f64 * rounds as f64))
+            .collect();
+        let rate = |c: usize| rates[c];
+        for (c, kind) in CONTENDERS.iter().enumerate() {
+            let (p50, p99, _) = percentiles(&mut results[c].1);
+            println!(
+                "{:<29} | {:<11} | {:>9.0} {:>9.2?} {:>9.2?} | {:>8.2} {:>8.2} | {:>8.1}",
+                name,
+                kind,
+                rate(c),
+                p50,
+                p99,
+                rate(c) / rate(0).max(1.0),
+                rate(c) / rate(1).max(1.0),
+                peak_rss_kib(servers[c].child.id()) as f64 / 1024.0
+            );
+        }
+    }
+}
+
+/// Drives one server for `duration`; with `warm`, first requests every hit key once.
+async fn drive(
+    addr: SocketAddr,
+    path: fn(u64) -> (String, Option<String>),
+    duration: Duration,
+    warm: bool,
+) -> (u64, Vec<Duration>) {
+    if warm {
+        let mut conn = Conn::new(addr);
+        for i in 0..1000 {
+            let (p, user) = path(i);
+            let headers: Vec<(&str, &str)> =
+                user.as_deref().map(|u| ("x-user", u)).into_iter().collect();
+            let _ = conn.get(&p, &headers).await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // Every run draws fresh request numbers, so a miss scenario never repeats an earlier
+    // run's keys (hit scenarios take them modulo their key count, unchanged).
+    static RUN: AtomicU64 = AtomicU64::new(1);
+    let offset = RUN.fetch_add(1, Ordering::Relaxed) * 1_000_000_000;
+    let stop = Arc::new(AtomicBool::new(false));
+    let counter = Arc::new(AtomicU64::new(offset));
+    let latencies = Arc::new(Mutex::new(Vec::new()));
+    let tasks: Vec<_> = (0..CONNECTIONS)
+        .map(|_| {
+            let (stop, counter, latencies) = (stop.clone(), counter.clone(), latencies.clone());
+            tokio::spawn(async move {
+                let mut conn = Conn::new(addr);
+                let mut mine = Vec::new();
+                let mut done = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let i = counter.fetch_add(1, Ordering::Relaxed);
+                    let (p, user) = path(i);
+                    let headers: Vec<(&str, &str)> =
+                        user.as_deref().map(|u| ("x-user", u)).into_iter().collect();
+                    if let Ok(r) = conn.get(&p, &headers).await {
+                        if r.status == 200 {
+                            done += 1;
+                            mine.push(r.took);
+                        }
+                    }
+                }
+                latencies.lock().unwrap().append(&mut mine);
+                done
+            })
+        })
+        .collect();
+    tokio::time::sleep(duration).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut total = 0;
+    for t in tasks {
+        total += t.await.unwrap_or(0);
+    }
+    let lat = std::mem::take(&mut *latencies.lock().unwrap());
+    (total, lat)
+}
