@@ -151,26 +151,27 @@ impl Drop for Server {
     }
 }
 
-/// One scenario: a path (and headers) for request number `i`.
-type Scenario = (&'static str, fn(u64) -> (String, Option<String>));
+/// One scenario: its name, how many distinct keys its hits use (warmed before the first
+/// round), and a path (and user) for request number `i`.
+type Scenario = (&'static str, u64, fn(u64) -> (String, Option<String>));
 
 fn scenarios() -> Vec<Scenario> {
     vec![
-        ("hits 1 KiB, 1,000 keys", |i| {
+        ("hits 1 KiB, 1,000 keys", 1000, |i| {
             (format!("/item/{}?size=1024", i % 1000), None)
         }),
-        ("hits 16 KiB, 1,000 keys", |i| {
+        ("hits 16 KiB, 1,000 keys", 1000, |i| {
             (format!("/item/{}?size=16384", i % 1000), None)
         }),
-        ("hits 256 KiB, 1,000 keys", |i| {
+        ("hits 256 KiB, 1,000 keys", 1000, |i| {
             (format!("/item/{}?size=262144", i % 1000), None)
         }),
-        ("per-user hits, 10,000 users", |i| {
+        ("per-user hits, 10,000 users", 10_000, |i| {
             let u = i % 10_000;
             (format!("/user/{u}"), Some(u.to_string()))
         }),
-        ("misses, 20 ms handler", |i| (format!("/slow/{i}"), None)),
-        ("90% hits / 10% misses", |i| {
+        ("misses, 20 ms handler", 0, |i| (format!("/slow/{i}"), None)),
+        ("90% hits / 10% misses", 1000, |i| {
             if i % 10 == 0 {
                 (format!("/item/{}?size=1024&miss={i}", 1_000_000 + i), None)
             } else {
@@ -236,7 +237,7 @@ fn main() {
         "{:<29} | {:<11} | {:>9} {:>9} {:>9} | {:>8} {:>8} | {:>8}",
         "scenario", "contender", "req/s", "p50", "p99", "x plain", "x naive", "rss MiB"
     );
-    for (name, path) in scenarios() {
+    for (name, keys, path) in scenarios() {
         // Warm: every key once, so hit scenarios measure hits.
         let mut results: Vec<(u64, Vec<Duration>)> = vec![(0, Vec::new()); CONTENDERS.len()];
         for round in 0..rounds {
@@ -248,8 +249,12 @@ fn main() {
                     CONTENDERS.len() - 1 - c
                 };
                 let addr = servers[c].addr;
-                let (n, mut lat) =
-                    rt.block_on(drive(addr, path, Duration::from_secs(secs), round == 0));
+                let (n, mut lat) = rt.block_on(drive(
+                    addr,
+                    path,
+                    Duration::from_secs(secs),
+                    if round == 0 { keys } else { 0 },
+                ));
                 results[c].0 += n;
                 results[c].1.append(&mut lat);
             }
@@ -276,16 +281,16 @@ fn main() {
     }
 }
 
-/// Drives one server for `duration`; with `warm`, first requests every hit key once.
+/// Drives one server for `duration`, after requesting its first `warm` keys once.
 async fn drive(
     addr: SocketAddr,
     path: fn(u64) -> (String, Option<String>),
     duration: Duration,
-    warm: bool,
+    warm: u64,
 ) -> (u64, Vec<Duration>) {
-    if warm {
+    if warm > 0 {
         let mut conn = Conn::new(addr);
-        for i in 0..1000 {
+        for i in 0..warm {
             let (p, user) = path(i);
             let headers: Vec<(&str, &str)> =
                 user.as_deref().map(|u| ("x-user", u)).into_iter().collect();
