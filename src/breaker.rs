@@ -118,10 +118,16 @@ impl Breaker {
 
     /// Redis answered.
     pub(crate) fn success(&self) {
-        self.failures.store(0, Ordering::Relaxed);
-        self.ever_up.store(true, Ordering::Relaxed);
-        let previous = self.state.swap(CLOSED, Ordering::AcqRel);
-        if previous != CLOSED {
+        // Called on every command: read first, so a healthy Redis costs no shared writes.
+        if self.failures.load(Ordering::Relaxed) != 0 {
+            self.failures.store(0, Ordering::Relaxed);
+        }
+        if !self.ever_up.load(Ordering::Relaxed) {
+            self.ever_up.store(true, Ordering::Relaxed);
+        }
+        if self.state.load(Ordering::Acquire) != CLOSED
+            && self.state.swap(CLOSED, Ordering::AcqRel) != CLOSED
+        {
             tracing::info!("redis is available again; circuit breaker closed, caching resumed");
         }
     }

@@ -203,15 +203,7 @@ where
                             refresh,
                             fresh,
                         } => {
-                            let StateOwn::Lookup {
-                                mut service,
-                                request,
-                                ..
-                            } = this.state.as_mut().project_replace(State::Done)
-                            else {
-                                // We are in the `Lookup` arm of this very match.
-                                unreachable!("state changed during poll")
-                            };
+                            let (mut service, request) = take_lookup(this.state.as_mut());
                             if let Some((seq, guard)) = refresh {
                                 // This request's own call refreshes the entry, in the
                                 // background; its client gets the stale entry now.
@@ -232,15 +224,7 @@ where
                         }
                         Found::Unavailable => ctx.status = CacheStatus::Unavailable,
                     }
-                    let StateOwn::Lookup {
-                        mut service,
-                        request,
-                        ..
-                    } = this.state.as_mut().project_replace(State::Done)
-                    else {
-                        // We are in the `Lookup` arm of this very match.
-                        unreachable!("state changed during poll")
-                    };
+                    let (mut service, request) = take_lookup(this.state.as_mut());
                     let future = service.call(request);
                     this.state.set(State::Call { future });
                 }
@@ -360,6 +344,22 @@ async fn invalidate_after_write(shared: Arc<CacheLayer>, path: String) {
         Counters::incr(&shared.runtime.counters.write_errors);
         tracing::warn!(path = %path, error = %e, "invalidation after a write failed; entries may be stale until their TTL");
     }
+}
+
+/// Takes the readied service and the request out of the `Lookup` state, leaving `Done`.
+/// Called only from the `Lookup` arm of `poll`.
+fn take_lookup<S, ReqB>(state: Pin<&mut State<S, ReqB>>) -> (S, Request<ReqB>)
+where
+    S: Service<Request<ReqB>>,
+{
+    let StateOwn::Lookup {
+        service, request, ..
+    } = state.project_replace(State::Done)
+    else {
+        // Only the `Lookup` arm of `poll` calls this, on the state it matched.
+        unreachable!("state changed during poll")
+    };
+    (service, request)
 }
 
 /// GET the entry; on a miss, read the invalidation sequence before the inner service runs.

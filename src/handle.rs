@@ -233,6 +233,11 @@ impl CacheHandle {
 
     /// The Redis key of a request (for inspection and tests).
     pub fn key(&self, request: &RequestKey) -> String {
+        self.key_and_path(request).0
+    }
+
+    /// The key of a request and its path as the key sees it (the URI parsed once).
+    fn key_and_path(&self, request: &RequestKey) -> (String, String) {
         let uri: Option<Uri> = request.uri.parse().ok();
         let (path, query) = match &uri {
             Some(u) => (u.path(), u.query()),
@@ -246,14 +251,15 @@ impl CacheHandle {
         // An identity given means a per-user entry, whatever the handle's table says (the
         // route may have its policy from a clone of the layer).
         let identity = request.identity.as_deref().map(str::as_bytes);
-        self.layer.settings.keyer.key(&KeyInput {
+        let key = self.layer.settings.keyer.key(&KeyInput {
             route,
             identity,
             path,
             query,
             key_headers: &policy.key_headers,
             headers: &request.headers,
-        })
+        });
+        (key, path.to_owned())
     }
 
     pub(crate) fn store(&self) -> &crate::store::RedisStore {
@@ -289,12 +295,10 @@ impl CacheHandle {
     }
 
     async fn invalidate_now(&self, request: &RequestKey) -> Result<u64, CacheError> {
-        let key = self.key(request);
-        // The path as `key` sees it, so the marker is the one the request's writer checks.
-        let uri: Option<Uri> = request.uri.parse().ok();
-        let path = uri.as_ref().map_or(request.uri.as_str(), |u| u.path());
+        // The path as the key sees it, so the marker is the one the request's writer checks.
+        let (key, path) = self.key_and_path(request);
         let keyer = self.keyer();
-        let marker = keyer.marker_of(&keyer.path_index(path));
+        let marker = keyer.marker_of(&keyer.path_index(&path));
         self.store()
             .invalidate_keys(&keyer.seq_key(), &[marker], vec![key])
             .await

@@ -552,14 +552,9 @@ impl RedisStore {
         Ok(())
     }
 
-    /// Unlinks keys (public to the crate for the value cache).
-    pub(crate) async fn remove(&self, keys: Vec<String>) -> Result<u64, FredError> {
-        self.unlink(keys).await
-    }
-
     /// Unlinks keys, grouped by hash slot so that it works on a cluster; returns how many
     /// existed.
-    async fn unlink(&self, keys: Vec<String>) -> Result<u64, FredError> {
+    pub(crate) async fn unlink(&self, keys: Vec<String>) -> Result<u64, FredError> {
         if keys.is_empty() {
             return Ok(0);
         }

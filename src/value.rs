@@ -201,7 +201,7 @@ impl CacheHandle {
     pub async fn delete(&self, key: &ValueKey) -> Result<u64, CacheError> {
         let (redis_key, _) = self.value_key(key);
         self.store()
-            .remove(vec![redis_key])
+            .unlink(vec![redis_key])
             .await
             .map_err(CacheError::from)
     }

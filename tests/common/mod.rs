@@ -42,19 +42,7 @@ impl RedisServer {
     /// Starts a server on a free port and waits until it answers PING.
     pub fn start() -> Self {
         for _ in 0..5 {
-            let port = free_port();
-            let dir = std::env::temp_dir().join(format!("trc-redis-{}-{port}", std::process::id()));
-            let _ = std::fs::create_dir_all(&dir);
-            let mut server = RedisServer {
-                child: None,
-                port,
-                dir,
-                frozen: false,
-                cluster: false,
-                extra: Vec::new(),
-                tls: false,
-                sentinel_conf: None,
-            };
+            let mut server = RedisServer::unstarted();
             if server.spawn() {
                 return server;
             }
@@ -62,7 +50,7 @@ impl RedisServer {
         panic!("could not start redis-server (is it installed?)");
     }
 
-    /// A port on which nothing listens yet; `start_on` can start a server there later.
+    /// A free port on which nothing listens yet; `restart` starts a server there later.
     pub fn unstarted() -> Self {
         let port = free_port();
         let dir = std::env::temp_dir().join(format!("trc-redis-{}-{port}", std::process::id()));
