@@ -235,9 +235,10 @@ async fn hot_entries_are_refreshed_early() {
             (app, handle)
         }
     };
-    // A large beta: the first hit already refreshes (computing took 200 ms; the gap drawn is
-    // 200 ms x 50 x an exponential variable, far past the 2 s TTL but for one chance in e^10).
-    let (app, handle) = app_with(50.0, "early").await;
+    // A huge beta: the first hit already refreshes. Computing took at least 200 ms, so the gap
+    // drawn is 200 ms x 1e9 x X with X exponential (mean 1); it falls short of the 2 s TTL only
+    // when X < 1e-8, one chance in a hundred million.
+    let (app, handle) = app_with(1e9, "early").await;
     common::send(&app, get_req("/hot")).await;
     wait_until("stored", || handle.stats().stored == 1).await;
     let r = common::send(&app, get_req("/hot")).await;
