@@ -44,10 +44,78 @@ pin_project! {
             body: B,
         },
         Recording {
-            #[pin]
-            body: B,
-            recorder: Option<Recorder>,
+            tee: Tee<B>,
         },
+    }
+}
+
+/// An inner body on its way to the client, recorded. Boxed so that, dropped before its end
+/// (the client went away) while other requests wait for it (a coalesced miss), it can move to
+/// a background task that finishes it for them.
+struct Tee<B> {
+    /// Always set; taken only by `drop`.
+    body: Option<Pin<Box<B>>>,
+    /// Taken when the recording ends: stored, over the limit, or failed.
+    recorder: Option<Recorder>,
+    /// Finishes the body in the background. A function pointer made where the body's bounds
+    /// are known, since `Drop` cannot ask for them.
+    detach: fn(Pin<Box<B>>, Recorder),
+}
+
+impl<B> Drop for Tee<B> {
+    fn drop(&mut self) {
+        if let (Some(body), Some(recorder)) = (self.body.take(), self.recorder.take()) {
+            if recorder.flight.is_some() {
+                (self.detach)(body, recorder);
+            }
+        }
+    }
+}
+
+/// How long a response whose client left may take to finish in the background.
+pub(crate) const DETACHED_DEADLINE: Duration = Duration::from_secs(60);
+
+/// Drives a recorded body whose client went away to its end, so that the requests waiting on
+/// its flight get the stored entry. Bounded: at most `MAX_DETACHED` at once, each for at most
+/// `DETACHED_DEADLINE`; past either, the recording is dropped and its followers call the inner
+/// service themselves, as without coalescing.
+pub(crate) fn finish_detached<B>(body: Pin<Box<B>>, recorder: Recorder)
+where
+    B: Body<Data = Bytes> + Send + 'static,
+{
+    let shared = Arc::clone(&recorder.shared);
+    let Ok(permit) = Arc::clone(&shared.runtime.detached).try_acquire_owned() else {
+        tracing::debug!(key = %recorder.key, "too many responses finishing in the background; dropped");
+        return;
+    };
+    let Ok(rt) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    Counters::incr(&shared.runtime.counters.detached);
+    tracing::debug!(key = %recorder.key, "client gone; response finished in the background for the requests waiting on it");
+    rt.spawn(async move {
+        let body = ResponseBody {
+            kind: Kind::Recording {
+                tee: Tee {
+                    body: Some(body),
+                    recorder: Some(recorder),
+                    // Once is enough.
+                    detach: |_, _| {},
+                },
+            },
+        };
+        let _ = tokio::time::timeout(DETACHED_DEADLINE, drain(body)).await;
+        drop(permit);
+    });
+}
+
+/// Polls a body to its end (or its first error), dropping the frames.
+pub(crate) async fn drain<B: Body>(body: B) {
+    let mut body = std::pin::pin!(body);
+    while let Some(frame) = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await {
+        if frame.is_err() {
+            break;
+        }
     }
 }
 
@@ -67,9 +135,11 @@ impl<B> ResponseBody<B> {
         }
     }
 
-    pub(crate) fn recording(body: B, recorder: Recorder) -> Self
+    /// `background`: already off any client's path (a refresh, or a detached leader), so
+    /// nothing to finish for anyone when dropped.
+    pub(crate) fn recording(body: B, recorder: Recorder, background: bool) -> Self
     where
-        B: Body,
+        B: Body<Data = Bytes> + Send + 'static,
     {
         if body.is_end_stream() {
             // An empty body may never be polled: store it now.
@@ -78,8 +148,15 @@ impl<B> ResponseBody<B> {
         }
         ResponseBody {
             kind: Kind::Recording {
-                body,
-                recorder: Some(recorder),
+                tee: Tee {
+                    body: Some(Box::pin(body)),
+                    recorder: Some(recorder),
+                    detach: if background {
+                        |_, _| {}
+                    } else {
+                        finish_detached::<B>
+                    },
+                },
             },
         }
     }
@@ -115,7 +192,11 @@ where
                 Poll::Ready(trailers.take().map(|t| Ok(Frame::trailers(t))))
             }
             KindProj::Passthrough { body } => body.poll_frame(cx),
-            KindProj::Recording { mut body, recorder } => {
+            KindProj::Recording { tee } => {
+                let Tee { body, recorder, .. } = tee;
+                let Some(body) = body.as_mut() else {
+                    return Poll::Ready(None);
+                };
                 let frame = match body.as_mut().poll_frame(cx) {
                     Poll::Pending => return Poll::Pending,
                     Poll::Ready(f) => f,
@@ -158,7 +239,8 @@ where
     fn is_end_stream(&self) -> bool {
         match &self.kind {
             Kind::Cached { data, trailers } => data.is_none() && trailers.is_none(),
-            Kind::Passthrough { body } | Kind::Recording { body, .. } => body.is_end_stream(),
+            Kind::Passthrough { body } => body.is_end_stream(),
+            Kind::Recording { tee } => tee.body.as_ref().map_or(true, |b| b.is_end_stream()),
         }
     }
 
@@ -175,7 +257,11 @@ where
                     SizeHint::with_exact(len)
                 }
             }
-            Kind::Passthrough { body } | Kind::Recording { body, .. } => body.size_hint(),
+            Kind::Passthrough { body } => body.size_hint(),
+            Kind::Recording { tee } => tee
+                .body
+                .as_ref()
+                .map_or(SizeHint::with_exact(0), |b| b.size_hint()),
         }
     }
 }

@@ -13,7 +13,7 @@ use pin_project_lite::pin_project;
 use sync_wrapper::SyncWrapper;
 use tower_service::Service;
 
-use crate::body::{Recorder, ResponseBody};
+use crate::body::{drain, Recorder, ResponseBody, DETACHED_DEADLINE};
 use crate::coalesce::{Outcome, Role};
 use crate::entry::{storable_map, Entry};
 use crate::layer::CacheLayer;
@@ -23,6 +23,8 @@ use crate::policy::{
 use crate::status::{set_headers, BypassReason, CacheStatus, Counters, NotStored};
 
 type Lookup = Pin<Box<dyn Future<Output = Found> + Send>>;
+type BoxCall<R, E> = Pin<Box<dyn Future<Output = Result<R, E>> + Send>>;
+type Detach<R, E> = fn(BoxCall<R, E>, Box<Ctx>);
 
 /// The outcome of a lookup.
 #[allow(clippy::large_enum_variant)] // a hit is the common case: no extra allocation
@@ -80,12 +82,66 @@ pin_project! {
             #[pin]
             future: S::Future,
         },
+        Lead {
+            lead: SyncWrapper<LeadCall<S::Response, S::Error>>,
+        },
         Invalidate {
             invalidation: SyncWrapper<Pin<Box<dyn Future<Output = ()> + Send>>>,
             response: SyncWrapper<Option<S::Response>>,
         },
         Done,
     }
+}
+
+/// The inner call of a request that leads a coalesced miss. Dropped before the response
+/// arrives (its client left), the call moves to a background task, so that the requests
+/// waiting on the flight get its entry instead of each calling the inner service.
+pub(crate) struct LeadCall<R, E> {
+    /// Taken when it completes.
+    future: Option<BoxCall<R, E>>,
+    /// The request's context, back in `Mode::Cache` once the call completes.
+    ctx: Option<Box<Ctx>>,
+    /// Made where the response's bounds are known, since `Drop` cannot ask for them.
+    detach: Detach<R, E>,
+}
+
+impl<R, E> Drop for LeadCall<R, E> {
+    fn drop(&mut self) {
+        if let (Some(future), Some(ctx)) = (self.future.take(), self.ctx.take()) {
+            if ctx.flight.is_some() {
+                (self.detach)(future, ctx);
+            }
+        }
+    }
+}
+
+/// Finishes a leader's call and records its response in the background (see `LeadCall`).
+/// Bounded like `finish_detached`: past the bound, the work is dropped.
+fn detach_call<B, E>(future: BoxCall<Response<B>, E>, ctx: Box<Ctx>)
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    E: Send + 'static,
+{
+    let shared = Arc::clone(&ctx.shared);
+    let Ok(permit) = Arc::clone(&shared.runtime.detached).try_acquire_owned() else {
+        tracing::debug!(key = %ctx.key, "too many responses finishing in the background; dropped");
+        return;
+    };
+    let Ok(rt) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    Counters::incr(&shared.runtime.counters.detached);
+    tracing::debug!(key = %ctx.key, "client gone; response computed in the background for the requests waiting on it");
+    rt.spawn(async move {
+        let work = async move {
+            let mut mode = Mode::Cache(ctx);
+            if let Ok(response) = future.await {
+                drain(respond(response, &mut mode, true).into_body()).await;
+            }
+        };
+        let _ = tokio::time::timeout(DETACHED_DEADLINE, work).await;
+        drop(permit);
+    });
 }
 
 /// What to do with the inner response.
@@ -226,29 +282,47 @@ where
                     }
                     let (mut service, request) = take_lookup(this.state.as_mut());
                     let future = service.call(request);
-                    this.state.set(State::Call { future });
+                    match std::mem::replace(this.mode, Mode::Passthrough) {
+                        Mode::Cache(ctx) if ctx.flight.is_some() => {
+                            let detach: Detach<S::Response, S::Error> =
+                                detach_call::<ResB, S::Error>;
+                            let future: BoxCall<S::Response, S::Error> = Box::pin(future);
+                            this.state.set(State::Lead {
+                                lead: SyncWrapper::new(LeadCall {
+                                    future: Some(future),
+                                    ctx: Some(ctx),
+                                    detach,
+                                }),
+                            });
+                        }
+                        mode => {
+                            *this.mode = mode;
+                            this.state.set(State::Call { future });
+                        }
+                    }
+                }
+                StateProj::Lead { lead } => {
+                    let lead = lead.get_mut();
+                    let Some(future) = lead.future.as_mut() else {
+                        // Completed already: see `Done`.
+                        return Poll::Pending;
+                    };
+                    let result = ready!(future.as_mut().poll(cx));
+                    lead.future = None;
+                    if let Some(ctx) = lead.ctx.take() {
+                        *this.mode = Mode::Cache(ctx);
+                    }
+                    this.state.set(State::Done);
+                    if let Some(stale) = stale_on_failure(&result, this.mode) {
+                        return Poll::Ready(Ok(stale));
+                    }
+                    return Poll::Ready(result.map(|r| respond(r, this.mode, false)));
                 }
                 StateProj::Call { future } => {
                     let result = ready!(future.poll(cx));
-                    // stale-if-error: a failure of the inner service is answered by the
-                    // stale entry, when there is one.
-                    if let Mode::Cache(ctx) = this.mode {
-                        // 5xx, an error, or a timeout layer's 408.
-                        let failed = match &result {
-                            Ok(r) => {
-                                r.status().is_server_error()
-                                    || r.status() == http::StatusCode::REQUEST_TIMEOUT
-                            }
-                            Err(_) => true,
-                        };
-                        if failed {
-                            if let Some(stale) = ctx.stale.take() {
-                                this.state.set(State::Done);
-                                Counters::incr(&ctx.shared.runtime.counters.stale_if_error);
-                                tracing::debug!(key = %ctx.key, "inner service failed; stale entry served");
-                                return Poll::Ready(Ok(hit_as(stale, ctx, CacheStatus::Stale)));
-                            }
-                        }
+                    if let Some(stale) = stale_on_failure(&result, this.mode) {
+                        this.state.set(State::Done);
+                        return Poll::Ready(Ok(stale));
                     }
                     let response = result?;
                     if let Mode::Write(shared, path) = this.mode {
@@ -263,7 +337,7 @@ where
                         }
                     }
                     this.state.set(State::Done);
-                    return Poll::Ready(Ok(respond(response, this.mode)));
+                    return Poll::Ready(Ok(respond(response, this.mode, false)));
                 }
                 StateProj::Invalidate {
                     invalidation,
@@ -273,7 +347,7 @@ where
                     let response = response.get_mut().take();
                     this.state.set(State::Done);
                     match response {
-                        Some(r) => return Poll::Ready(Ok(respond(r, this.mode))),
+                        Some(r) => return Poll::Ready(Ok(respond(r, this.mode, false))),
                         // Taken only here, right before `Done`.
                         None => return Poll::Pending,
                     }
@@ -286,6 +360,28 @@ where
             }
         }
     }
+}
+
+/// stale-if-error: a failure of the inner service (5xx, an error, or a timeout layer's 408)
+/// is answered by the stale entry, when there is one.
+fn stale_on_failure<B, E>(
+    result: &Result<Response<B>, E>,
+    mode: &mut Mode,
+) -> Option<Response<ResponseBody<B>>> {
+    let Mode::Cache(ctx) = mode else {
+        return None;
+    };
+    let failed = match result {
+        Ok(r) => r.status().is_server_error() || r.status() == http::StatusCode::REQUEST_TIMEOUT,
+        Err(_) => true,
+    };
+    if !failed {
+        return None;
+    }
+    let stale = ctx.stale.take()?;
+    Counters::incr(&ctx.shared.runtime.counters.stale_if_error);
+    tracing::debug!(key = %ctx.key, "inner service failed; stale entry served");
+    Some(hit_as(stale, ctx, CacheStatus::Stale))
 }
 
 /// The context of a background refresh: a miss of the same key that leads its flight.
@@ -323,15 +419,8 @@ where
         let Ok(response) = future.await else {
             return;
         };
-        let mut body = Box::pin(respond(response, &mut mode).into_body());
         // Drive the body to its end: the recorder stores it (or abandons it on an error).
-        while let Some(frame) =
-            std::future::poll_fn(|cx| http_body::Body::poll_frame(body.as_mut(), cx)).await
-        {
-            if frame.is_err() {
-                break;
-            }
-        }
+        drain(respond(response, &mut mode, true).into_body()).await;
     });
 }
 
@@ -682,9 +771,10 @@ fn not_modified_response<B>(entry: Entry, ctx: &Ctx) -> Response<ResponseBody<B>
 }
 
 /// Wraps the inner response: marks it, and on a storable GET miss records its body.
-fn respond<B>(response: Response<B>, mode: &mut Mode) -> Response<ResponseBody<B>>
+/// `background`: no client waits for this response (a refresh, a detached leader).
+fn respond<B>(response: Response<B>, mode: &mut Mode, background: bool) -> Response<ResponseBody<B>>
 where
-    B: http_body::Body<Data = Bytes>,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
 {
     let ctx = match mode {
         Mode::Passthrough | Mode::Write(..) => {
@@ -744,7 +834,7 @@ where
                     let flight = ctx.flight.take();
                     let recorder =
                         Recorder::new(ctx, flight, ttl, parts.status, &parts.headers, tags);
-                    ResponseBody::recording(body, recorder)
+                    ResponseBody::recording(body, recorder, background)
                 }
             }
         }

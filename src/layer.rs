@@ -53,6 +53,8 @@ pub(crate) struct Runtime {
     pub(crate) inflight: crate::value::Inflight,
     /// Misses in flight, for request coalescing.
     pub(crate) flights: crate::coalesce::Flights,
+    /// Leaders of coalesced misses finishing in the background after their client left.
+    pub(crate) detached: Arc<Semaphore>,
     /// Routes whose responses were refused for their `Vary` (logged once each).
     vary_logged: std::sync::Mutex<std::collections::HashSet<String>>,
 }
@@ -66,6 +68,11 @@ impl Runtime {
     }
 }
 
+/// At most this many coalesced misses finish in the background after their clients left; past
+/// it, a leaving client's work is dropped as without coalescing (its followers call the
+/// inner service themselves).
+pub(crate) const MAX_DETACHED: usize = 256;
+
 /// The default bound on the bytes of entries being written at once.
 pub(crate) const DEFAULT_MAX_PENDING_BYTES: usize = 64 * 1024 * 1024;
 
@@ -77,6 +84,7 @@ impl Runtime {
             write_bytes: Arc::new(Semaphore::new(DEFAULT_MAX_PENDING_BYTES)),
             inflight: crate::value::Inflight::default(),
             flights: crate::coalesce::Flights::default(),
+            detached: Arc::new(Semaphore::new(MAX_DETACHED)),
             vary_logged: std::sync::Mutex::default(),
         }
     }

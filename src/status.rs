@@ -164,6 +164,9 @@ pub struct Stats {
     pub stale_while_revalidate: u64,
     /// Background refreshes started (stale-while-revalidate).
     pub refreshes: u64,
+    /// Coalesced misses whose client went away before the response was complete: the
+    /// response was finished in the background so that the waiting requests get it.
+    pub detached: u64,
     /// Responses not stored because their `Vary` names a header the route does not key on.
     pub vary_refused: u64,
     /// Requests looked up and not found (or found unusable).
@@ -196,6 +199,7 @@ pub(crate) struct Counters {
     pub(crate) stale_if_error: AtomicU64,
     pub(crate) stale_while_revalidate: AtomicU64,
     pub(crate) refreshes: AtomicU64,
+    pub(crate) detached: AtomicU64,
     pub(crate) vary_refused: AtomicU64,
     pub(crate) misses: AtomicU64,
     pub(crate) unavailable: AtomicU64,
@@ -221,6 +225,7 @@ impl Counters {
             stale_if_error: r(&self.stale_if_error),
             stale_while_revalidate: r(&self.stale_while_revalidate),
             refreshes: r(&self.refreshes),
+            detached: r(&self.detached),
             vary_refused: r(&self.vary_refused),
             misses: r(&self.misses),
             unavailable: r(&self.unavailable),

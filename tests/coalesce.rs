@@ -10,8 +10,12 @@ use std::time::Duration;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
+use bytes::Bytes;
 use common::{get as get_req, send, RedisServer};
+use futures_util::StreamExt;
 use http::HeaderValue;
+use http_body_util::BodyExt;
+use tower::ServiceExt;
 use tower_redis_cache::{CacheHandle, CacheLayer, Policy, RedisConfig, RedisStore};
 
 async fn setup(server: &RedisServer, policy: Policy) -> (Router, CacheHandle, Arc<AtomicUsize>) {
@@ -102,28 +106,114 @@ async fn an_unstorable_response_is_never_handed_to_the_waiting_requests() {
     assert_eq!(handle.stats().collapsed, 0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_leader_whose_client_leaves_lets_the_others_ask_for_themselves() {
-    let server = RedisServer::start();
-    let (app, handle, calls) = setup(&server, Policy::shared(Duration::from_secs(60))).await;
-    // The leader's client gives up before the response.
-    let leader = tokio::spawn({
-        let app = app.clone();
-        async move { send(&app, get_req("/slow")).await }
-    });
-    tokio::time::sleep(Duration::from_millis(50)).await;
+/// A router whose `/gated` handler is counted and answers "part one, " at once, then
+/// "part two" once the test adds a permit to `gate`; `head_gated` also holds back the head.
+async fn gated(
+    server: &RedisServer,
+    head_gated: bool,
+) -> (
+    Router,
+    CacheHandle,
+    Arc<AtomicUsize>,
+    Arc<tokio::sync::Semaphore>,
+) {
+    let config = RedisConfig::from_url(&server.url())
+        .unwrap()
+        .lookup_timeout(Duration::from_secs(2));
+    let store = RedisStore::connect(config).await.unwrap();
+    let cache = CacheLayer::new(store, Policy::shared(Duration::from_secs(60)));
+    let handle = cache.handle();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let (c, g) = (calls.clone(), gate.clone());
+    let app = Router::new()
+        .route(
+            "/gated",
+            get(move || {
+                let n = c.fetch_add(1, Ordering::SeqCst) + 1;
+                let gate = g.clone();
+                async move {
+                    if head_gated {
+                        gate.acquire().await.unwrap().forget();
+                    }
+                    let parts = futures_util::stream::iter(0..2).then(move |i| {
+                        let gate = gate.clone();
+                        async move {
+                            if i == 0 {
+                                return Ok::<_, std::convert::Infallible>(Bytes::from(format!(
+                                    "call #{n}: part one, "
+                                )));
+                            }
+                            if !head_gated {
+                                gate.acquire().await.unwrap().forget();
+                            }
+                            Ok(Bytes::from_static(b"part two"))
+                        }
+                    });
+                    axum::body::Body::from_stream(parts)
+                }
+            }),
+        )
+        .layer(cache);
+    (app, handle, calls, gate)
+}
+
+/// The followers of a leader whose client left, once the handler is released: one call,
+/// the whole response for everyone.
+async fn followers_get_the_leaders_work(
+    app: &Router,
+    handle: &CacheHandle,
+    calls: &AtomicUsize,
+    gate: &tokio::sync::Semaphore,
+) {
     let followers = tokio::spawn({
         let app = app.clone();
-        async move { concurrently(&app, "/slow", 5).await }
+        async move { concurrently(&app, "/gated", 5).await }
     });
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    leader.abort();
+    // The followers are waiting on the flight (or will find the entry).
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    gate.add_permits(1);
     let replies = followers.await.unwrap();
-    assert!(replies.iter().all(|r| r.status == 200));
-    // The leader's work is lost with its client: the followers call the handler again
-    // (once, coalesced among themselves, or each; never with a broken response).
-    assert!(calls.load(Ordering::SeqCst) >= 2);
-    assert!(handle.stats().collapsed <= 4);
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "the handler ran once");
+    for r in &replies {
+        assert_eq!(
+            (r.status.as_u16(), r.text().as_str()),
+            (200, "call #1: part one, part two")
+        );
+    }
+    let stats = handle.stats();
+    assert_eq!(stats.detached, 1);
+    assert_eq!(stats.collapsed + stats.hits, 5);
+    assert_eq!(stats.abandoned, 0);
+    common::wait_until("stored", || handle.stats().stored == 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_whose_client_leaves_before_the_response_still_answers_the_others() {
+    let server = RedisServer::start();
+    let (app, handle, calls, gate) = gated(&server, true).await;
+    let leader = tokio::spawn({
+        let app = app.clone();
+        async move { send(&app, get_req("/gated")).await }
+    });
+    common::wait_until("the leader's call", || calls.load(Ordering::SeqCst) == 1).await;
+    // Its client gives up while the handler has not answered yet.
+    leader.abort();
+    assert!(leader.await.is_err_and(|e| e.is_cancelled()));
+    followers_get_the_leaders_work(&app, &handle, &calls, &gate).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_whose_client_leaves_mid_body_still_answers_the_others() {
+    let server = RedisServer::start();
+    let (app, handle, calls, gate) = gated(&server, false).await;
+    let response = app.clone().oneshot(get_req("/gated")).await.unwrap();
+    let mut body = response.into_body();
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert_eq!(&first[..], b"call #1: part one, ");
+    // Its client leaves after the first part.
+    drop(body);
+    followers_get_the_leaders_work(&app, &handle, &calls, &gate).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
