@@ -439,7 +439,10 @@ async fn large_bodies_stream_through_uncached() {
 #[tokio::test]
 async fn a_client_that_leaves_early_stores_nothing() {
     let server = RedisServer::start();
-    let cache = CacheLayer::new(store(&server).await, MIN);
+    // Without coalescing: the leader of a coalesced miss is finished in the background for
+    // the requests waiting on it instead (tests/coalesce.rs).
+    let policy = Policy::shared(MIN).coalesce(Duration::ZERO);
+    let cache = CacheLayer::new(store(&server).await, policy);
     let handle = cache.handle();
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Result<Frame<Bytes>, Infallible>>();
     let rx = Arc::new(std::sync::Mutex::new(Some(rx)));

@@ -123,8 +123,7 @@ async fn tls_with_a_custom_ca_and_a_password_caches() {
     let (server, certs) = tls_server();
     // The password percent-encoded, as Azure access keys must be.
     let url = format!("rediss://:p%40ss%2Fw%2Brd%3D@localhost:{}", server.port());
-    let config = RedisConfig::from_url(&url)
-        .unwrap()
+    let config = common::relaxed_config(&url)
         .ca_cert(certs.join("ca.crt"))
         .unwrap();
     let store = RedisStore::connect(config).await.unwrap();

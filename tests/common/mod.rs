@@ -50,6 +50,18 @@ impl RedisServer {
         panic!("could not start redis-server (is it installed?)");
     }
 
+    /// Like `unstarted`, on a port a cluster node can use: its bus listens on port + 10000,
+    /// so the port must be at most 55535 and that one free too.
+    pub fn unstarted_cluster_node() -> Self {
+        loop {
+            let server = RedisServer::unstarted();
+            let bus = u32::from(server.port) + 10_000;
+            if bus <= 65_535 && TcpListener::bind(("127.0.0.1", bus as u16)).is_ok() {
+                return server;
+            }
+        }
+    }
+
     /// A free port on which nothing listens yet; `restart` starts a server there later.
     pub fn unstarted() -> Self {
         let port = free_port();
@@ -161,7 +173,7 @@ impl RedisServer {
                 "port {}\nbind 127.0.0.1\nprotected-mode no\ndir {}\n\
                  sentinel monitor mymaster 127.0.0.1 {master_port} 2\n\
                  sentinel down-after-milliseconds mymaster 1000\n\
-                 sentinel failover-timeout mymaster 5000\n\
+                 sentinel failover-timeout mymaster 2000\n\
                  sentinel parallel-syncs mymaster 1\n",
                 s.port,
                 s.dir.display()
@@ -335,7 +347,7 @@ impl RedisCluster {
         let n = primaries * (1 + replicas);
         let mut nodes = Vec::new();
         for _ in 0..n {
-            let mut node = RedisServer::unstarted();
+            let mut node = RedisServer::unstarted_cluster_node();
             node.cluster = true;
             node.restart();
             nodes.push(node);
@@ -451,4 +463,6 @@ pub fn relaxed_config(url: &str) -> tower_redis_cache::RedisConfig {
     tower_redis_cache::RedisConfig::from_url(url)
         .expect("url")
         .lookup_timeout(Duration::from_secs(1))
+        // A slow start must not open the circuit breaker before the first request.
+        .connect_timeout(Duration::from_secs(5))
 }

@@ -10,7 +10,7 @@ use axum::routing::get;
 use axum::Router;
 use http::{HeaderValue, Request};
 use tower_redis_cache::{
-    CacheHandle, CacheLayer, Identity, PathPattern, Policy, RedisConfig, RedisStore, RequestKey,
+    CacheHandle, CacheLayer, Identity, PathPattern, Policy, RedisStore, RequestKey,
 };
 
 use super::{get_with, send, wait_until};
@@ -42,7 +42,10 @@ pub async fn fake_auth(
 pub const TTL: Duration = Duration::from_secs(60);
 
 pub async fn layer(url: &str, namespace: &str) -> CacheLayer {
-    let store = RedisStore::connect(RedisConfig::from_url(url).unwrap())
+    // A 200 ms lookup deadline: out of reach of a loaded machine's hiccups, and still short
+    // enough for the failover tests' "no request waits 1 s" rule.
+    let config = super::relaxed_config(url).lookup_timeout(Duration::from_millis(200));
+    let store = RedisStore::connect(config)
         .await
         .unwrap();
     CacheLayer::new(store, Policy::bypass())
