@@ -85,6 +85,9 @@ pin_project! {
         Lead {
             lead: SyncWrapper<LeadCall<S::Response, S::Error>>,
         },
+        Near {
+            entry: Option<Entry>,
+        },
         Invalidate {
             invalidation: SyncWrapper<Pin<Box<dyn Future<Output = ()> + Send>>>,
             response: SyncWrapper<Option<S::Response>>,
@@ -174,6 +177,8 @@ pub(crate) struct Ctx {
     pub(crate) flight: Option<crate::coalesce::FlightGuard>,
     /// A stale entry to answer with if the inner service fails (stale-if-error).
     pub(crate) stale: Option<Entry>,
+    /// For routes with a near-cache: its epoch before the lookup, and the route's bound.
+    pub(crate) near: Option<(u64, Duration)>,
 }
 
 impl<S, ReqB> ResponseFuture<S, ReqB>
@@ -205,6 +210,15 @@ where
         }
     }
 
+    /// A hit from the near-cache: answered on first poll.
+    #[cfg(feature = "near")]
+    pub(crate) fn near_hit(ctx: Ctx, entry: Entry) -> Self {
+        ResponseFuture {
+            state: State::Near { entry: Some(entry) },
+            mode: Mode::Cache(Box::new(ctx)),
+        }
+    }
+
     pub(crate) fn lookup(ctx: Ctx, service: S, request: Request<ReqB>) -> Self {
         let coalesce = if ctx.head { None } else { ctx.policy.coalesce };
         let lookup: Lookup = Box::pin(look_up(
@@ -214,6 +228,7 @@ where
             !ctx.head,
             ctx.policy.lock,
             ctx.policy.early_refresh,
+            ctx.near,
         ));
         ResponseFuture {
             state: State::Lookup {
@@ -300,6 +315,15 @@ where
                             this.state.set(State::Call { future });
                         }
                     }
+                }
+                StateProj::Near { entry } => {
+                    let (Mode::Cache(ctx), Some(entry)) = (&*this.mode, entry.take()) else {
+                        // Polled after completion.
+                        return Poll::Pending;
+                    };
+                    let response = hit_as(entry, ctx, CacheStatus::NearHit);
+                    this.state.set(State::Done);
+                    return Poll::Ready(Ok(response));
                 }
                 StateProj::Lead { lead } => {
                     let lead = lead.get_mut();
@@ -400,6 +424,7 @@ fn refresh_ctx(ctx: &Ctx, seq: u64, guard: crate::coalesce::FlightGuard) -> Ctx 
         conditional: None,
         flight: Some(guard),
         stale: None,
+        near: None,
     }
 }
 
@@ -459,6 +484,7 @@ async fn look_up(
     revalidate: bool,
     lock: Option<Duration>,
     early: Option<f64>,
+    near: Option<(u64, Duration)>,
 ) -> Found {
     let store = &shared.settings.store;
     let counters = &shared.runtime.counters;
@@ -469,6 +495,17 @@ async fn look_up(
             Ok(entry) if entry.confirmed && is_fresh(&entry) => {
                 Counters::incr(&counters.hits);
                 tracing::debug!(key = %key, "cache hit");
+                #[cfg(feature = "near")]
+                if let Some((epoch, max_age)) = near {
+                    let left = entry
+                        .stored_at_ms
+                        .saturating_add(entry.ttl_ms)
+                        .saturating_sub(now_ms());
+                    let ttl = max_age.min(Duration::from_millis(left));
+                    shared.near().insert(&key, entry.clone(), ttl, epoch);
+                }
+                #[cfg(not(feature = "near"))]
+                let _ = near;
                 if revalidate && early.is_some_and(|beta| xfetch_due(&entry, beta)) {
                     let refresh = claim_refresh(&shared, &key).await;
                     if refresh.is_some() {

@@ -192,6 +192,13 @@ impl CacheHandle {
     pub fn stats(&self) -> Stats {
         let mut stats = self.layer.runtime.counters.snapshot();
         stats.breaker_opened = self.store().breaker_opened();
+        #[cfg(feature = "near")]
+        if let Some(near) = self.layer.runtime.near.get() {
+            use std::sync::atomic::Ordering::Relaxed;
+            stats.near_hits = near.hits.load(Relaxed);
+            stats.near_flushes = near.flushes.load(Relaxed);
+            stats.near_bytes = near.size().1;
+        }
         stats
     }
 
@@ -291,7 +298,8 @@ impl CacheHandle {
     /// caller stops waiting for it (a client that disconnects, a timeout layer).
     pub async fn invalidate(&self, request: &RequestKey) -> Result<u64, CacheError> {
         let (handle, request) = (self.clone(), request.clone());
-        detached(async move { handle.invalidate_now(&request).await }).await
+        self.detached(async move { handle.invalidate_now(&request).await })
+            .await
     }
 
     async fn invalidate_now(&self, request: &RequestKey) -> Result<u64, CacheError> {
@@ -309,7 +317,8 @@ impl CacheHandle {
     /// every query string, every user, every keyed-header variant.
     pub async fn invalidate_path(&self, path: &str) -> Result<u64, CacheError> {
         let (handle, path) = (self.clone(), path.to_owned());
-        detached(async move { handle.invalidate_path_now(&path).await }).await
+        self.detached(async move { handle.invalidate_path_now(&path).await })
+            .await
     }
 
     async fn invalidate_path_now(&self, path: &str) -> Result<u64, CacheError> {
@@ -320,7 +329,8 @@ impl CacheHandle {
     /// [`Identity`](crate::Identity) extracts it (for `Identity::extension`, its `Display`).
     pub async fn invalidate_user(&self, identity: &str) -> Result<u64, CacheError> {
         let (handle, identity) = (self.clone(), identity.to_owned());
-        detached(async move { handle.invalidate_user_now(&identity).await }).await
+        self.detached(async move { handle.invalidate_user_now(&identity).await })
+            .await
     }
 
     async fn invalidate_user_now(&self, identity: &str) -> Result<u64, CacheError> {
@@ -331,7 +341,8 @@ impl CacheHandle {
     /// Removes every entry of a route template (`/users/{id}/menu`).
     pub async fn invalidate_route(&self, template: &str) -> Result<u64, CacheError> {
         let (handle, template) = (self.clone(), template.to_owned());
-        detached(async move { handle.invalidate_route_now(&template).await }).await
+        self.detached(async move { handle.invalidate_route_now(&template).await })
+            .await
     }
 
     async fn invalidate_route_now(&self, template: &str) -> Result<u64, CacheError> {
@@ -343,7 +354,8 @@ impl CacheHandle {
     /// `Cache-Tag` / `Surrogate-Key` response header).
     pub async fn invalidate_tag(&self, tag: &str) -> Result<u64, CacheError> {
         let (handle, tag) = (self.clone(), tag.to_owned());
-        detached(async move { handle.invalidate_tag_now(&tag).await }).await
+        self.detached(async move { handle.invalidate_tag_now(&tag).await })
+            .await
     }
 
     async fn invalidate_tag_now(&self, tag: &str) -> Result<u64, CacheError> {
@@ -355,7 +367,8 @@ impl CacheHandle {
     /// entries removed.
     pub async fn invalidate_pattern(&self, pattern: &PathPattern) -> Result<u64, CacheError> {
         let (handle, pattern) = (self.clone(), pattern.clone());
-        detached(async move { handle.invalidate_pattern_now(&pattern).await }).await
+        self.detached(async move { handle.invalidate_pattern_now(&pattern).await })
+            .await
     }
 
     async fn invalidate_pattern_now(&self, pattern: &PathPattern) -> Result<u64, CacheError> {
@@ -380,7 +393,7 @@ impl CacheHandle {
     /// in batches). Returns how many entries were removed.
     pub async fn clear(&self) -> Result<u64, CacheError> {
         let handle = self.clone();
-        detached(async move { handle.clear_now().await }).await
+        self.detached(async move { handle.clear_now().await }).await
     }
 
     async fn clear_now(&self) -> Result<u64, CacheError> {
@@ -452,9 +465,35 @@ impl PathPattern {
     }
 }
 
-/// Runs an invalidation as its own task, so that it completes even when its caller is
-/// dropped halfway (a marker raised and the entries not yet removed would leave them stale).
-async fn detached<T: Send + 'static>(
+impl CacheHandle {
+    /// Runs an invalidation as its own task, so that it completes even when its caller is
+    /// dropped halfway (a marker raised and the entries not yet removed would leave them
+    /// stale). Then empties the near-caches, here and, through Redis, in other instances.
+    async fn detached<T: Send + 'static>(
+        &self,
+        work: impl std::future::Future<Output = Result<T, CacheError>> + Send + 'static,
+    ) -> Result<T, CacheError> {
+        #[cfg(feature = "near")]
+        let work = {
+            let near = self
+                .layer
+                .routes
+                .uses_near()
+                .then(|| std::sync::Arc::clone(self.layer.near()));
+            let store = self.store().clone();
+            async move {
+                let result = work.await;
+                if let Some(near) = near {
+                    near.invalidated(&store).await;
+                }
+                result
+            }
+        };
+        spawn_detached(work).await
+    }
+}
+
+async fn spawn_detached<T: Send + 'static>(
     work: impl std::future::Future<Output = Result<T, CacheError>> + Send + 'static,
 ) -> Result<T, CacheError> {
     match tokio::runtime::Handle::try_current() {

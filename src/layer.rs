@@ -40,6 +40,8 @@ pub(crate) struct Settings {
     pub(crate) identity: Identity,
     pub(crate) x_cache: Option<HeaderName>,
     pub(crate) invalidate_on_write: bool,
+    #[cfg(feature = "near")]
+    pub(crate) near_capacity: u64,
 }
 
 /// Counters and the write bound: shared by every clone of a layer, its services and handle.
@@ -55,6 +57,9 @@ pub(crate) struct Runtime {
     pub(crate) flights: crate::coalesce::Flights,
     /// Leaders of coalesced misses finishing in the background after their client left.
     pub(crate) detached: Arc<Semaphore>,
+    /// The near-cache, made on first use (with the namespace and capacity of that moment).
+    #[cfg(feature = "near")]
+    pub(crate) near: std::sync::OnceLock<Arc<crate::near::Near>>,
     /// Routes whose responses were refused for their `Vary` (logged once each).
     vary_logged: std::sync::Mutex<std::collections::HashSet<String>>,
 }
@@ -85,6 +90,8 @@ impl Runtime {
             inflight: crate::value::Inflight::default(),
             flights: crate::coalesce::Flights::default(),
             detached: Arc::new(Semaphore::new(MAX_DETACHED)),
+            #[cfg(feature = "near")]
+            near: std::sync::OnceLock::new(),
             vary_logged: std::sync::Mutex::default(),
         }
     }
@@ -142,6 +149,8 @@ impl CacheLayer {
                 identity: Identity::default(),
                 x_cache: Some(HeaderName::from_static("x-cache")),
                 invalidate_on_write: false,
+                #[cfg(feature = "near")]
+                near_capacity: crate::near::DEFAULT_NEAR_CAPACITY,
             },
             routes: Arc::new(Routes {
                 default: Arc::new(policy.into()),
@@ -229,10 +238,37 @@ impl CacheLayer {
         self
     }
 
+    /// The size of the near-cache in bytes (default 64 MiB), shared by the routes that use
+    /// it ([`Policy::near`]). Entries are weighed by body, headers and key.
+    #[cfg(feature = "near")]
+    pub fn near_capacity(mut self, bytes: u64) -> Self {
+        self.settings.near_capacity = bytes;
+        self
+    }
+
+    /// The near-cache of this layer (and its clones and handle), made on first use.
+    #[cfg(feature = "near")]
+    pub(crate) fn near(&self) -> &Arc<crate::near::Near> {
+        self.runtime.near.get_or_init(|| {
+            Arc::new(crate::near::Near::new(
+                self.settings.near_capacity,
+                format!("{}:near", self.settings.keyer.namespace()),
+            ))
+        })
+    }
+
     /// A handle for invalidation, health and counters, shared by every clone of this layer.
     /// Take it after the other settings: it keeps the namespace it was taken with.
     pub fn handle(&self) -> CacheHandle {
         CacheHandle::new(self.clone())
+    }
+}
+
+impl Routes {
+    /// Whether any route keeps entries in the near-cache.
+    #[cfg(feature = "near")]
+    pub(crate) fn uses_near(&self) -> bool {
+        self.default.near.is_some() || self.by_template.values().any(|p| p.near.is_some())
     }
 }
 

@@ -111,6 +111,8 @@ mod future;
 mod handle;
 mod key;
 mod layer;
+#[cfg(feature = "near")]
+mod near;
 mod policy;
 mod service;
 mod status;

@@ -67,6 +67,9 @@ pub struct Policy {
     pub(crate) lock: Option<Duration>,
     /// XFetch's beta: refresh hot entries early, with a probability rising near expiry.
     pub(crate) early_refresh: Option<f64>,
+    /// How long an entry may be kept in the in-process near-cache.
+    #[cfg_attr(not(feature = "near"), allow(dead_code))]
+    pub(crate) near: Option<Duration>,
 }
 
 impl Policy {
@@ -86,6 +89,7 @@ impl Policy {
             stale_while_revalidate: None,
             lock: None,
             early_refresh: None,
+            near: None,
         }
     }
 
@@ -221,6 +225,30 @@ impl Policy {
     /// once. `beta` 1.0 is the usual choice; larger refreshes earlier. Off by default.
     pub fn early_refresh(mut self, beta: f64) -> Self {
         self.early_refresh = (beta.is_finite() && beta > 0.0).then_some(beta);
+        self
+    }
+
+    /// Near-cache: entries of this route read from Redis are also kept in this process, in a
+    /// tier sized in bytes ([`CacheLayer::near_capacity`](crate::CacheLayer::near_capacity),
+    /// 64 MiB by default), for at most `max_age` and never past their freshness; hits from
+    /// it cost no Redis round trip (`Cache-Status: ...; hit; detail=near`).
+    ///
+    /// Coherent across instances: every invalidation through a
+    /// [`CacheHandle`](crate::CacheHandle), in any instance, empties the near-cache of every
+    /// instance (Redis pub/sub on the namespace's channel `<namespace>:near`); while that
+    /// subscription is down the near-cache is emptied and not used. What no invalidation
+    /// announces (an entry replaced after its TTL by another instance's miss) is served from
+    /// here for at most `max_age`: keep it short (a few seconds). Off by default.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_redis_cache::Policy;
+    ///
+    /// let hot = Policy::shared(Duration::from_secs(300)).near(Duration::from_secs(5));
+    /// ```
+    #[cfg(feature = "near")]
+    pub fn near(mut self, max_age: Duration) -> Self {
+        self.near = (!max_age.is_zero()).then_some(max_age);
         self
     }
 

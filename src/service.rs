@@ -162,7 +162,22 @@ where
             },
             flight: None,
             stale: None,
+            near: None,
         };
+        #[cfg(feature = "near")]
+        let mut ctx = ctx;
+        #[cfg(feature = "near")]
+        if let Some(max_age) = policy.near {
+            let near = shared.near();
+            if near.usable(&shared.settings.store) {
+                if let Some(entry) = near.get(&ctx.key) {
+                    Counters::incr(&counters.hits);
+                    tracing::debug!(key = %ctx.key, "near-cache hit");
+                    return ResponseFuture::near_hit(ctx, entry);
+                }
+                ctx.near = Some((near.epoch(), max_age));
+            }
+        }
         ResponseFuture::lookup(ctx, inner, Request::from_parts(parts, body))
     }
 }

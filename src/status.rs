@@ -17,6 +17,9 @@ pub const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
 pub enum CacheStatus {
     /// Served from Redis; the inner service was not called.
     Hit,
+    /// Served from the in-process near-cache ([`Policy::near`](crate::Policy)); neither
+    /// Redis nor the inner service was asked.
+    NearHit,
     /// Served with the response of a concurrent miss of the same key (request coalescing);
     /// the inner service was not called for this request.
     Collapsed,
@@ -109,6 +112,10 @@ pub(crate) fn set_headers(
             HeaderValue::try_from(format!("{CACHE_NAME}; hit; ttl={ttl_secs}")).ok(),
             "HIT",
         ),
+        CacheStatus::NearHit => (
+            HeaderValue::try_from(format!("{CACHE_NAME}; hit; ttl={ttl_secs}; detail=near")).ok(),
+            "HIT",
+        ),
         CacheStatus::Collapsed => (
             Some(HeaderValue::from_static(
                 "tower-redis-cache; fwd=miss; collapsed",
@@ -164,6 +171,13 @@ pub struct Stats {
     pub stale_while_revalidate: u64,
     /// Background refreshes started (stale-while-revalidate).
     pub refreshes: u64,
+    /// Requests served from the near-cache (also counted in `hits`).
+    pub near_hits: u64,
+    /// Times the near-cache was emptied: an invalidation here or in another instance, or
+    /// its subscription down.
+    pub near_flushes: u64,
+    /// Bytes held by the near-cache (bodies, headers and keys, approximately).
+    pub near_bytes: u64,
     /// Coalesced misses whose client went away before the response was complete: the
     /// response was finished in the background so that the waiting requests get it.
     pub detached: u64,
@@ -237,6 +251,9 @@ impl Counters {
             refused: r(&self.refused),
             undecodable: r(&self.undecodable),
             breaker_opened: 0,
+            near_hits: 0,
+            near_flushes: 0,
+            near_bytes: 0,
         }
     }
 }

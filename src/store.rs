@@ -41,6 +41,9 @@ pub struct RedisStore {
 
 struct Inner {
     pool: Pool,
+    /// How the pool was built, for the near-cache's subscriber connection.
+    #[cfg_attr(not(feature = "near"), allow(dead_code))]
+    builder: Builder,
     read: Options,
     write: Options,
     breaker: Breaker,
@@ -71,7 +74,8 @@ impl RedisStore {
         policy.set_jitter(10);
         let connect_timeout = config.connect_timeout;
         let command_timeout = config.command_timeout;
-        let pool = Builder::from_config(fred_config)
+        let mut builder = Builder::from_config(fred_config);
+        builder
             .with_connection_config(|c| {
                 c.connection_timeout = connect_timeout;
                 c.internal_command_timeout = connect_timeout;
@@ -93,13 +97,15 @@ impl RedisStore {
                 };
             })
             .with_performance_config(|p| p.default_command_timeout = command_timeout)
-            .set_policy(policy)
+            .set_policy(policy);
+        let pool = builder
             .build_pool(config.pool_size)
             .map_err(|e| ConfigError::InvalidUrl(e.details().to_owned()))?;
         let _connection_tasks = pool.connect();
         let store = RedisStore {
             inner: Arc::new(Inner {
                 pool,
+                builder,
                 read: Options {
                     timeout: Some(config.lookup_timeout),
                     fail_fast: true,
@@ -155,6 +161,27 @@ impl RedisStore {
     }
 
     /// Fails at once, without touching Redis, while the breaker is open.
+    /// A subscriber client on the same settings as the pool (not connected yet).
+    #[cfg(feature = "near")]
+    pub(crate) fn subscriber(&self) -> Result<fred::clients::SubscriberClient, FredError> {
+        self.inner.builder.build_subscriber_client()
+    }
+
+    /// PUBLISH within the command deadline (not gated by the breaker: it is rare, and a
+    /// message that gets through is worth the try).
+    #[cfg(feature = "near")]
+    pub(crate) async fn publish(&self, channel: &str, message: &str) -> Result<(), FredError> {
+        use fred::interfaces::PubsubInterface;
+        let r = self
+            .inner
+            .pool
+            .next()
+            .with_options(&self.inner.write)
+            .publish::<(), _, _>(channel, message)
+            .await;
+        self.observe("publish", r)
+    }
+
     fn gate(&self) -> Result<(), FredError> {
         if self.inner.breaker.allow() {
             Ok(())

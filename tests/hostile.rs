@@ -31,9 +31,7 @@ async fn layer(url: &str) -> CacheLayer {
     // 200 ms: out of reach of a loaded machine's hiccups, well below `BOUND` for the tests of
     // a slow Redis.
     let config = common::relaxed_config(url).lookup_timeout(Duration::from_millis(200));
-    let store = RedisStore::connect(config)
-        .await
-        .unwrap();
+    let store = RedisStore::connect(config).await.unwrap();
     CacheLayer::new(store, Policy::shared(Duration::from_secs(60)))
 }
 

@@ -66,9 +66,7 @@ async fn sentinel_caches_and_survives_a_failover() {
     // 200 ms: out of reach of a loaded machine's hiccups, short enough for the "no request
     // waits 1 s" rule during the failover.
     let config = common::relaxed_config(&url).lookup_timeout(Duration::from_millis(200));
-    let store = RedisStore::connect(config)
-        .await
-        .unwrap();
+    let store = RedisStore::connect(config).await.unwrap();
     let cache = CacheLayer::new(store, Duration::from_secs(60));
     let handle = cache.handle();
     let app = Router::new()

@@ -45,9 +45,7 @@ pub async fn layer(url: &str, namespace: &str) -> CacheLayer {
     // A 200 ms lookup deadline: out of reach of a loaded machine's hiccups, and still short
     // enough for the failover tests' "no request waits 1 s" rule.
     let config = super::relaxed_config(url).lookup_timeout(Duration::from_millis(200));
-    let store = RedisStore::connect(config)
-        .await
-        .unwrap();
+    let store = RedisStore::connect(config).await.unwrap();
     CacheLayer::new(store, Policy::bypass())
         .namespace(namespace)
         .unwrap()

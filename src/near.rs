@@ -1,0 +1,282 @@
+//! The near-cache: an in-process tier (moka) in front of Redis, for routes that opt in with
+//! [`Policy::near`](crate::Policy::near).
+//!
+//! Coherence, in three parts:
+//! - every invalidation made through a [`CacheHandle`](crate::CacheHandle) flushes this
+//!   process's tier and publishes a message on the namespace's channel (`<ns>:near`); every
+//!   instance subscribed to it flushes its own tier when the message arrives;
+//! - the tier is used only while the subscription is up: when its connection drops (or has
+//!   not come up yet), the tier is flushed and bypassed until the subscription is back;
+//! - an entry lives in the tier for at most the route's bound and never past its freshness in
+//!   Redis, so an entry replaced in Redis by another instance is not served beyond the bound.
+//!
+//! An entry read from Redis before an invalidation but inserted after the flush would survive
+//! it; an epoch, bumped by every flush and checked after every insert, removes it.
+//!
+//! A flush drops every entry of the tier, whatever was invalidated: invalidations are rare
+//! next to hits, and the cost is one Redis read per entry afterwards.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use fred::clients::SubscriberClient;
+use fred::interfaces::{ClientLike, EventInterface, PubsubInterface};
+use fred::types::ClientState;
+use moka::sync::Cache;
+
+use crate::entry::Entry;
+use crate::store::RedisStore;
+
+/// The default size of the tier: 64 MiB of bodies and headers.
+pub(crate) const DEFAULT_NEAR_CAPACITY: u64 = 64 * 1024 * 1024;
+
+/// An entry and how long it may stay in the tier.
+struct Held {
+    entry: Entry,
+    ttl: Duration,
+}
+
+struct HeldExpiry;
+
+impl moka::Expiry<String, Arc<Held>> for HeldExpiry {
+    fn expire_after_create(
+        &self,
+        _key: &String,
+        value: &Arc<Held>,
+        _created_at: Instant,
+    ) -> Option<Duration> {
+        Some(value.ttl)
+    }
+}
+
+/// The near tier of one layer (shared by its clones).
+pub(crate) struct Near {
+    cache: Cache<String, Arc<Held>>,
+    /// Bumped by every flush.
+    epoch: AtomicU64,
+    /// Whether the subscription is up (the tier is used only then).
+    live: Arc<AtomicBool>,
+    /// The subscription task, started on first use.
+    started: OnceLock<()>,
+    channel: String,
+    pub(crate) hits: AtomicU64,
+    pub(crate) flushes: AtomicU64,
+}
+
+impl std::fmt::Debug for Near {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Near")
+            .field("channel", &self.channel)
+            .field("live", &self.live.load(Ordering::Relaxed))
+            .field("entries", &self.cache.entry_count())
+            .finish()
+    }
+}
+
+impl Near {
+    pub(crate) fn new(capacity: u64, channel: String) -> Self {
+        let cache = Cache::builder()
+            .max_capacity(capacity)
+            .weigher(|key: &String, held: &Arc<Held>| {
+                let e = &held.entry;
+                let headers: usize = e
+                    .headers
+                    .iter()
+                    .map(|(n, v)| n.as_str().len() + v.len() + 16)
+                    .sum();
+                let size = key.len() + e.body.len() + headers + 128;
+                u32::try_from(size).unwrap_or(u32::MAX)
+            })
+            .expire_after(HeldExpiry)
+            .build();
+        Near {
+            cache,
+            epoch: AtomicU64::new(0),
+            live: Arc::new(AtomicBool::new(false)),
+            started: OnceLock::new(),
+            channel,
+            hits: AtomicU64::new(0),
+            flushes: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether the tier may be used now; starts the subscription on first call.
+    pub(crate) fn usable(self: &Arc<Self>, store: &RedisStore) -> bool {
+        if self.live.load(Ordering::Acquire) {
+            return true;
+        }
+        self.started.get_or_init(|| self.start(store));
+        false
+    }
+
+    /// A fresh entry of `key`, if the tier holds one.
+    pub(crate) fn get(&self, key: &str) -> Option<Entry> {
+        let held = self.cache.get(key)?;
+        self.hits.fetch_add(1, Ordering::Relaxed);
+        Some(held.entry.clone())
+    }
+
+    /// The epoch to pass to [`insert`](Self::insert), read before the Redis lookup.
+    pub(crate) fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    /// Keeps an entry read from Redis (at `epoch`) for at most `ttl`.
+    pub(crate) fn insert(&self, key: &str, entry: Entry, ttl: Duration, epoch: u64) {
+        if ttl.is_zero() || !self.live.load(Ordering::Acquire) || self.epoch() != epoch {
+            return;
+        }
+        self.cache
+            .insert(key.to_owned(), Arc::new(Held { entry, ttl }));
+        // A flush that ran meanwhile may have missed the insert: undo it.
+        if self.epoch() != epoch || !self.live.load(Ordering::Acquire) {
+            self.cache.invalidate(key);
+        }
+    }
+
+    /// Drops every entry.
+    pub(crate) fn flush(&self) {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        self.flushes.fetch_add(1, Ordering::Relaxed);
+        self.cache.invalidate_all();
+    }
+
+    /// After an invalidation through the handle: flush here, and tell the other instances.
+    pub(crate) async fn invalidated(&self, store: &RedisStore) {
+        self.flush();
+        if let Err(e) = store.publish(&self.channel, "flush").await {
+            tracing::warn!(channel = %self.channel, error = %e.details(), "could not tell other instances to flush their near-caches; they may serve invalidated entries until the near bound");
+        }
+    }
+
+    /// Entries and weighted bytes held now.
+    pub(crate) fn size(&self) -> (u64, u64) {
+        self.cache.run_pending_tasks();
+        (self.cache.entry_count(), self.cache.weighted_size())
+    }
+
+    fn start(self: &Arc<Self>, store: &RedisStore) {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let subscriber = match store.subscriber() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e.details(), "near-cache subscription could not be set up; the near-cache stays off");
+                return;
+            }
+        };
+        // The task holds only a weak reference: it ends when the layer is gone.
+        let near = Arc::downgrade(self);
+        rt.spawn(subscribe(subscriber, near));
+    }
+}
+
+/// Keeps the subscription and the tier's `live` flag in step with the connection.
+async fn subscribe(subscriber: SubscriberClient, near: std::sync::Weak<Near>) {
+    let Some(channel) = near.upgrade().map(|n| n.channel.clone()) else {
+        return;
+    };
+    let mut messages = subscriber.message_rx();
+    let mut reconnects = subscriber.reconnect_rx();
+    let mut errors = subscriber.error_rx();
+    let _connection = subscriber.connect();
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let mut subscribed = false;
+    loop {
+        let Some(n) = near.upgrade() else {
+            break;
+        };
+        let connected = subscriber.state() == ClientState::Connected;
+        if !connected || !subscribed {
+            if n.live.swap(false, Ordering::AcqRel) {
+                tracing::warn!(channel = %channel, "near-cache subscription lost; near-cache flushed and bypassed until it is back");
+            }
+            n.flush();
+        }
+        if connected && !subscribed {
+            subscribed = subscriber.subscribe(channel.as_str()).await.is_ok();
+            if subscribed {
+                // Whatever was published while down is lost: start empty.
+                n.flush();
+                n.live.store(true, Ordering::Release);
+                tracing::info!(channel = %channel, "near-cache subscription up");
+            }
+        }
+        drop(n);
+        tokio::select! {
+            m = messages.recv() => {
+                // A message, or messages lost (lagged): flush either way.
+                if let Some(n) = near.upgrade() {
+                    n.flush();
+                }
+                if matches!(m, Err(tokio::sync::broadcast::error::RecvError::Closed)) {
+                    break;
+                }
+            }
+            _ = reconnects.recv() => subscribed = false,
+            _ = errors.recv() => subscribed = false,
+            _ = tick.tick() => {}
+        }
+    }
+    let _ = subscriber.quit().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(body: &'static [u8]) -> Entry {
+        Entry {
+            status: http::StatusCode::OK,
+            headers: http::HeaderMap::new(),
+            trailers: None,
+            body: bytes::Bytes::from_static(body),
+            stored_at_ms: 0,
+            ttl_ms: 0,
+            swr_ms: 0,
+            sie_ms: 0,
+            delta_ms: 0,
+            confirmed: true,
+        }
+    }
+
+    fn live_near() -> Near {
+        let near = Near::new(1 << 20, "t:near".into());
+        near.live.store(true, Ordering::Release);
+        near
+    }
+
+    #[test]
+    fn entries_leave_at_their_bound() {
+        let near = live_near();
+        near.insert("k", entry(b"v"), Duration::from_millis(50), near.epoch());
+        assert_eq!(
+            near.get("k").map(|e| e.body),
+            Some(bytes::Bytes::from_static(b"v"))
+        );
+        // Past the bound (whatever the scheduling, it can only be later).
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(near.get("k").is_none());
+    }
+
+    #[test]
+    fn an_entry_read_before_a_flush_is_not_kept_after_it() {
+        let near = live_near();
+        let epoch = near.epoch();
+        near.flush();
+        near.insert("k", entry(b"old"), Duration::from_secs(60), epoch);
+        assert!(near.get("k").is_none());
+        near.insert("k", entry(b"new"), Duration::from_secs(60), near.epoch());
+        assert!(near.get("k").is_some());
+    }
+
+    #[test]
+    fn nothing_is_kept_while_the_subscription_is_down() {
+        let near = live_near();
+        near.live.store(false, Ordering::Release);
+        near.insert("k", entry(b"v"), Duration::from_secs(60), near.epoch());
+        assert!(near.get("k").is_none());
+    }
+}
