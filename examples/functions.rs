@@ -107,8 +107,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     for round in 1..=2 {
         if round == 2 {
-            // Values are written in the background, off the caller's path: give it a moment.
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            // Values are written in the background, off the caller's path: let the two
+            // writes of round 1 end (stored, refused or failed), for at most a second.
+            let deadline = Instant::now() + Duration::from_secs(1);
+            while Instant::now() < deadline {
+                let s = cache.stats();
+                if s.stored + s.refused + s.write_errors + s.writes_dropped >= 2 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
         }
         let started = Instant::now();
         let p = get_user_permissions(&cache, &db, 1).await?;

@@ -82,6 +82,8 @@ fn start_backend(redis: &RedisServer, extra: &[(&str, &str)]) -> Backend {
         .env("DB_DELAY_MS", "20")
         .env("APP_ENV", "test")
         .env("RUST_LOG", "warn")
+        // Out of reach of a loaded machine's hiccups, below the outage test's 1 s bound.
+        .env("REDIS_LOOKUP_TIMEOUT_MS", "200")
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     for (k, v) in extra {
@@ -366,6 +368,7 @@ fn functions_example_caches_and_invalidates() {
     let out = Command::new(example("functions"))
         .env_clear()
         .env("REDIS_PORT", redis.port().to_string())
+        .env("REDIS_LOOKUP_TIMEOUT_MS", "1000")
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);

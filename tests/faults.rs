@@ -158,9 +158,13 @@ async fn writes_past_the_bound_are_dropped_not_queued() {
 
     type Tx = mpsc::UnboundedSender<Result<Frame<Bytes>, std::convert::Infallible>>;
     let mut server = RedisServer::start();
-    let store = RedisStore::connect(RedisConfig::from_url(&server.url()).unwrap())
-        .await
-        .unwrap();
+    // Lookups out of reach of a loaded machine's hiccups; writes that outlast the test's
+    // frozen phase, so that the one pending write holds its permit throughout.
+    let config = RedisConfig::from_url(&server.url())
+        .unwrap()
+        .lookup_timeout(Duration::from_millis(200))
+        .command_timeout(Duration::from_secs(10));
+    let store = RedisStore::connect(config).await.unwrap();
     let cache = CacheLayer::new(store, Duration::from_secs(60)).max_pending_writes(1);
     let handle = cache.handle();
     // Each response streams what the test sends it, so all five lookups happen while Redis

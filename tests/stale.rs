@@ -19,7 +19,9 @@ async fn a_stale_entry_answers_when_the_handler_fails() {
     let store = RedisStore::connect(common::relaxed_config(&server.url()))
         .await
         .unwrap();
-    let policy = Policy::shared(Duration::from_millis(500)).stale_if_error(Duration::from_secs(60));
+    // A 2 s TTL: long enough that a loaded machine still finds the entry fresh right after
+    // storing it.
+    let policy = Policy::shared(Duration::from_secs(2)).stale_if_error(Duration::from_secs(60));
     let cache = CacheLayer::new(store, policy);
     let handle = cache.handle();
     let mode = Arc::new(AtomicU8::new(0));
@@ -55,7 +57,7 @@ async fn a_stale_entry_answers_when_the_handler_fails() {
     send("/a").await.unwrap();
     wait_until("stored", || handle.stats().stored == 1).await;
     assert_eq!(send("/a").await.unwrap().x_cache(), "HIT");
-    tokio::time::sleep(Duration::from_millis(600)).await; // past freshness
+    tokio::time::sleep(Duration::from_millis(2100)).await; // past freshness
 
     mode.store(1, Ordering::SeqCst);
     let r = send("/a").await.unwrap();
@@ -95,7 +97,7 @@ async fn stale_entries_are_served_at_once_and_refreshed_once() {
         .await
         .unwrap();
     let policy =
-        Policy::shared(Duration::from_millis(300)).stale_while_revalidate(Duration::from_secs(60));
+        Policy::shared(Duration::from_secs(2)).stale_while_revalidate(Duration::from_secs(60));
     let cache = CacheLayer::new(store, policy);
     let handle = cache.handle();
     let calls = Arc::new(AtomicUsize::new(0));
@@ -106,7 +108,8 @@ async fn stale_entries_are_served_at_once_and_refreshed_once() {
             get(move || {
                 let n = c.fetch_add(1, Ordering::SeqCst) + 1;
                 async move {
-                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    // Slow, so that the refresh cannot end before the ten lookups below.
+                    tokio::time::sleep(Duration::from_millis(1500)).await;
                     format!("version {n}")
                 }
             }),
@@ -115,7 +118,7 @@ async fn stale_entries_are_served_at_once_and_refreshed_once() {
 
     assert_eq!(common::send(&app, get_req("/v")).await.text(), "version 1");
     wait_until("stored", || handle.stats().stored == 1).await;
-    tokio::time::sleep(Duration::from_millis(400)).await; // stale now
+    tokio::time::sleep(Duration::from_millis(2100)).await; // stale now
 
     // Ten concurrent requests: all get the stale entry at once, one refresh runs.
     let started = std::time::Instant::now();
@@ -134,8 +137,8 @@ async fn stale_entries_are_served_at_once_and_refreshed_once() {
         );
     }
     assert!(
-        started.elapsed() < Duration::from_millis(200),
-        "not waiting for the handler"
+        started.elapsed() < Duration::from_millis(1000),
+        "not waiting for the 1.5 s handler"
     );
     wait_until("the refresh stored", || handle.stats().stored == 2).await;
     assert_eq!(handle.stats().refreshes, 1);

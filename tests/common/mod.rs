@@ -425,10 +425,18 @@ impl RedisCluster {
         url
     }
 
-    /// Keys of every primary matching a pattern (redis-cli --scan per node).
+    /// Keys of every primary matching a pattern (redis-cli --scan per node). Replicas are
+    /// skipped: they may still hold a key just removed from their primary.
     pub fn keys(&self, pattern: &str) -> Vec<String> {
         let mut keys = Vec::new();
         for n in &self.nodes {
+            let role = Command::new("redis-cli")
+                .args(["-p", &n.port().to_string(), "role"])
+                .output()
+                .expect("redis-cli");
+            if String::from_utf8_lossy(&role.stdout).lines().next() != Some("master") {
+                continue;
+            }
             let out = Command::new("redis-cli")
                 .args(["-p", &n.port().to_string(), "--scan", "--pattern", pattern])
                 .output()
