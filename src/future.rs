@@ -18,7 +18,8 @@ use crate::coalesce::{Outcome, Role};
 use crate::entry::{storable_map, Entry};
 use crate::layer::CacheLayer;
 use crate::policy::{
-    handler_override, response_ttl, take_tags, Policy, TAG_HEADERS, TTL_OVERRIDE_HEADER,
+    handler_override, storage, take_tags, Policy, SharedRequest, TAG_HEADERS, TTL_OVERRIDE_HEADER,
+    VARY_FINGERPRINT,
 };
 use crate::status::{set_headers, BypassReason, CacheStatus, Counters, NotStored};
 
@@ -118,6 +119,8 @@ pub(crate) struct Ctx {
     pub(crate) flight: Option<crate::coalesce::FlightGuard>,
     /// A stale entry to answer with if the inner service fails (stale-if-error).
     pub(crate) stale: Option<Entry>,
+    /// Shared-cache mode: what decides reuse and storage for this request.
+    pub(crate) shared_request: Option<Arc<SharedRequest>>,
 }
 
 impl<S, ReqB> ResponseFuture<S, ReqB>
@@ -150,7 +153,16 @@ where
     }
 
     pub(crate) fn lookup(ctx: Ctx, service: S, request: Request<ReqB>) -> Self {
-        let coalesce = if ctx.head { None } else { ctx.policy.coalesce };
+        // A request that refuses stored responses (no-cache) could not use a flight's.
+        let refuses = ctx
+            .shared_request
+            .as_ref()
+            .is_some_and(|r| r.refuses_stored());
+        let coalesce = if ctx.head || refuses {
+            None
+        } else {
+            ctx.policy.coalesce
+        };
         let lookup: Lookup = Box::pin(look_up(
             Arc::clone(&ctx.shared),
             ctx.key.clone(),
@@ -158,6 +170,7 @@ where
             !ctx.head,
             ctx.policy.lock,
             ctx.policy.early_refresh,
+            ctx.shared_request.clone(),
         ));
         ResponseFuture {
             state: State::Lookup {
@@ -304,6 +317,7 @@ fn refresh_ctx(ctx: &Ctx, seq: u64, guard: crate::coalesce::FlightGuard) -> Ctx 
         conditional: None,
         flight: Some(guard),
         stale: None,
+        shared_request: ctx.shared_request.clone(),
     }
 }
 
@@ -370,13 +384,25 @@ async fn look_up(
     revalidate: bool,
     lock: Option<Duration>,
     early: Option<f64>,
+    shared_request: Option<Arc<SharedRequest>>,
 ) -> Found {
     let store = &shared.settings.store;
     let counters = &shared.runtime.counters;
     let started = Instant::now();
     let mut stale = None;
+    // Shared-cache mode: whether an entry may answer this request (Vary, Authorization,
+    // request directives); a refused entry is a miss.
+    let usable = |entry: &Entry| {
+        shared_request.as_ref().map_or(true, |r| {
+            let age = now_ms().saturating_sub(entry.stored_at_ms);
+            r.may_reuse(&entry.headers, Duration::from_millis(age))
+        })
+    };
     match store.get(&key).await {
         Ok(Some(raw)) => match Entry::decode(&raw) {
+            Ok(entry) if entry.confirmed && !usable(&entry) => {
+                tracing::debug!(key = %key, "entry does not answer this request; cache miss");
+            }
             Ok(entry) if entry.confirmed && is_fresh(&entry) => {
                 Counters::incr(&counters.hits);
                 tracing::debug!(key = %key, "cache hit");
@@ -443,7 +469,8 @@ async fn look_up(
     match shared.runtime.flights.join(&key, seq) {
         Role::Leader(guard) => {
             if let Some(lock_ttl) = lock {
-                if let Some(entry) = wait_for_other_instance(&shared, &key, lock_ttl, wait).await {
+                let other = wait_for_other_instance(&shared, &key, lock_ttl, wait).await;
+                if let Some(entry) = other.filter(|e| usable(&e.1)) {
                     // Our own followers get it too.
                     drop(guard.complete(entry.0));
                     Counters::incr(&counters.collapsed);
@@ -461,7 +488,8 @@ async fn look_up(
                 tokio::time::timeout(wait, rx.wait_for(|o| !matches!(o, Outcome::Pending))).await;
             if let Ok(Ok(outcome)) = outcome {
                 if let Outcome::Stored(raw) = &*outcome {
-                    if let Ok(entry) = Entry::decode(raw) {
+                    // Another variant, or not for this request: ask ourselves.
+                    if let Some(entry) = Entry::decode(raw).ok().filter(|e| usable(e)) {
                         Counters::incr(&counters.collapsed);
                         tracing::debug!(key = %key, "coalesced with a concurrent miss");
                         return Found::Collapsed(entry);
@@ -586,6 +614,7 @@ fn hit_as<B>(entry: Entry, ctx: &Ctx, status: CacheStatus) -> Response<ResponseB
     *res.status_mut() = entry.status;
     *res.headers_mut() = entry.headers;
     let headers = res.headers_mut();
+    headers.remove(VARY_FINGERPRINT);
     if !chunked {
         // With trailers, HTTP/1.1 needs chunked framing: no length.
         headers.insert(CONTENT_LENGTH, HeaderValue::from(len));
@@ -714,7 +743,15 @@ where
         tracing::debug!(key = %ctx.key, "redis unavailable at lookup; response not stored");
         ResponseBody::passthrough(body)
     } else {
-        match response_ttl(parts.status, &parts.headers, over, &ctx.policy) {
+        match storage(
+            parts.status,
+            &parts.headers,
+            over,
+            &ctx.policy,
+            ctx.shared_request.as_deref(),
+            SystemTime::now(),
+            ctx.started.elapsed(),
+        ) {
             Err(why) => {
                 if why == NotStored::Vary {
                     Counters::incr(&counters.vary_refused);
@@ -734,7 +771,7 @@ where
                 tracing::debug!(key = %ctx.key, reason = NotStored::Headers.as_str(), "response not stored");
                 ResponseBody::passthrough(body)
             }
-            Ok(ttl) => {
+            Ok(stored) => {
                 let limit = ctx.policy.max_body_size;
                 if http_body::Body::size_hint(&body).lower() > limit as u64 {
                     Counters::incr(&counters.abandoned);
@@ -743,7 +780,8 @@ where
                 } else {
                     let flight = ctx.flight.take();
                     let recorder =
-                        Recorder::new(ctx, flight, ttl, parts.status, &parts.headers, tags);
+                        Recorder::new(ctx, flight, stored.ttl, parts.status, &parts.headers, tags)
+                            .shared_cache(stored.age, stored.vary);
                     ResponseBody::recording(body, recorder)
                 }
             }

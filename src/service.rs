@@ -12,7 +12,7 @@ use crate::body::ResponseBody;
 use crate::future::{Ctx, ResponseFuture};
 use crate::key::KeyInput;
 use crate::layer::CacheLayer;
-use crate::policy::{cacheable_method, request_bypass};
+use crate::policy::{cacheable_method, request_bypass, SharedRequest};
 use crate::status::{BypassReason, CacheStatus, Counters};
 
 /// The service made by [`CacheLayer`]. See the [crate docs](crate) for an example.
@@ -162,6 +162,9 @@ where
             },
             flight: None,
             stale: None,
+            shared_request: policy
+                .http_shared
+                .then(|| Arc::new(SharedRequest::new(&parts.headers))),
         };
         ResponseFuture::lookup(ctx, inner, Request::from_parts(parts, body))
     }
