@@ -169,6 +169,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .parse()
         .map_err(|_| "CACHE_MAX_TTL must be a whole number of seconds")?;
     let health_path = env_or("HEALTH_PATH", "/_proxy/health");
+    if !health_path.starts_with('/') || health_path.contains(['{', '}']) {
+        return Err(format!(
+            "HEALTH_PATH must be a plain path such as /_proxy/health, got {health_path:?}"
+        )
+        .into());
+    }
 
     let config = RedisConfig::from_env()?;
     tracing::info!(?config, "redis");

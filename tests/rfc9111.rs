@@ -288,13 +288,17 @@ async fn request_directives() {
     let r = p.get_with(uri, &[("pragma", "no-cache")]).await;
     assert_eq!(r.x_cache(), "MISS");
     p.stored(4).await;
+    // What browsers send on reload.
+    let r = p.get_with(uri, &[("cache-control", "max-age=0")]).await;
+    assert_eq!(r.x_cache(), "MISS");
+    p.stored(5).await;
 
     // max-age: a stored response older than that is not used.
     let r = p.get_with(uri, &[("cache-control", "max-age=3600")]).await;
     assert_eq!(r.x_cache(), "HIT");
     let old = "/b?cache-control=max-age=600&age=100";
     p.get(old).await;
-    p.stored(5).await;
+    p.stored(6).await;
     assert_eq!(p.get(old).await.x_cache(), "HIT");
     let r = p.get_with(old, &[("cache-control", "max-age=50")]).await;
     assert_eq!(r.x_cache(), "MISS");

@@ -51,9 +51,10 @@ impl SharedRequest {
         }
     }
 
-    /// Whether this request refuses every stored response (`no-cache`).
+    /// Whether this request refuses every stored response (`no-cache`, `max-age=0`, as
+    /// browsers send on reload): it need not wait for a concurrent miss's.
     pub(crate) fn refuses_stored(&self) -> bool {
-        self.no_cache
+        self.no_cache || self.max_age == Some(0)
     }
 
     /// Whether a stored response (its headers, and its current age) may answer this request.
@@ -639,6 +640,11 @@ mod tests {
             0
         ));
         assert!(!reuse(&[("cache-control", "max-age=0")], 1));
+        let refuses = |request| SharedRequest::new(&h(request)).refuses_stored();
+        assert!(refuses(&[("cache-control", "no-cache")]));
+        assert!(refuses(&[("cache-control", "max-age=0")]));
+        assert!(!refuses(&[("cache-control", "max-age=1")]));
+        assert!(!refuses(&[]));
         assert!(reuse(&[("cache-control", "max-age=60")], 60));
         assert!(!reuse(&[("cache-control", "max-age=60")], 61));
         // Advisory directives are ignored.
