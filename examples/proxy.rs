@@ -179,7 +179,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let config = RedisConfig::from_env()?;
     tracing::info!(?config, "redis");
     let store = RedisStore::connect(config).await?;
-    let cache = CacheLayer::new(store, Policy::http_shared(Duration::from_secs(max_ttl)))
+    // Most origins that compress answer `Vary: Accept-Encoding`: keying on it keeps an entry
+    // per value (gzip, br, none...) instead of one that each value replaces in turn.
+    let policy =
+        Policy::http_shared(Duration::from_secs(max_ttl)).key_header(header::ACCEPT_ENCODING);
+    let cache = CacheLayer::new(store, policy)
         .namespace(&env_or("CACHE_NAMESPACE", "proxy"))?
         // A successful PUT, PATCH, POST or DELETE removes its path's entries (RFC 9111 §4.4).
         .invalidate_on_write(true);

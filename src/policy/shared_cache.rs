@@ -266,11 +266,8 @@ fn vary_fingerprint(
         h.update(&(joined.len() as u64).to_le_bytes());
         h.update(&joined);
     }
-    let hex: String = h.finalize().as_bytes()[..16]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    HeaderValue::try_from(hex)
+    // 128 bits, in hex.
+    HeaderValue::from_str(&h.finalize().to_hex()[..32])
         .map(Some)
         .map_err(|_| NotStored::Vary)
 }
