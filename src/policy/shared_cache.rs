@@ -20,8 +20,8 @@ const MAX_HEURISTIC: Duration = Duration::from_secs(86_400);
 const MIN_TTL: Duration = Duration::from_millis(1);
 
 /// What the shared-cache mode keeps of a request: what decides whether a stored response
-/// may answer it, and whether its response may be stored.
-#[derive(Debug)]
+/// may answer it, and whether its response may be stored. Not `Debug`: it holds the
+/// request's credentials.
 pub(crate) struct SharedRequest {
     /// The request's headers, for `Vary` (kept in memory only; only a hash is stored).
     headers: HeaderMap,
