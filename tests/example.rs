@@ -386,7 +386,8 @@ fn functions_example_caches_and_invalidates() {
 }
 
 /// A small origin on a free loopback port, in a thread of its own: `/page` is public for a
-/// minute, `/private` is private; both answer `{"n": <calls so far>}`.
+/// minute, `/private` is private; both answer `{"n": <calls so far>}`. `/echo` answers the
+/// request headers it got.
 fn start_origin() -> (u16, std::sync::Arc<std::sync::atomic::AtomicU64>) {
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::Arc;
@@ -411,9 +412,24 @@ fn start_origin() -> (u16, std::sync::Arc<std::sync::atomic::AtomicU64>) {
                     )
                 })
             };
+            // The request headers the origin saw, and a hop-by-hop header of its own.
+            let echo = axum::routing::get(|headers: http::HeaderMap| async move {
+                let seen: serde_json::Map<String, Value> = headers
+                    .iter()
+                    .map(|(n, v)| {
+                        let v = v.to_str().unwrap_or("?").to_owned();
+                        (n.as_str().to_owned(), Value::String(v))
+                    })
+                    .collect();
+                (
+                    [("connection", "x-origin-hop"), ("x-origin-hop", "1")],
+                    Value::Object(seen).to_string(),
+                )
+            });
             let app = axum::Router::new()
                 .route("/page", answer("public, max-age=60"))
-                .route("/private", answer("private, max-age=60"));
+                .route("/private", answer("private, max-age=60"))
+                .route("/echo", echo);
             let listener = tokio::net::TcpListener::from_std(listener).unwrap();
             axum::serve(listener, app).await.unwrap();
         });
@@ -422,6 +438,10 @@ fn start_origin() -> (u16, std::sync::Arc<std::sync::atomic::AtomicU64>) {
 }
 
 fn start_proxy(redis: &RedisServer, origin_port: u16) -> Backend {
+    start_proxy_to(redis, &format!("http://127.0.0.1:{origin_port}"))
+}
+
+fn start_proxy_to(redis: &RedisServer, origin: &str) -> Backend {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -430,7 +450,7 @@ fn start_proxy(redis: &RedisServer, origin_port: u16) -> Backend {
     let child = Command::new(example("proxy"))
         .env_clear()
         .env("BIND", format!("127.0.0.1:{port}"))
-        .env("ORIGIN_URL", format!("http://127.0.0.1:{origin_port}"))
+        .env("ORIGIN_URL", origin)
         .env("REDIS_HOST", "127.0.0.1")
         .env("REDIS_PORT", redis.port().to_string())
         .env("RUST_LOG", "warn")
@@ -486,4 +506,51 @@ fn proxy_caches_what_the_origin_allows() {
         (health.status, health.body["redis"].as_str()),
         (200, Some("connected"))
     );
+}
+
+#[test]
+fn proxy_removes_hop_by_hop_fields_and_reports_a_failing_origin() {
+    let redis = RedisServer::start();
+    let (origin, _) = start_origin();
+    let proxy = start_proxy(&redis, origin);
+
+    // `http` sends `Connection: close` itself; the fields it names go no further either.
+    let r = http(
+        proxy.port,
+        "GET",
+        "/echo",
+        &[
+            ("connection", "x-client-hop"),
+            ("x-client-hop", "1"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-authorization", "Basic eDp5"),
+            ("x-end-to-end", "1"),
+        ],
+        "",
+    );
+    assert_eq!(r.status, 200);
+    let seen = |name: &str| r.body.get(name).and_then(Value::as_str).map(str::to_owned);
+    for hop in [
+        "x-client-hop",
+        "keep-alive",
+        "proxy-authorization",
+        "connection",
+    ] {
+        assert_eq!(seen(hop), None, "{hop} was forwarded");
+    }
+    assert_eq!(seen("x-end-to-end").as_deref(), Some("1"));
+    assert_eq!(seen("via").as_deref(), Some("1.1 tower-redis-cache"));
+    assert_eq!(seen("x-forwarded-host").as_deref(), Some("localhost"));
+    assert_eq!(seen("x-forwarded-for").as_deref(), Some("127.0.0.1"));
+    // And on the way back.
+    assert_eq!(r.header("x-origin-hop"), None);
+
+    // Nothing listens on the origin's port: 502, not a hang or a dropped connection.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let proxy = start_proxy_to(&redis, &format!("http://127.0.0.1:{closed}"));
+    assert_eq!(get(proxy.port, "/page", None).status, 502);
 }
