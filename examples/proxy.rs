@@ -74,6 +74,8 @@ impl Origin {
         match tokio::time::timeout(ORIGIN_TIMEOUT, self.client.request(upstream)).await {
             Ok(Ok(res)) => {
                 let (mut parts, body) = res.into_parts();
+                // The proxy speaks its own HTTP version to its client (RFC 9110 §2.5).
+                parts.version = http::Version::HTTP_11;
                 remove_hop_by_hop(&mut parts.headers);
                 append_list(&mut parts.headers, "via", VIA);
                 Ok(Response::from_parts(parts, Body::new(body)))

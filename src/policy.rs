@@ -154,7 +154,8 @@ impl Policy {
     /// - the request's headers named by the stored response's `Vary` have the same values
     ///   as those of the request it was stored for (a hash of them is stored, never the
     ///   values). One variant is kept per key: a request of another variant is a miss and
-    ///   its response replaces the stored one. Key on a header with [`key_header`]
+    ///   its response replaces the stored one (and concurrent misses of another variant
+    ///   than the one in flight do not wait for it). Key on a header with [`key_header`]
     ///   (`Accept-Encoding` behind no compression layer, say) to keep a variant per value;
     /// - with `Authorization` on the request, the stored response says `public`,
     ///   `s-maxage` or `must-revalidate`;
