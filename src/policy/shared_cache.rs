@@ -162,6 +162,14 @@ fn shared(
         None => return Err(NotStored::Status),
     };
     let age = current_age(headers, date, now, delay);
+    if now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        <= age
+    {
+        // Older than the clock: it could not be dated back (and is surely not fresh).
+        return Err(NotStored::Stale);
+    }
     let left = lifetime
         .checked_sub(age)
         .filter(|left| *left >= MIN_TTL)
@@ -415,6 +423,19 @@ mod tests {
                 &[
                     ("cache-control", "max-age=100"),
                     ("age", "99999999999999999999999")
+                ],
+                &[],
+                at(0)
+            ),
+            Err(NotStored::Stale)
+        );
+        // An age beyond the epoch, with a lifetime longer still.
+        assert_eq!(
+            decide(
+                200,
+                &[
+                    ("cache-control", "max-age=99999999999"),
+                    ("age", "9999999999")
                 ],
                 &[],
                 at(0)
