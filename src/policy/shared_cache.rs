@@ -739,3 +739,61 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn at(offset: i64) -> SystemTime {
+        let base = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        if offset < 0 {
+            base - Duration::from_secs(offset.unsigned_abs())
+        } else {
+            base + Duration::from_secs(offset as u64)
+        }
+    }
+
+    proptest! {
+        /// Whatever the headers say, nothing panics, and what is stored is fresh for at
+        /// least a millisecond and at most the policy's maximum from now.
+        #[test]
+        fn storage_is_bounded(
+            cc in "[a-z0-9=, \"-]{0,40}",
+            age in "[0-9a-z, ]{0,25}",
+            vary in "[a-zA-Z*, -]{0,20}",
+            status in 200u16..600,
+            date in proptest::option::of(-100_000i64..100_000),
+            expires in proptest::option::of(-100_000i64..100_000),
+            modified in proptest::option::of(-10_000_000i64..100_000),
+            delay_ms in 0u64..10_000,
+        ) {
+            let mut h = HeaderMap::new();
+            for (name, value) in [("cache-control", cc), ("age", age), ("vary", vary)] {
+                if let Ok(v) = HeaderValue::from_str(&value) {
+                    h.insert(name, v);
+                }
+            }
+            for (name, offset) in [("date", date), ("expires", expires), ("last-modified", modified)] {
+                if let Some(offset) = offset {
+                    h.insert(name, HeaderValue::from_str(&httpdate::fmt_http_date(at(offset))).unwrap());
+                }
+            }
+            let max = Duration::from_secs(600);
+            let request = SharedRequest::new(&h);
+            let status = StatusCode::from_u16(status).unwrap();
+            let decided = storage(status, &h, None, &Policy::http_shared(max), Some(&request), at(0), Duration::from_millis(delay_ms));
+            if let Ok(s) = decided {
+                prop_assert!(s.ttl >= s.age);
+                let left = s.ttl - s.age;
+                prop_assert!(left >= MIN_TTL && left <= max, "{:?}", s);
+                let mut stored = h.clone();
+                if let Some(fp) = s.vary {
+                    stored.insert(VARY_FINGERPRINT, fp);
+                }
+                // The request it was stored for may reuse it (unless it refused reuse).
+                prop_assert!(request.refuses_stored() || request.may_reuse(&stored, Duration::ZERO));
+            }
+        }
+    }
+}
