@@ -414,6 +414,21 @@ async fn must_revalidate_and_s_maxage_forbid_the_routes_stale_windows() {
 }
 
 #[tokio::test]
+async fn the_responses_own_stale_while_revalidate_applies_with_s_maxage() {
+    let p = Proxy::start(max()).await;
+    let uri = "/a?cache-control=s-maxage=1,stale-while-revalidate=600";
+    let strict = "/b?cache-control=s-maxage=1,stale-while-revalidate=600,must-revalidate";
+    assert_eq!(p.get(uri).await.text(), "#1 -");
+    assert_eq!(p.get(strict).await.text(), "#2 -");
+    p.stored(2).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await; // stale now
+    let r = p.get(uri).await;
+    assert_eq!((r.x_cache(), r.text().as_str()), ("STALE", "#1 -"));
+    let r = p.get(strict).await;
+    assert_eq!(r.x_cache(), "MISS", "must-revalidate: no stale response");
+}
+
+#[tokio::test]
 async fn cookies_pass_through_unless_declared() {
     let p = Proxy::start(max()).await;
     let uri = "/a?cache-control=max-age=60";
