@@ -453,6 +453,8 @@ fn start_proxy_to(redis: &RedisServer, origin: &str) -> Backend {
         .env("ORIGIN_URL", origin)
         .env("REDIS_HOST", "127.0.0.1")
         .env("REDIS_PORT", redis.port().to_string())
+        // A loaded machine must not turn an expected hit into a miss (the 50 ms default).
+        .env("REDIS_LOOKUP_TIMEOUT_MS", "2000")
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
