@@ -293,6 +293,8 @@ pub(crate) struct Recorder {
     /// Set when this response leads a coalesced miss: its followers get the entry.
     flight: Option<crate::coalesce::FlightGuard>,
     finished: bool,
+    /// Shared-cache mode: the response's age on arrival (`ttl` counts from its birth).
+    age: Duration,
 }
 
 impl Recorder {
@@ -325,7 +327,20 @@ impl Recorder {
             windows: ctx.policy.stale_windows(response_headers),
             flight,
             finished: false,
+            age: Duration::ZERO,
         }
+    }
+
+    /// Shared-cache mode: the response was `age` old on arrival (the entry is dated back by
+    /// it, so that hits carry the true `Age`), and was selected by request headers whose
+    /// hash is `vary`. An origin's own header of that name is never stored.
+    pub(crate) fn shared_cache(mut self, age: Duration, vary: Option<http::HeaderValue>) -> Self {
+        self.age = age;
+        self.headers.remove(crate::policy::VARY_FINGERPRINT);
+        if let Some(vary) = vary {
+            self.headers.insert(crate::policy::VARY_FINGERPRINT, vary);
+        }
+        self
     }
 
     /// Records a chunk (a reference count, not a copy); false once over the limit.
@@ -363,7 +378,8 @@ impl Recorder {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();
-        let stored_at_ms = u64::try_from(now.as_millis()).unwrap_or(u64::MAX);
+        let stored_at_ms =
+            u64::try_from(now.saturating_sub(self.age).as_millis()).unwrap_or(u64::MAX);
         let ttl_ms = u64::try_from(self.ttl.as_millis()).unwrap_or(u64::MAX);
         let nonce = nonce(now);
         if self.etag && !self.headers.contains_key(header::ETAG) {
@@ -426,7 +442,10 @@ impl Recorder {
             key: std::mem::take(&mut self.key),
             value,
             nonce,
-            ttl: self.ttl.saturating_add(self.windows.0.max(self.windows.1)),
+            ttl: self
+                .ttl
+                .saturating_sub(self.age)
+                .saturating_add(self.windows.0.max(self.windows.1)),
             indexes,
             path: Some((
                 keyer.paths_key(),

@@ -18,7 +18,8 @@ use crate::coalesce::{Outcome, Role};
 use crate::entry::{storable_map, Entry};
 use crate::layer::CacheLayer;
 use crate::policy::{
-    handler_override, response_ttl, take_tags, Policy, TAG_HEADERS, TTL_OVERRIDE_HEADER,
+    handler_override, storage, take_tags, Policy, SharedRequest, TAG_HEADERS, TTL_OVERRIDE_HEADER,
+    VARY_FINGERPRINT,
 };
 use crate::status::{set_headers, BypassReason, CacheStatus, Counters, NotStored};
 
@@ -179,6 +180,8 @@ pub(crate) struct Ctx {
     pub(crate) stale: Option<Entry>,
     /// For routes with a near-cache: its epoch before the lookup, and the route's bound.
     pub(crate) near: Option<(u64, Duration)>,
+    /// Shared-cache mode: what decides reuse and storage for this request.
+    pub(crate) shared_request: Option<Arc<SharedRequest>>,
 }
 
 impl<S, ReqB> ResponseFuture<S, ReqB>
@@ -220,15 +223,27 @@ where
     }
 
     pub(crate) fn lookup(ctx: Ctx, service: S, request: Request<ReqB>) -> Self {
-        let coalesce = if ctx.head { None } else { ctx.policy.coalesce };
+        // A request that refuses stored responses (no-cache) could not use a flight's.
+        let refuses = ctx
+            .shared_request
+            .as_ref()
+            .is_some_and(|r| r.refuses_stored());
+        let coalesce = if ctx.head || refuses {
+            None
+        } else {
+            ctx.policy.coalesce
+        };
         let lookup: Lookup = Box::pin(look_up(
             Arc::clone(&ctx.shared),
             ctx.key.clone(),
-            coalesce,
-            !ctx.head,
-            ctx.policy.lock,
-            ctx.policy.early_refresh,
-            ctx.near,
+            Ask {
+                coalesce,
+                revalidate: !ctx.head,
+                lock: ctx.policy.lock,
+                early: ctx.policy.early_refresh,
+                near: ctx.near,
+                shared_request: ctx.shared_request.clone(),
+            },
         ));
         ResponseFuture {
             state: State::Lookup {
@@ -425,6 +440,7 @@ fn refresh_ctx(ctx: &Ctx, seq: u64, guard: crate::coalesce::FlightGuard) -> Ctx 
         flight: Some(guard),
         stale: None,
         near: None,
+        shared_request: ctx.shared_request.clone(),
     }
 }
 
@@ -476,22 +492,49 @@ where
     (service, request)
 }
 
-/// GET the entry; on a miss, read the invalidation sequence before the inner service runs.
-async fn look_up(
-    shared: Arc<CacheLayer>,
-    key: String,
+/// What a lookup may do besides the GET.
+struct Ask {
+    /// Coalescing's wait, when on.
     coalesce: Option<Duration>,
+    /// Whether stale-while-revalidate and early refreshes may start (not for HEAD).
     revalidate: bool,
+    /// The cross-instance lock's TTL, when on.
     lock: Option<Duration>,
+    /// XFetch's beta, when on.
     early: Option<f64>,
+    /// The near-cache's epoch and bound, for routes that use it.
     near: Option<(u64, Duration)>,
-) -> Found {
+    /// Shared-cache mode: what decides reuse for this request.
+    shared_request: Option<Arc<SharedRequest>>,
+}
+
+/// GET the entry; on a miss, read the invalidation sequence before the inner service runs.
+async fn look_up(shared: Arc<CacheLayer>, key: String, ask: Ask) -> Found {
+    let Ask {
+        coalesce,
+        revalidate,
+        lock,
+        early,
+        near,
+        shared_request,
+    } = ask;
     let store = &shared.settings.store;
     let counters = &shared.runtime.counters;
     let started = Instant::now();
     let mut stale = None;
+    // Shared-cache mode: whether an entry may answer this request (Vary, Authorization,
+    // request directives); a refused entry is a miss.
+    let usable = |entry: &Entry| {
+        shared_request.as_ref().map_or(true, |r| {
+            let age = now_ms().saturating_sub(entry.stored_at_ms);
+            r.may_reuse(&entry.headers, Duration::from_millis(age))
+        })
+    };
     match store.get(&key).await {
         Ok(Some(raw)) => match Entry::decode(&raw) {
+            Ok(entry) if entry.confirmed && !usable(&entry) => {
+                tracing::debug!(key = %key, "entry does not answer this request; cache miss");
+            }
             Ok(entry) if entry.confirmed && is_fresh(&entry) => {
                 Counters::incr(&counters.hits);
                 tracing::debug!(key = %key, "cache hit");
@@ -569,7 +612,8 @@ async fn look_up(
     match shared.runtime.flights.join(&key, seq) {
         Role::Leader(guard) => {
             if let Some(lock_ttl) = lock {
-                if let Some(entry) = wait_for_other_instance(&shared, &key, lock_ttl, wait).await {
+                let other = wait_for_other_instance(&shared, &key, lock_ttl, wait).await;
+                if let Some(entry) = other.filter(|e| usable(&e.1)) {
                     // Our own followers get it too.
                     drop(guard.complete(entry.0));
                     Counters::incr(&counters.collapsed);
@@ -587,7 +631,8 @@ async fn look_up(
                 tokio::time::timeout(wait, rx.wait_for(|o| !matches!(o, Outcome::Pending))).await;
             if let Ok(Ok(outcome)) = outcome {
                 if let Outcome::Stored(raw) = &*outcome {
-                    if let Ok(entry) = Entry::decode(raw) {
+                    // Another variant, or not for this request: ask ourselves.
+                    if let Some(entry) = Entry::decode(raw).ok().filter(|e| usable(e)) {
                         Counters::incr(&counters.collapsed);
                         tracing::debug!(key = %key, "coalesced with a concurrent miss");
                         return Found::Collapsed(entry);
@@ -712,6 +757,7 @@ fn hit_as<B>(entry: Entry, ctx: &Ctx, status: CacheStatus) -> Response<ResponseB
     *res.status_mut() = entry.status;
     *res.headers_mut() = entry.headers;
     let headers = res.headers_mut();
+    headers.remove(VARY_FINGERPRINT);
     if !chunked {
         // With trailers, HTTP/1.1 needs chunked framing: no length.
         headers.insert(CONTENT_LENGTH, HeaderValue::from(len));
@@ -841,7 +887,15 @@ where
         tracing::debug!(key = %ctx.key, "redis unavailable at lookup; response not stored");
         ResponseBody::passthrough(body)
     } else {
-        match response_ttl(parts.status, &parts.headers, over, &ctx.policy) {
+        match storage(
+            parts.status,
+            &parts.headers,
+            over,
+            &ctx.policy,
+            ctx.shared_request.as_deref(),
+            SystemTime::now(),
+            ctx.started.elapsed(),
+        ) {
             Err(why) => {
                 if why == NotStored::Vary {
                     Counters::incr(&counters.vary_refused);
@@ -861,7 +915,7 @@ where
                 tracing::debug!(key = %ctx.key, reason = NotStored::Headers.as_str(), "response not stored");
                 ResponseBody::passthrough(body)
             }
-            Ok(ttl) => {
+            Ok(stored) => {
                 let limit = ctx.policy.max_body_size;
                 if http_body::Body::size_hint(&body).lower() > limit as u64 {
                     Counters::incr(&counters.abandoned);
@@ -870,7 +924,8 @@ where
                 } else {
                     let flight = ctx.flight.take();
                     let recorder =
-                        Recorder::new(ctx, flight, ttl, parts.status, &parts.headers, tags);
+                        Recorder::new(ctx, flight, stored.ttl, parts.status, &parts.headers, tags)
+                            .shared_cache(stored.age, stored.vary);
                     ResponseBody::recording(body, recorder, background)
                 }
             }

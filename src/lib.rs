@@ -42,7 +42,8 @@
 //!   [`Policy::status`] opts in), without `Set-Cookie`, `Cache-Control: no-store`,
 //!   `no-cache` or `private` (allowed on per-user routes), `Vary: *`, or a `Vary` naming a
 //!   header the route does not key on, and whose body ended cleanly within the size limit
-//!   (1 MiB by default; larger bodies stream through, uncached).
+//!   (1 MiB by default; larger bodies stream through, uncached). In shared-cache mode
+//!   ([`Policy::http_shared`]) the response's headers decide instead, by RFC 9111.
 //! - Hits carry `Content-Length`, `Age`, `Cache-Status: tower-redis-cache; hit; ttl=N`
 //!   (RFC 9211) and `X-Cache: HIT`; misses `fwd=miss` / `MISS`; bypasses
 //!   `fwd=bypass; detail=...` / `BYPASS`. The identity never appears in them.
@@ -55,6 +56,14 @@
 //! ([`Policy::ttl_from_response`]), [`Policy::stale_while_revalidate`] and
 //! [`Policy::stale_if_error`].
 //!
+//! # Shared-cache mode (RFC 9111)
+//!
+//! [`Policy::http_shared`] lets the origin's own headers decide, as RFC 9111 says for a
+//! shared cache: `s-maxage`, `max-age`, `Expires`, `Age`, `no-cache`, `must-revalidate`,
+//! `private`, `Authorization`, `Vary`, a `Last-Modified` heuristic and the request's
+//! `no-store` / `no-cache` / `max-age`. `examples/proxy.rs` is a caching reverse proxy in
+//! this mode.
+//!
 //! # Invalidation and values
 //!
 //! [`CacheLayer::handle`] gives a [`CacheHandle`]: race-safe invalidation by request, path,
@@ -65,7 +74,9 @@
 //!
 //! - **A shared route serves one response to everybody.** Requests carrying
 //!   `Authorization` or `Cookie` therefore bypass shared routes, unless the route is
-//!   declared [`Policy::shared_for_authenticated`].
+//!   declared [`Policy::shared_for_authenticated`]. In shared-cache mode, `Authorization`
+//!   follows RFC 9111 §3.5 instead: only responses marked `public`, `s-maxage` or
+//!   `must-revalidate` are stored for, or served to, such requests.
 //! - Per-user routes ([`Policy::per_user`]) key entries on the caller's [`Identity`],
 //!   hashed with BLAKE3 keyed by the namespace; a request without identity is not cached.
 //!   **The identity must come from something the client cannot forge** (an auth layer's

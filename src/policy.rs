@@ -6,6 +6,9 @@ use http::{header, HeaderMap, HeaderName, Method, StatusCode};
 
 use crate::status::{BypassReason, NotStored};
 
+mod shared_cache;
+pub(crate) use shared_cache::{storage, SharedRequest, VARY_FINGERPRINT};
+
 /// How long a coalesced miss waits for the one in flight, by default.
 pub const DEFAULT_COALESCE_WAIT: Duration = Duration::from_secs(5);
 
@@ -70,6 +73,8 @@ pub struct Policy {
     /// How long an entry may be kept in the in-process near-cache.
     #[cfg_attr(not(feature = "near"), allow(dead_code))]
     pub(crate) near: Option<Duration>,
+    /// Shared-cache mode (RFC 9111): the origin's headers decide; `ttl` is the upper bound.
+    pub(crate) http_shared: bool,
 }
 
 impl Policy {
@@ -90,6 +95,7 @@ impl Policy {
             lock: None,
             early_refresh: None,
             near: None,
+            http_shared: false,
         }
     }
 
@@ -108,6 +114,85 @@ impl Policy {
     /// key hashed. A request without an identity is passed through, never cached.
     pub fn per_user(ttl: Duration) -> Self {
         Self::new(ttl, Scope::PerUser)
+    }
+
+    /// A shared HTTP cache as [RFC 9111](https://www.rfc-editor.org/rfc/rfc9111) describes
+    /// it, for routes (or a whole reverse proxy) whose responses say themselves whether and
+    /// how long they may be cached. `max_ttl` bounds how long any response stays fresh here.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_redis_cache::Policy;
+    ///
+    /// // Whatever the origin allows, for at most a day; a variant per Accept-Encoding.
+    /// let policy = Policy::http_shared(Duration::from_secs(86_400))
+    ///     .key_header(http::header::ACCEPT_ENCODING);
+    /// # let _ = policy;
+    /// ```
+    ///
+    /// **What is stored.** A response to a GET is stored when all of these hold:
+    /// - its status is final and not 206 or 304; with `must-understand`, a status this
+    ///   crate knows;
+    /// - it has no `Set-Cookie` (never stored, in every mode), and its `Cache-Control` has
+    ///   no `no-store`, no `private` (in any form) and no `no-cache` (in any form: such a
+    ///   response would have to be revalidated on every use, so it is simply not stored);
+    /// - the request had no `Cache-Control: no-store`;
+    /// - if the request had `Authorization`: the response says `public`, `s-maxage` or
+    ///   `must-revalidate` (RFC 9111 §3.5);
+    /// - its `Vary` is not `*`;
+    /// - it is still fresh on arrival, by its freshness lifetime: `s-maxage`, else
+    ///   `max-age`, else `Expires` minus `Date` (an invalid `Expires` is in the past); and
+    ///   without any of them, for statuses that are heuristically cacheable (200, 203, 204,
+    ///   300, 301, 308, 404, 405, 410, 414, 501) or responses marked `public`, a heuristic
+    ///   of 10 % of the time since `Last-Modified` (at most a day). A response with none of
+    ///   these is not stored.
+    ///
+    /// **How long.** The response's current age on arrival (the larger of its `Age` plus
+    /// the time the inner service took, and `Date` to now) is taken off its freshness
+    /// lifetime, and what is left is bounded by `max_ttl` (and by a handler's
+    /// [`CacheOverride`] or `x-cache-ttl`, which can only shorten it or skip the response).
+    /// Hits carry an `Age` counted from the origin's, so that caches downstream see the
+    /// true age; the layer adds no `Cache-Control` of its own.
+    ///
+    /// **What is reused.** A stored response answers a request only if:
+    /// - the request's headers named by the stored response's `Vary` have the same values
+    ///   as those of the request it was stored for (a hash of them is stored, never the
+    ///   values). One variant is kept per key: a request of another variant is a miss and
+    ///   its response replaces the stored one (and concurrent misses of another variant
+    ///   than the one in flight do not wait for it). Key on a header with [`key_header`]
+    ///   (`Accept-Encoding` behind no compression layer, say) to keep a variant per value;
+    /// - with `Authorization` on the request, the stored response says `public`,
+    ///   `s-maxage` or `must-revalidate`;
+    /// - the request has no `Cache-Control: no-cache` (nor `Pragma: no-cache` without
+    ///   `Cache-Control`), and its `max-age`, if any, is not below the stored response's
+    ///   age. Such requests go to the inner service, and its response is stored as for a
+    ///   miss. Other request directives (`max-stale`, `min-fresh`, `only-if-cached`) are
+    ///   advisory (RFC 9111 §5.2.1) and ignored.
+    ///
+    /// **Stale responses.** The route's [`stale_while_revalidate`] and [`stale_if_error`]
+    /// windows are configuration (RFC 9111 §4.2.4) and do not apply to responses with
+    /// `s-maxage`, `must-revalidate` or `proxy-revalidate`. The response's own
+    /// `stale-while-revalidate` and `stale-if-error` directives apply, except with
+    /// `must-revalidate` or `proxy-revalidate`.
+    ///
+    /// **Requests.** `Range` requests and GETs with a body pass through, as on every route;
+    /// so do requests with `Cookie`, which RFC 9111 leaves to the origin but many origins
+    /// personalise without saying so: declare the route
+    /// [`shared_for_authenticated`](Self::shared_for_authenticated) if your origin marks
+    /// such responses `private` or `Vary: Cookie`. `Authorization` follows the rules above.
+    ///
+    /// [`key_header`], `max_body_size`, `tag`, `etag`, `coalesce`, `lock_across_instances`
+    /// and `early_refresh` apply as on other routes; [`status`](Self::status) and
+    /// [`ttl_from_response`](Self::ttl_from_response) do not (the response decides).
+    ///
+    /// [`key_header`]: Self::key_header
+    /// [`stale_while_revalidate`]: Self::stale_while_revalidate
+    /// [`stale_if_error`]: Self::stale_if_error
+    pub fn http_shared(max_ttl: Duration) -> Self {
+        Policy {
+            http_shared: true,
+            ..Self::new(max_ttl, Scope::Shared)
+        }
     }
 
     /// Never cache: requests pass through (marked `BYPASS`).
@@ -238,7 +323,8 @@ impl Policy {
     /// instance (Redis pub/sub on the namespace's channel `<namespace>:near`); while that
     /// subscription is down the near-cache is emptied and not used. What no invalidation
     /// announces (an entry replaced after its TTL by another instance's miss) is served from
-    /// here for at most `max_age`: keep it short (a few seconds). Off by default.
+    /// here for at most `max_age`: keep it short (a few seconds). Off by default, and not
+    /// used in [`http_shared`](Self::http_shared) mode (whose reuse rules need the request).
     ///
     /// ```
     /// use std::time::Duration;
@@ -254,16 +340,19 @@ impl Policy {
 
     /// The stale windows of a response (stale-while-revalidate, stale-if-error): the
     /// route's, or the response's own `Cache-Control` directives when longer.
+    /// In shared-cache mode, `must-revalidate` and `proxy-revalidate` (and `no-cache`) allow
+    /// no stale use at all, and `s-maxage` none by the route's configuration.
     pub(crate) fn stale_windows(&self, headers: &HeaderMap) -> (Duration, Duration) {
         let d = cache_control(headers);
         let own = |s: Option<u64>| s.map(Duration::from_secs).unwrap_or_default();
+        if self.http_shared && (d.must_revalidate || d.proxy_revalidate || d.no_cache) {
+            return (Duration::ZERO, Duration::ZERO);
+        }
+        let configured = !(self.http_shared && d.s_maxage.is_some());
+        let route = |w: Option<Duration>| w.filter(|_| configured).unwrap_or_default();
         (
-            self.stale_while_revalidate
-                .unwrap_or_default()
-                .max(own(d.stale_while_revalidate)),
-            self.stale_if_error
-                .unwrap_or_default()
-                .max(own(d.stale_if_error)),
+            route(self.stale_while_revalidate).max(own(d.stale_while_revalidate)),
+            route(self.stale_if_error).max(own(d.stale_if_error)),
         )
     }
 
@@ -363,7 +452,8 @@ pub(crate) fn request_bypass(headers: &HeaderMap, policy: &Policy) -> Option<Byp
         return Some(BypassReason::Body);
     }
     if policy.scope == Scope::Shared {
-        if headers.contains_key(header::AUTHORIZATION) {
+        // In shared-cache mode the response decides (RFC 9111 §3.5).
+        if headers.contains_key(header::AUTHORIZATION) && !policy.http_shared {
             return Some(BypassReason::Authorization);
         }
         if headers.contains_key(header::COOKIE) {
@@ -383,6 +473,10 @@ pub(crate) struct Directives {
     pub(crate) s_maxage: Option<u64>,
     pub(crate) stale_while_revalidate: Option<u64>,
     pub(crate) stale_if_error: Option<u64>,
+    pub(crate) public: bool,
+    pub(crate) must_revalidate: bool,
+    pub(crate) proxy_revalidate: bool,
+    pub(crate) must_understand: bool,
 }
 
 /// Parses every `Cache-Control` header by token, case-insensitively. Quoted arguments
@@ -416,6 +510,14 @@ pub(crate) fn cache_control(headers: &HeaderMap) -> Directives {
                 d.no_cache = true;
             } else if name.eq_ignore_ascii_case("private") {
                 d.private = true;
+            } else if name.eq_ignore_ascii_case("public") {
+                d.public = true;
+            } else if name.eq_ignore_ascii_case("must-revalidate") {
+                d.must_revalidate = true;
+            } else if name.eq_ignore_ascii_case("proxy-revalidate") {
+                d.proxy_revalidate = true;
+            } else if name.eq_ignore_ascii_case("must-understand") {
+                d.must_understand = true;
             }
         }
     }
@@ -518,7 +620,7 @@ pub(crate) fn response_ttl(
             .filter(|_| shared)
             .or(cc.max_age)
             .map(Duration::from_secs)
-            .or_else(|| expires_in(headers));
+            .or_else(|| expires_in(headers, std::time::SystemTime::now()));
         if let Some(origin) = origin {
             if origin.is_zero() {
                 return Err(NotStored::NoStore);
@@ -546,9 +648,9 @@ pub(crate) fn response_ttl(
     Ok(ttl)
 }
 
-/// `Expires` minus `Date` (or now): how long the origin says the response stays fresh.
+/// `Expires` minus `Date` (or `now`): how long the origin says the response stays fresh.
 /// An invalid `Expires` means "already expired" (RFC 9111 §5.3).
-fn expires_in(headers: &HeaderMap) -> Option<Duration> {
+fn expires_in(headers: &HeaderMap, now: std::time::SystemTime) -> Option<Duration> {
     let expires = headers.get(header::EXPIRES)?;
     let Some(expires) = expires
         .to_str()
@@ -561,7 +663,7 @@ fn expires_in(headers: &HeaderMap) -> Option<Duration> {
         .get(header::DATE)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| httpdate::parse_http_date(v).ok())
-        .unwrap_or_else(std::time::SystemTime::now);
+        .unwrap_or(now);
     Some(expires.duration_since(date).unwrap_or(Duration::ZERO))
 }
 

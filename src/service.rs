@@ -12,7 +12,7 @@ use crate::body::ResponseBody;
 use crate::future::{Ctx, ResponseFuture};
 use crate::key::KeyInput;
 use crate::layer::CacheLayer;
-use crate::policy::{cacheable_method, request_bypass};
+use crate::policy::{cacheable_method, request_bypass, SharedRequest};
 use crate::status::{BypassReason, CacheStatus, Counters};
 
 /// The service made by [`CacheLayer`]. See the [crate docs](crate) for an example.
@@ -163,11 +163,16 @@ where
             flight: None,
             stale: None,
             near: None,
+            shared_request: policy
+                .http_shared
+                .then(|| Arc::new(SharedRequest::new(&parts.headers))),
         };
         #[cfg(feature = "near")]
         let mut ctx = ctx;
         #[cfg(feature = "near")]
-        if let Some(max_age) = policy.near {
+        // Not in shared-cache mode: its reuse rules (Vary, Authorization, request
+        // directives) are checked on the Redis lookup, and the near-cache would skip them.
+        if let Some(max_age) = policy.near.filter(|_| !policy.http_shared) {
             let near = shared.near();
             if near.usable(&shared.settings.store) {
                 if let Some(entry) = near.get(&ctx.key) {

@@ -83,6 +83,11 @@ pub(crate) enum NotStored {
     Private,
     Vary,
     Headers,
+    /// Shared-cache mode: a request with `Authorization`, and a response that does not
+    /// allow shared caching of it.
+    Authorization,
+    /// Shared-cache mode: no freshness lifetime, or none left on arrival.
+    Stale,
 }
 
 impl NotStored {
@@ -95,6 +100,8 @@ impl NotStored {
             NotStored::Private => "private",
             NotStored::Vary => "vary",
             NotStored::Headers => "too-many-headers",
+            NotStored::Authorization => "authorization",
+            NotStored::Stale => "stale",
         }
     }
 }

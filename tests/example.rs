@@ -43,7 +43,9 @@ fn example(name: &str) -> PathBuf {
         // may find a binary older than its source: build it then (never otherwise, since
         // a nested cargo could wait on the outer one's lock).
         let modified = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-        let source = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/backend.rs");
+        let source = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("examples")
+            .join(format!("{name}.rs"));
         let lib = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
         let newest_src = std::fs::read_dir(&lib)
             .into_iter()
@@ -384,4 +386,176 @@ fn functions_example_caches_and_invalidates() {
         text.contains("after the change: [\"read\", \"write\", \"delete\"]"),
         "{text}"
     );
+}
+
+/// A small origin on a free loopback port, in a thread of its own: `/page` is public for a
+/// minute, `/private` is private; both answer `{"n": <calls so far>}`. `/echo` answers the
+/// request headers it got.
+fn start_origin() -> (u16, std::sync::Arc<std::sync::atomic::AtomicU64>) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    let calls = Arc::new(AtomicU64::new(0));
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    listener.set_nonblocking(true).unwrap();
+    let c = calls.clone();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let answer = move |cc: &'static str| {
+                let c = c.clone();
+                axum::routing::get(move || async move {
+                    let n = c.fetch_add(1, Ordering::SeqCst) + 1;
+                    (
+                        [("cache-control", cc), ("content-type", "application/json")],
+                        serde_json::json!({ "n": n }).to_string(),
+                    )
+                })
+            };
+            // The request headers the origin saw, and a hop-by-hop header of its own.
+            let echo = axum::routing::get(|headers: http::HeaderMap| async move {
+                let seen: serde_json::Map<String, Value> = headers
+                    .iter()
+                    .map(|(n, v)| {
+                        let v = v.to_str().unwrap_or("?").to_owned();
+                        (n.as_str().to_owned(), Value::String(v))
+                    })
+                    .collect();
+                (
+                    [("connection", "x-origin-hop"), ("x-origin-hop", "1")],
+                    Value::Object(seen).to_string(),
+                )
+            });
+            let app = axum::Router::new()
+                .route("/page", answer("public, max-age=60"))
+                .route("/private", answer("private, max-age=60"))
+                .route("/echo", echo);
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            axum::serve(listener, app).await.unwrap();
+        });
+    });
+    (port, calls)
+}
+
+fn start_proxy(redis: &RedisServer, origin_port: u16) -> Backend {
+    start_proxy_to(redis, &format!("http://127.0.0.1:{origin_port}"))
+}
+
+fn start_proxy_to(redis: &RedisServer, origin: &str) -> Backend {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = Command::new(example("proxy"))
+        .env_clear()
+        .env("BIND", format!("127.0.0.1:{port}"))
+        .env("ORIGIN_URL", origin)
+        .env("REDIS_HOST", "127.0.0.1")
+        .env("REDIS_PORT", redis.port().to_string())
+        // A loaded machine must not turn an expected hit into a miss (the 50 ms default).
+        .env("REDIS_LOOKUP_TIMEOUT_MS", "2000")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let proxy = Backend { child, port };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "proxy did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    proxy
+}
+
+#[test]
+fn proxy_caches_what_the_origin_allows() {
+    use std::sync::atomic::Ordering;
+    let redis = RedisServer::start();
+    let (origin, calls) = start_origin();
+    let proxy = start_proxy(&redis, origin);
+    let p = proxy.port;
+
+    let first = get(p, "/page", None);
+    assert_eq!((first.status, first.header("x-cache")), (200, Some("MISS")));
+    assert_eq!(first.header("via"), Some("1.1 tower-redis-cache"));
+    // The write is off the response path: a request sent before it ends may miss again.
+    let hit = until_hit(p, "/page", None);
+    let misses = calls.load(Ordering::SeqCst);
+    assert_eq!(hit.header("cache-control"), Some("public, max-age=60"));
+    assert!(hit.header("age").is_some());
+    for _ in 0..3 {
+        let again = get(p, "/page", None);
+        assert_eq!(
+            (again.header("x-cache"), &again.body),
+            (Some("HIT"), &hit.body)
+        );
+    }
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        misses,
+        "hits do not reach the origin"
+    );
+
+    // Private responses are passed on, never stored.
+    for _ in 0..3 {
+        assert_eq!(get(p, "/private", None).header("x-cache"), Some("MISS"));
+    }
+    // The proxy's own health.
+    let health = get(p, "/_proxy/health", None);
+    assert_eq!(
+        (health.status, health.body["redis"].as_str()),
+        (200, Some("connected"))
+    );
+}
+
+#[test]
+fn proxy_removes_hop_by_hop_fields_and_reports_a_failing_origin() {
+    let redis = RedisServer::start();
+    let (origin, _) = start_origin();
+    let proxy = start_proxy(&redis, origin);
+
+    // `http` sends `Connection: close` itself; the fields it names go no further either.
+    let r = http(
+        proxy.port,
+        "GET",
+        "/echo",
+        &[
+            ("connection", "x-client-hop"),
+            ("x-client-hop", "1"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-authorization", "Basic eDp5"),
+            ("x-end-to-end", "1"),
+        ],
+        "",
+    );
+    assert_eq!(r.status, 200);
+    let seen = |name: &str| r.body.get(name).and_then(Value::as_str).map(str::to_owned);
+    for hop in [
+        "x-client-hop",
+        "keep-alive",
+        "proxy-authorization",
+        "connection",
+    ] {
+        assert_eq!(seen(hop), None, "{hop} was forwarded");
+    }
+    assert_eq!(seen("x-end-to-end").as_deref(), Some("1"));
+    assert_eq!(seen("via").as_deref(), Some("1.1 tower-redis-cache"));
+    assert_eq!(seen("x-forwarded-host").as_deref(), Some("localhost"));
+    assert_eq!(seen("x-forwarded-for").as_deref(), Some("127.0.0.1"));
+    // And on the way back.
+    assert_eq!(r.header("x-origin-hop"), None);
+
+    // Nothing listens on the origin's port: 502, not a hang or a dropped connection.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let proxy = start_proxy_to(&redis, &format!("http://127.0.0.1:{closed}"));
+    assert_eq!(get(proxy.port, "/page", None).status, 502);
 }
