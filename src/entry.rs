@@ -14,10 +14,11 @@
 //! exactly after the body, so a truncated, extended or foreign value is rejected, never
 //! misread. On a hit the body is a slice of the Redis reply (no copy).
 //!
-//! `state` is [`PENDING`] when written and flipped in place to [`CONFIRMED`] (one byte, at
-//! [`STATE_OFFSET`]) once the writer has checked that no invalidation ran since its miss
-//! began. A pending entry is never served. The nonce identifies the write, so that a writer
-//! confirms or withdraws only its own value.
+//! `state` is [`PENDING`] when written (beside its key, see `store::pending_key`) and flipped
+//! to [`CONFIRMED`] (one byte, at [`STATE_OFFSET`]) as it is moved to its key, once the
+//! writer has checked that no invalidation ran since its miss began. A pending entry is never
+//! served. The nonce identifies the write, so that a writer confirms or withdraws only its
+//! own value.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};

@@ -406,8 +406,10 @@ impl CacheHandle {
         store
             .invalidate_keys(&keyer.seq_key(), &[], vec![keyer.paths_key()])
             .await?;
-        let [indexes, entries, values] = keyer.scan_patterns();
-        let removed = store.scan_unlink(&[indexes, entries, values], 1).await?;
+        let [indexes, entries, values, pending] = keyer.scan_patterns();
+        let removed = store
+            .scan_unlink(&[indexes, pending, entries, values], 2)
+            .await?;
         Ok(removed)
     }
 }

@@ -229,11 +229,13 @@ impl Keyer {
     /// SCAN patterns for `clear`, in the order it must delete them: indexes first, then
     /// entries (of every format version) and values. An entry written during the scan then
     /// registers in a fresh index, and stays reachable by later invalidations.
-    pub(crate) fn scan_patterns(&self) -> [String; 3] {
+    pub(crate) fn scan_patterns(&self) -> [String; 4] {
         [
             format!("{}:ix:*", self.namespace),
             format!("{}:v[0-9]*:*", self.namespace),
             format!("{}:val:*", self.namespace),
+            // Values waiting for their writer's check (`store::pending_key`).
+            format!("{{{}:*", self.namespace),
         ]
     }
 

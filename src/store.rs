@@ -340,13 +340,23 @@ for i = 1, #ARGV, 2 do
 end
 return n"#;
 
-/// Flips a pending entry to confirmed, only if it is still this writer's value.
+/// Moves a pending value (KEYS[1], see `pending_key`) to its key (KEYS[2], same slot) and flips
+/// it to confirmed, only if it is still this writer's value: readers of the key see the old
+/// value or the new one, never a gap.
 const CONFIRM: &str = r#"
 if redis.call('GETRANGE', KEYS[1], 5, 12) == ARGV[1] then
-  redis.call('SETRANGE', KEYS[1], 4, ARGV[2])
+  redis.call('RENAME', KEYS[1], KEYS[2])
+  redis.call('SETRANGE', KEYS[2], 4, ARGV[2])
   return 1
 end
 return 0"#;
+
+/// Where a value waits while its writer checks for invalidations: beside its key, in the same
+/// hash slot (the key holds no braces, so the tag is the whole key), never served. An
+/// invalidation removes it with its key.
+pub(crate) fn pending_key(key: &str) -> String {
+    format!("{{{key}}}:w")
+}
 
 /// Deletes an entry only if it is still this writer's value.
 const WITHDRAW: &str = r#"
@@ -456,8 +466,9 @@ impl RedisStore {
         self.gate()?;
         let pool = self.inner.pool.with_options(&self.inner.write);
         let ttl_ms = ms(w.ttl);
+        let pending = pending_key(&w.key);
         let r = pool
-            .set::<(), _, _>(&w.key, w.value, Some(Expiration::PX(ttl_ms)), None, false)
+            .set::<(), _, _>(&pending, w.value, Some(Expiration::PX(ttl_ms)), None, false)
             .await;
         self.observe("set", r)?;
         let registrations = w
@@ -489,7 +500,7 @@ impl RedisStore {
         let nonce = Bytes::copy_from_slice(&w.nonce);
         if moved {
             let r = pool
-                .eval::<i64, _, _, _>(WITHDRAW, w.key.as_str(), vec![nonce])
+                .eval::<i64, _, _, _>(WITHDRAW, pending.as_str(), vec![nonce])
                 .await;
             self.observe("withdraw", r)?;
             return Ok(Written::Refused);
@@ -497,7 +508,7 @@ impl RedisStore {
         let r = pool
             .eval::<i64, _, _, _>(
                 CONFIRM,
-                w.key.as_str(),
+                vec![pending.as_str(), w.key.as_str()],
                 vec![nonce, Bytes::from_static(&[crate::entry::CONFIRMED])],
             )
             .await;
@@ -617,7 +628,17 @@ impl RedisStore {
         keys: Vec<String>,
     ) -> Result<u64, FredError> {
         self.mark(seq_key, markers).await?;
-        self.unlink(keys).await
+        self.unlink_with_pending(keys).await
+    }
+
+    /// Unlinks keys and their pending values (see `pending_key`); returns how many of the
+    /// keys existed.
+    async fn unlink_with_pending(&self, keys: Vec<String>) -> Result<u64, FredError> {
+        let pending = keys.iter().map(|k| pending_key(k)).collect();
+        let (removed, pending) =
+            futures_util::future::join(self.unlink(keys), self.unlink(pending)).await;
+        pending?;
+        removed
     }
 
     /// Invalidates every member of `indexes`, after setting `markers`. Members are removed
@@ -649,7 +670,7 @@ impl RedisStore {
             all.dedup();
             all
         };
-        let removed = self.unlink(keys).await?;
+        let removed = self.unlink_with_pending(keys).await?;
         let cleanups = indexes
             .iter()
             .zip(members)
@@ -746,6 +767,7 @@ impl RedisStore {
                 delta_ms: 0,
             },
         );
+        let value_again = value.clone();
         let steps = async {
             pool.ping::<()>(None).await?;
             pool.set::<(), _, _>(&key, value, Some(Expiration::PX(5000)), None, false)
@@ -762,9 +784,18 @@ impl RedisStore {
                 ],
             )
             .await?;
+            let pending = pending_key(&key);
+            pool.set::<(), _, _>(
+                &pending,
+                value_again,
+                Some(Expiration::PX(5000)),
+                None,
+                false,
+            )
+            .await?;
             pool.eval::<i64, _, _, _>(
                 CONFIRM,
-                key.as_str(),
+                vec![pending.as_str(), key.as_str()],
                 vec![
                     nonce.clone(),
                     Bytes::from_static(&[crate::entry::CONFIRMED]),
@@ -823,6 +854,6 @@ mod tests {
         // Lua's GETRANGE/SETRANGE offsets are 0-based and GETRANGE's end is inclusive.
         let nonce = format!("GETRANGE', KEYS[1], {}, {}", NONCE_OFFSET, NONCE_OFFSET + 7);
         assert!(CONFIRM.contains(&nonce) && WITHDRAW.contains(&nonce));
-        assert!(CONFIRM.contains(&format!("SETRANGE', KEYS[1], {STATE_OFFSET},")));
+        assert!(CONFIRM.contains(&format!("SETRANGE', KEYS[2], {STATE_OFFSET},")));
     }
 }

@@ -447,3 +447,45 @@ async fn cookies_pass_through_unless_declared() {
     let r = p.get_with(uri, &[("cookie", "session=2")]).await;
     assert_eq!(r.x_cache(), "MISS");
 }
+
+/// A stored response being replaced (here by `no-cache` requests) stays served until its
+/// replacement is confirmed: readers never see a gap while a write checks for invalidations.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_being_replaced_is_served_until_the_new_one_lands() {
+    let p = Proxy::start(max()).await;
+    let uri = "/r?cache-control=max-age=600";
+    p.get(uri).await;
+    p.stored(1).await;
+    let ended = |p: &Proxy| {
+        let s = p.handle.stats();
+        s.stored + s.refused
+    };
+    for round in 1..=5u64 {
+        let writers: Vec<_> = (0..10)
+            .map(|_| {
+                let app = p.app.clone();
+                tokio::spawn(async move {
+                    common::send(&app, get_with(uri, &[("cache-control", "no-cache")])).await
+                })
+            })
+            .collect();
+        // Read while the writes run (and a little after).
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let mut reads = 0;
+        while ended(&p) < 1 + 10 * round || reads < 20 {
+            assert_eq!(
+                p.get(uri).await.x_cache(),
+                "HIT",
+                "read {reads} of round {round}"
+            );
+            reads += 1;
+            assert!(std::time::Instant::now() < deadline, "writes never ended");
+        }
+        for w in writers {
+            assert_eq!(w.await.unwrap().x_cache(), "MISS");
+        }
+    }
+    // Concurrent writers of one key share its pending slot: the last one's write lands, the
+    // others' are withdrawn (counted as refused).
+    assert!(p.handle.stats().stored >= 6);
+}
