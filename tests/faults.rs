@@ -393,28 +393,33 @@ async fn steady_load_through_every_fault() {
     let hits_now = |h: &tower_redis_cache::CacheHandle| h.stats().hits;
     tokio::time::sleep(phase).await;
     assert!(hits_now(&handle) > 0, "healthy: hits");
-    server.kill();
+    // The harness blocks (processes, polling): off the runtime's workers, so that the load
+    // and the server keep both of them.
+    use tokio::task::block_in_place as blocking;
+    blocking(|| server.kill());
     tokio::time::sleep(phase).await;
-    server.restart();
+    blocking(|| server.restart());
     let before = hits_now(&handle);
     wait_until("hits after restart", || hits_now(&handle) > before).await;
     tokio::time::sleep(phase).await;
-    server.freeze();
+    blocking(|| server.freeze());
     tokio::time::sleep(phase).await;
-    server.thaw();
+    blocking(|| server.thaw());
     let before = hits_now(&handle);
     wait_until("hits after thaw", || hits_now(&handle) > before).await;
-    let out = std::process::Command::new("redis-cli")
-        .args([
-            "-p",
-            &server.port().to_string(),
-            "CONFIG",
-            "SET",
-            "maxmemory",
-            "1",
-        ])
-        .output()
-        .unwrap();
+    let out = blocking(|| {
+        std::process::Command::new("redis-cli")
+            .args([
+                "-p",
+                &server.port().to_string(),
+                "CONFIG",
+                "SET",
+                "maxmemory",
+                "1",
+            ])
+            .output()
+            .unwrap()
+    });
     assert!(out.status.success());
     tokio::time::sleep(phase).await;
     stop.store(true, Ordering::Relaxed);
