@@ -207,6 +207,8 @@ pub(crate) struct Recorder {
     /// Set when this response leads a coalesced miss: its followers get the entry.
     flight: Option<crate::coalesce::FlightGuard>,
     finished: bool,
+    /// A gRPC response: stored only if its trailers say `grpc-status: 0`.
+    grpc: bool,
 }
 
 impl Recorder {
@@ -239,6 +241,7 @@ impl Recorder {
             windows: ctx.policy.stale_windows(response_headers),
             flight,
             finished: false,
+            grpc: ctx.grpc,
         }
     }
 
@@ -263,6 +266,10 @@ impl Recorder {
         if self.declared_len.is_some_and(|n| n != self.len) {
             Counters::incr(&counters.abandoned);
             tracing::debug!(key = %self.key, "body length differs from Content-Length; not stored");
+            return;
+        }
+        if self.grpc && !crate::grpc::ok_trailers(trailers.as_ref()) {
+            tracing::debug!(key = %self.key, "gRPC call did not end with grpc-status 0; not stored");
             return;
         }
         if trailers.as_ref().is_some_and(|t| !storable_map(t)) {

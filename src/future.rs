@@ -80,6 +80,11 @@ pin_project! {
             #[pin]
             future: S::Future,
         },
+        // An opted-in gRPC call whose request message is being read.
+        Grpc {
+            read: SyncWrapper<crate::grpc::ReadFuture>,
+            service: S,
+        },
         Invalidate {
             invalidation: SyncWrapper<Pin<Box<dyn Future<Output = ()> + Send>>>,
             response: SyncWrapper<Option<S::Response>>,
@@ -118,6 +123,8 @@ pub(crate) struct Ctx {
     pub(crate) flight: Option<crate::coalesce::FlightGuard>,
     /// A stale entry to answer with if the inner service fails (stale-if-error).
     pub(crate) stale: Option<Entry>,
+    /// An opted-in gRPC call: stored only if it ends with `grpc-status: 0`.
+    pub(crate) grpc: bool,
 }
 
 impl<S, ReqB> ResponseFuture<S, ReqB>
@@ -149,6 +156,16 @@ where
         }
     }
 
+    pub(crate) fn grpc(read: crate::grpc::ReadFuture, service: S) -> Self {
+        ResponseFuture {
+            state: State::Grpc {
+                read: SyncWrapper::new(read),
+                service,
+            },
+            mode: Mode::Passthrough,
+        }
+    }
+
     pub(crate) fn lookup(ctx: Ctx, service: S, request: Request<ReqB>) -> Self {
         let coalesce = if ctx.head { None } else { ctx.policy.coalesce };
         let lookup: Lookup = Box::pin(look_up(
@@ -176,6 +193,7 @@ where
     S::Future: Send + 'static,
     S::Error: Send + 'static,
     ResB: http_body::Body<Data = Bytes> + Send + 'static,
+    ReqB: 'static,
 {
     type Output = Result<Response<ResponseBody<ResB>>, S::Error>;
 
@@ -265,6 +283,21 @@ where
                     this.state.set(State::Done);
                     return Poll::Ready(Ok(respond(response, this.mode)));
                 }
+                StateProj::Grpc { read, .. } => {
+                    let read = ready!(read.get_mut().as_mut().poll(cx));
+                    let StateOwn::Grpc { service, .. } =
+                        this.state.as_mut().project_replace(State::Done)
+                    else {
+                        return Poll::Pending; // the state matched just above
+                    };
+                    // `None` only if the rebuilt body had another type: cannot happen.
+                    let Some(next) = crate::grpc::after_read(read, service) else {
+                        return Poll::Pending;
+                    };
+                    let ResponseFuture { state, mode } = next;
+                    this.state.set(state);
+                    *this.mode = mode;
+                }
                 StateProj::Invalidate {
                     invalidation,
                     response,
@@ -304,6 +337,7 @@ fn refresh_ctx(ctx: &Ctx, seq: u64, guard: crate::coalesce::FlightGuard) -> Ctx 
         conditional: None,
         flight: Some(guard),
         stale: None,
+        grpc: ctx.grpc,
     }
 }
 
@@ -728,6 +762,10 @@ where
                     }
                 }
                 tracing::debug!(key = %ctx.key, reason = why.as_str(), "response not stored");
+                ResponseBody::passthrough(body)
+            }
+            Ok(_) if ctx.grpc && !crate::grpc::storable_head(&parts.headers) => {
+                tracing::debug!(key = %ctx.key, "gRPC trailers-only or compressed response; not stored");
                 ResponseBody::passthrough(body)
             }
             Ok(_) if !storable_map(&parts.headers) => {

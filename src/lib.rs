@@ -108,6 +108,7 @@ mod coalesce;
 mod config;
 mod entry;
 mod future;
+mod grpc;
 mod handle;
 mod key;
 mod layer;
@@ -124,6 +125,7 @@ pub use config::{
     DEFAULT_LOOKUP_TIMEOUT, DEFAULT_POOL_SIZE,
 };
 pub use future::ResponseFuture;
+pub use grpc::DEFAULT_MAX_GRPC_REQUEST_SIZE;
 #[cfg(feature = "axum")]
 pub use handle::health_route;
 pub use handle::{CacheError, CacheHandle, Health, PathPattern, RedisStatus, RequestKey};
