@@ -43,7 +43,9 @@ fn example(name: &str) -> PathBuf {
         // may find a binary older than its source: build it then (never otherwise, since
         // a nested cargo could wait on the outer one's lock).
         let modified = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-        let source = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/backend.rs");
+        let source = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("examples")
+            .join(format!("{name}.rs"));
         let lib = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
         let newest_src = std::fs::read_dir(&lib)
             .into_iter()
@@ -379,6 +381,37 @@ fn functions_example_caches_and_invalidates() {
     assert!(text.contains("2 cached values removed"), "{text}");
     assert!(
         text.contains("after the change: [\"read\", \"write\", \"delete\"]"),
+        "{text}"
+    );
+}
+
+#[test]
+fn grpc_example_serves_http_and_grpc_through_one_cache() {
+    let redis = RedisServer::start();
+    let out = Command::new(example("grpc"))
+        .arg("demo")
+        .env_clear()
+        .env("REDIS_PORT", redis.port().to_string())
+        .env("BIND", "127.0.0.1:0")
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    let lines: Vec<&str> = text.lines().collect();
+    let expected = [
+        "GetProduct(7): product 7 (x-cache: MISS, read #1)",
+        "GetProduct(7): product 7 (x-cache: HIT, read #1)",
+        "GetProduct(0): NotFound: no product 0",
+        "GetProduct(0): NotFound: no product 0",
+        "ListProducts: product 1",
+        "ListProducts: product 2",
+        "ListProducts: product 3",
+        "invalidate_tag(\"catalog\"): 1 entries",
+    ];
+    assert_eq!(&lines[..expected.len()], &expected[..], "{text}");
+    assert!(
+        lines[expected.len()].starts_with("GetProduct(7): product 7 (x-cache: MISS"),
         "{text}"
     );
 }
