@@ -154,7 +154,11 @@ where
     S: Service<Request<ReqB>>,
     ReqB: 'static,
 {
-    let policy = match shared.routes.grpc.by_path.get(req.uri().path()) {
+    let methods = &shared.routes.grpc.by_path;
+    if methods.is_empty() {
+        return ResponseFuture::passthrough(inner.call(req));
+    }
+    let policy = match methods.get(req.uri().path()) {
         Some(p) if req.method() == Method::POST && is_grpc_over_http2(req.headers()) => p,
         // Not opted in, or gRPC-Web seen outside tonic-web's layer: untouched.
         _ => return ResponseFuture::passthrough(inner.call(req)),
@@ -555,6 +559,36 @@ mod tests {
         assert!(!ok_trailers(Some(&t)));
         t.insert("grpc-status", HeaderValue::from_static("0"));
         assert!(ok_trailers(Some(&t)));
+    }
+
+    #[test]
+    fn the_message_is_part_of_the_key_and_http_keys_are_unchanged() {
+        let keyer = crate::key::Keyer::new("ns");
+        let headers = HeaderMap::new();
+        let input = KeyInput {
+            route: Some("/a.B/C"),
+            identity: None,
+            path: "/a.B/C",
+            query: None,
+            key_headers: &[],
+            headers: &headers,
+        };
+        let plain = keyer.key(&input);
+        assert_eq!(keyer.key_with_body(&input, None), plain);
+        let one = keyer.key_with_body(&input, Some(b"\0\0\0\0\x01a"));
+        let other = keyer.key_with_body(&input, Some(b"\0\0\0\0\x01b"));
+        let empty = keyer.key_with_body(&input, Some(b""));
+        assert!(one != other && one != plain && empty != plain);
+        assert!(!one.contains("\x01a"));
+    }
+
+    #[test]
+    fn other_body_types_are_given_back() {
+        let body = String::from("not rebuildable");
+        match read_body(body, 64) {
+            Err(b) => assert_eq!(b, "not rebuildable"),
+            Ok(_) => panic!("a String body cannot be rebuilt"),
+        }
     }
 
     type TestBody = http_body_util::combinators::UnsyncBoxBody<Bytes, std::io::Error>;

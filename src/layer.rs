@@ -21,7 +21,8 @@ pub const DEFAULT_NAMESPACE: &str = "cache";
 /// The default bound on Redis writes in flight; past it, new writes are dropped and counted.
 pub const DEFAULT_MAX_PENDING_WRITES: usize = 1024;
 
-/// A Tower layer that caches GET (and HEAD) responses in Redis.
+/// A Tower layer that caches GET (and HEAD) responses, and opted-in unary gRPC calls, in
+/// Redis.
 ///
 /// See the [crate docs](crate) for an example with axum.
 #[derive(Clone)]
@@ -206,6 +207,12 @@ impl CacheLayer {
     /// errors (trailers-only responses) never are. A hit replays headers, message and
     /// trailers, with `x-cache: HIT` in the initial metadata. Entries are indexed under the
     /// method path: [`CacheHandle::invalidate_grpc_method`] removes them.
+    ///
+    /// The policy's TTL, scope, tags, size limit, coalescing, stale-while-revalidate and
+    /// handler overrides (`x-cache-ttl`, `cache-tag` in the response metadata) apply as on a
+    /// route; ETags do not, and stale-if-error answers only HTTP-level failures (an error
+    /// of the inner service, a 5xx), not gRPC error statuses. A gRPC-Web call is cached only
+    /// where the layer sees it as gRPC, inside tonic-web's layer (see the crate docs).
     ///
     /// The request body must be one the layer can rebuild after reading it: tonic's (feature
     /// `tonic`) or axum's (feature `axum`); otherwise calls pass through uncached and a

@@ -1,5 +1,7 @@
 //! gRPC through the layer: a real tonic server and client on loopback ports, messages and
-//! service written by hand (no protoc), each test with its own redis-server.
+//! service written by hand (no protoc), each test with its own redis-server. Behind tonic's
+//! `Server` the layer needs the `tonic` feature (CI runs `--all-features`).
+#![cfg(feature = "tonic")]
 
 mod common;
 
