@@ -295,6 +295,8 @@ pub(crate) struct Recorder {
     finished: bool,
     /// Shared-cache mode: the response's age on arrival (`ttl` counts from its birth).
     age: Duration,
+    /// A gRPC response: stored only if its trailers say `grpc-status: 0`.
+    grpc: bool,
 }
 
 impl Recorder {
@@ -328,6 +330,7 @@ impl Recorder {
             flight,
             finished: false,
             age: Duration::ZERO,
+            grpc: ctx.grpc,
         }
     }
 
@@ -364,6 +367,10 @@ impl Recorder {
         if self.declared_len.is_some_and(|n| n != self.len) {
             Counters::incr(&counters.abandoned);
             tracing::debug!(key = %self.key, "body length differs from Content-Length; not stored");
+            return;
+        }
+        if self.grpc && !crate::grpc::ok_trailers(trailers.as_ref()) {
+            tracing::debug!(key = %self.key, "gRPC call did not end with grpc-status 0; not stored");
             return;
         }
         if trailers.as_ref().is_some_and(|t| !storable_map(t)) {

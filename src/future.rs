@@ -89,6 +89,11 @@ pin_project! {
         Near {
             entry: Option<Entry>,
         },
+        // An opted-in gRPC call whose request message is being read.
+        Grpc {
+            read: SyncWrapper<crate::grpc::ReadFuture>,
+            service: S,
+        },
         Invalidate {
             invalidation: SyncWrapper<Pin<Box<dyn Future<Output = ()> + Send>>>,
             response: SyncWrapper<Option<S::Response>>,
@@ -182,6 +187,8 @@ pub(crate) struct Ctx {
     pub(crate) near: Option<(u64, Duration)>,
     /// Shared-cache mode: what decides reuse and storage for this request.
     pub(crate) shared_request: Option<Arc<SharedRequest>>,
+    /// An opted-in gRPC call: stored only if it ends with `grpc-status: 0`.
+    pub(crate) grpc: bool,
 }
 
 impl<S, ReqB> ResponseFuture<S, ReqB>
@@ -219,6 +226,16 @@ where
         ResponseFuture {
             state: State::Near { entry: Some(entry) },
             mode: Mode::Cache(Box::new(ctx)),
+        }
+    }
+
+    pub(crate) fn grpc(read: crate::grpc::ReadFuture, service: S) -> Self {
+        ResponseFuture {
+            state: State::Grpc {
+                read: SyncWrapper::new(read),
+                service,
+            },
+            mode: Mode::Passthrough,
         }
     }
 
@@ -262,6 +279,7 @@ where
     S::Future: Send + 'static,
     S::Error: Send + 'static,
     ResB: http_body::Body<Data = Bytes> + Send + 'static,
+    ReqB: 'static,
 {
     type Output = Result<Response<ResponseBody<ResB>>, S::Error>;
 
@@ -378,6 +396,21 @@ where
                     this.state.set(State::Done);
                     return Poll::Ready(Ok(respond(response, this.mode, false)));
                 }
+                StateProj::Grpc { read, .. } => {
+                    let read = ready!(read.get_mut().as_mut().poll(cx));
+                    let StateOwn::Grpc { service, .. } =
+                        this.state.as_mut().project_replace(State::Done)
+                    else {
+                        return Poll::Pending; // the state matched just above
+                    };
+                    // `None` only if the rebuilt body had another type: cannot happen.
+                    let Some(next) = crate::grpc::after_read(read, service) else {
+                        return Poll::Pending;
+                    };
+                    let ResponseFuture { state, mode } = next;
+                    this.state.set(state);
+                    *this.mode = mode;
+                }
                 StateProj::Invalidate {
                     invalidation,
                     response,
@@ -441,6 +474,7 @@ fn refresh_ctx(ctx: &Ctx, seq: u64, guard: crate::coalesce::FlightGuard) -> Ctx 
         stale: None,
         near: None,
         shared_request: ctx.shared_request.clone(),
+        grpc: ctx.grpc,
     }
 }
 
@@ -909,6 +943,10 @@ where
                     }
                 }
                 tracing::debug!(key = %ctx.key, reason = why.as_str(), "response not stored");
+                ResponseBody::passthrough(body)
+            }
+            Ok(_) if ctx.grpc && !crate::grpc::storable_head(&parts.headers) => {
+                tracing::debug!(key = %ctx.key, "gRPC trailers-only or compressed response; not stored");
                 ResponseBody::passthrough(body)
             }
             Ok(_) if !storable_map(&parts.headers) => {

@@ -350,6 +350,13 @@ impl CacheHandle {
             .await
     }
 
+    /// Removes every entry of an opted-in gRPC method (`/package.Service/Method`), for every
+    /// request message and user. The same as [`invalidate_route`](Self::invalidate_route)
+    /// with the method path.
+    pub async fn invalidate_grpc_method(&self, path: &str) -> Result<u64, CacheError> {
+        self.invalidate_route(path).await
+    }
+
     /// Removes every entry carrying a tag (from [`Policy::tag`](crate::Policy::tag) or a
     /// `Cache-Tag` / `Surrogate-Key` response header).
     pub async fn invalidate_tag(&self, tag: &str) -> Result<u64, CacheError> {

@@ -240,6 +240,12 @@ impl Keyer {
     }
 
     pub(crate) fn key(&self, input: &KeyInput<'_>) -> String {
+        self.key_with_body(input, None)
+    }
+
+    /// The key of a request whose body is part of it (an opted-in gRPC call's message).
+    /// Without a body, the key is the one [`key`](Self::key) always gave.
+    pub(crate) fn key_with_body(&self, input: &KeyInput<'_>, body: Option<&[u8]>) -> String {
         let route_tag = match input.route {
             Some(route) => hex(&blake3::hash(route.as_bytes()).as_bytes()[..8]),
             None => "-".to_owned(),
@@ -271,6 +277,10 @@ impl Keyer {
             for v in values {
                 part(v.as_bytes());
             }
+        }
+        if let Some(body) = body {
+            part(b"body");
+            part(body);
         }
         let request = hex(&h.finalize().as_bytes()[..16]);
         format!(

@@ -21,7 +21,8 @@ pub const DEFAULT_NAMESPACE: &str = "cache";
 /// The default bound on Redis writes in flight; past it, new writes are dropped and counted.
 pub const DEFAULT_MAX_PENDING_WRITES: usize = 1024;
 
-/// A Tower layer that caches GET (and HEAD) responses in Redis.
+/// A Tower layer that caches GET (and HEAD) responses, and opted-in unary gRPC calls, in
+/// Redis.
 ///
 /// See the [crate docs](crate) for an example with axum.
 #[derive(Clone)]
@@ -103,6 +104,8 @@ pub(crate) struct Routes {
     pub(crate) default: Arc<Policy>,
     pub(crate) by_template: HashMap<String, Arc<Policy>>,
     pub(crate) matcher: matchit::Router<String>,
+    /// Opted-in unary gRPC methods.
+    pub(crate) grpc: crate::grpc::Methods,
 }
 
 impl Routes {
@@ -156,6 +159,7 @@ impl CacheLayer {
                 default: Arc::new(policy.into()),
                 by_template: HashMap::new(),
                 matcher: matchit::Router::new(),
+                grpc: crate::grpc::Methods::default(),
             }),
             runtime: Arc::new(Runtime::new(DEFAULT_MAX_PENDING_WRITES)),
         }
@@ -206,6 +210,73 @@ impl CacheLayer {
             .by_template
             .insert(template.to_owned(), Arc::new(policy.into()));
         Ok(self)
+    }
+
+    /// Caches a unary gRPC method, named by its full path (`/package.Service/Method`),
+    /// with its own policy: TTL, shared or per-user scope, tags, size limit, coalescing.
+    ///
+    /// Every other gRPC call passes through untouched (streaming, trailers, no buffering).
+    /// For an opted-in method the request message is read (up to
+    /// [`grpc_max_request_size`](Self::grpc_max_request_size); larger requests pass through
+    /// uncached, nothing lost) and goes into the key hashed, with the request's
+    /// `content-type` and `grpc-encoding`. Only responses that end with `grpc-status: 0` in
+    /// their trailers and are not compressed are stored, headers and trailers included;
+    /// errors (trailers-only responses) never are. A hit replays headers, message and
+    /// trailers, with `x-cache: HIT` in the initial metadata. Entries are indexed under the
+    /// method path: [`CacheHandle::invalidate_grpc_method`] removes them.
+    ///
+    /// The policy's TTL, scope, tags, size limit, coalescing, stale-while-revalidate and
+    /// handler overrides (`x-cache-ttl`, `cache-tag` in the response metadata) apply as on a
+    /// route; ETags do not, and stale-if-error answers only HTTP-level failures (an error
+    /// of the inner service, a 5xx), not gRPC error statuses. A gRPC-Web call is cached only
+    /// where the layer sees it as gRPC, inside tonic-web's layer (see the crate docs).
+    ///
+    /// The request body must be one the layer can rebuild after reading it: tonic's (feature
+    /// `tonic`) or axum's (feature `axum`); otherwise calls pass through uncached and a
+    /// warning is logged once.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use http::HeaderName;
+    /// use tower_redis_cache::{CacheLayer, Identity, Policy, RedisConfig, RedisStore};
+    ///
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// let store = RedisStore::connect(RedisConfig::from_env()?).await?;
+    /// let cache = CacheLayer::new(store, Policy::bypass())
+    ///     .identity(Identity::header(HeaderName::from_static("x-user-id")))
+    ///     .grpc_method("/shop.Catalog/GetProduct", Policy::shared(Duration::from_secs(300)))?
+    ///     .grpc_method("/shop.Cart/GetCart", Policy::per_user(Duration::from_secs(30)))?;
+    /// // tonic::transport::Server::builder().layer(cache).add_service(...)
+    /// # let _ = cache;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// [`CacheHandle::invalidate_grpc_method`]: crate::CacheHandle::invalidate_grpc_method
+    pub fn grpc_method(
+        mut self,
+        path: &str,
+        policy: impl Into<Policy>,
+    ) -> Result<Self, ConfigError> {
+        if !crate::grpc::valid_method_path(path) {
+            return Err(ConfigError::InvalidRoute {
+                route: path.to_owned(),
+                reason: "a gRPC method is named /package.Service/Method".to_owned(),
+            });
+        }
+        let policy = crate::grpc::method_policy(policy.into());
+        Arc::make_mut(&mut self.routes)
+            .grpc
+            .by_path
+            .insert(path.to_owned(), Arc::new(policy));
+        Ok(self)
+    }
+
+    /// The largest request of an opted-in gRPC method that is read and cached, in bytes
+    /// (default [`DEFAULT_MAX_GRPC_REQUEST_SIZE`](crate::DEFAULT_MAX_GRPC_REQUEST_SIZE),
+    /// 64 KiB). Larger requests are handed to the inner service as they came, uncached.
+    pub fn grpc_max_request_size(mut self, bytes: usize) -> Self {
+        Arc::make_mut(&mut self.routes).grpc.max_request = bytes;
+        self
     }
 
     /// The name of the short status header (default `x-cache`: `HIT`, `MISS` or `BYPASS`).
@@ -287,6 +358,7 @@ impl fmt::Debug for CacheLayer {
             .field("identity", &self.settings.identity)
             .field("default", &self.routes.default)
             .field("routes", &self.routes.by_template)
+            .field("grpc_methods", &self.routes.grpc.by_path)
             .field("store", &self.settings.store)
             .finish()
     }

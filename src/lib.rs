@@ -1,6 +1,8 @@
-//! Tower middleware that caches HTTP responses of axum (and other Tower) services in Redis.
+//! Tower middleware that caches HTTP responses of axum and tonic (and other Tower) services
+//! in Redis.
 //!
-//! [`CacheLayer`] intercepts GET and HEAD requests, derives a key from the route, the exact
+//! [`CacheLayer`] intercepts GET and HEAD requests (and the unary gRPC methods you opt in),
+//! derives a key from the route, the exact
 //! path, the normalized query and (on per-user routes) the caller's identity, serves hits
 //! from Redis through a [fred](https://docs.rs/fred) connection pool, and falls through to
 //! the wrapped service on a miss **or when Redis is slow or down**: a cache problem is never
@@ -30,6 +32,43 @@
 //! # Ok(()) }
 //! ```
 //!
+//! # Quick start (tonic)
+//!
+//! The same layer goes on a tonic 0.14 server. gRPC calls pass through untouched (streaming,
+//! trailers, `grpc-status`), except the unary methods opted in by full path:
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use tower_redis_cache::{CacheLayer, Policy, RedisConfig, RedisStore};
+//!
+//! # async fn run<S>(greeter: S) -> Result<(), Box<dyn std::error::Error>>
+//! # where
+//! #     S: tower_service::Service<http::Request<tonic::body::Body>, Error = std::convert::Infallible>
+//! #         + tonic::server::NamedService + Clone + Send + Sync + 'static,
+//! #     S::Response: axum::response::IntoResponse,
+//! #     S::Future: Send + 'static,
+//! # {
+//! let store = RedisStore::connect(RedisConfig::from_env()?).await?;
+//! let cache = CacheLayer::new(store, Policy::bypass())
+//!     .grpc_method("/hello.Greeter/SayHello", Policy::shared(Duration::from_secs(60)))?;
+//! let handle = cache.handle(); // handle.invalidate_grpc_method("/hello.Greeter/SayHello")
+//!
+//! tonic::transport::Server::builder()
+//!     .layer(cache)
+//!     .add_service(greeter)
+//!     .serve("127.0.0.1:50051".parse()?)
+//!     .await?;
+//! # let _ = handle;
+//! # Ok(()) }
+//! ```
+//!
+//! Behind tonic's `Server` the layer sees tonic's request body: enable the **`tonic`
+//! feature** so that it can rebuild it after reading an opted-in request (with only `axum`,
+//! such calls pass through uncached and a warning is logged). A tonic service merged into an
+//! axum router (`Routes::into_axum_router`) needs only `axum`. To layer one service alone,
+//! use tonic's `LayerExt::named_layer`. See [`CacheLayer::grpc_method`] for what is keyed
+//! and stored, and `examples/grpc.rs` for a service written without `protoc`.
+//!
 //! A TTL per route can also be given with one layer per route (`route_layer` with
 //! `cache.clone().policy(..)`), and a handler can change the TTL of one response or skip it
 //! with [`CacheOverride`] or the [`TTL_OVERRIDE_HEADER`].
@@ -47,6 +86,13 @@
 //! - Hits carry `Content-Length`, `Age`, `Cache-Status: tower-redis-cache; hit; ttl=N`
 //!   (RFC 9211) and `X-Cache: HIT`; misses `fwd=miss` / `MISS`; bypasses
 //!   `fwd=bypass; detail=...` / `BYPASS`. The identity never appears in them.
+//!
+//! - Unary gRPC methods opted in with [`CacheLayer::grpc_method`]: keyed on the method path
+//!   and the request message (hashed; requests over 64 KiB pass through), stored only when
+//!   they end with `grpc-status: 0` in their trailers, replayed with headers, message and
+//!   trailers and `x-cache: HIT` in the initial metadata. Other gRPC calls, gRPC-Web calls
+//!   seen outside tonic-web's layer, and other methods (POST, PUT, ...) pass through
+//!   untouched; a gRPC call never counts as a write for [`CacheLayer::invalidate_on_write`].
 //!
 //! # Per-route HTTP caching features
 //!
@@ -90,6 +136,10 @@
 //!   cache runs) and inside `CompressionLayer` (so it stores identity-encoded bodies and the
 //!   compression layer compresses hits per client). Outside compression, responses that
 //!   `Vary: Accept-Encoding` are only stored when the route keys on `Accept-Encoding`.
+//! - For gRPC-Web, put the cache **inside** tonic-web's `GrpcWebLayer`
+//!   (`Server::builder().accept_http1(true).layer(GrpcWebLayer::new()).layer(cache)`): there
+//!   calls are plain gRPC again, and hits are translated to gRPC-Web like any response.
+//!   Outside it, gRPC-Web calls pass through uncached.
 //! - Inside an axum `Router` (`Router::layer`, `route_layer`, `MethodRouter::layer`) the
 //!   layer sees the route template (`MatchedPath`); wrapped around a whole router it matches
 //!   the path against its own table of templates.
@@ -108,6 +158,7 @@
 //! |---|---|---|
 //! | `axum` | Reads axum's `MatchedPath` for route templates | Yes |
 //! | `tls` | rustls (ring) for `rediss://` and Azure Cache for Redis | Yes |
+//! | `tonic` | Caches opted-in gRPC methods behind tonic's `Server` (rebuilds its request body) | No |
 
 #![deny(missing_docs, unsafe_code, unreachable_pub)]
 #![warn(missing_debug_implementations, rust_2018_idioms)]
@@ -119,6 +170,7 @@ mod coalesce;
 mod config;
 mod entry;
 mod future;
+mod grpc;
 mod handle;
 mod key;
 mod layer;
@@ -137,6 +189,7 @@ pub use config::{
     DEFAULT_LOOKUP_TIMEOUT, DEFAULT_POOL_SIZE,
 };
 pub use future::ResponseFuture;
+pub use grpc::DEFAULT_MAX_GRPC_REQUEST_SIZE;
 #[cfg(feature = "axum")]
 pub use handle::health_route;
 pub use handle::{CacheError, CacheHandle, Health, PathPattern, RedisStatus, RequestKey};

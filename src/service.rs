@@ -70,6 +70,8 @@ where
     S::Future: Send + 'static,
     S::Error: Send + 'static,
     ResB: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    // Opted-in gRPC calls rebuild their request body, of a type found at run time.
+    ReqB: 'static,
 {
     type Response = Response<ResponseBody<ResB>>;
     type Error = S::Error;
@@ -85,6 +87,10 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
 
+        if crate::grpc::is_grpc(req.headers()) {
+            // Never a write that invalidates its path; cached only when opted in.
+            return crate::grpc::call(&self.shared, inner, req);
+        }
         if !cacheable_method(req.method()) {
             let writes = [Method::PUT, Method::PATCH, Method::POST, Method::DELETE];
             if self.shared.settings.invalidate_on_write && writes.contains(req.method()) {
@@ -166,6 +172,7 @@ where
             shared_request: policy
                 .http_shared
                 .then(|| Arc::new(SharedRequest::new(&parts.headers))),
+            grpc: false,
         };
         #[cfg(feature = "near")]
         let mut ctx = ctx;

@@ -57,6 +57,13 @@ pub enum BypassReason {
     Identity,
     /// A GET or HEAD request with a body: the key does not hold bodies.
     Body,
+    /// An opted-in gRPC call whose request is not one message within
+    /// [`CacheLayer::grpc_max_request_size`](crate::CacheLayer::grpc_max_request_size)
+    /// (or whose body failed).
+    Message,
+    /// An opted-in gRPC call whose request body type the layer cannot rebuild (see
+    /// [`CacheLayer::grpc_method`](crate::CacheLayer::grpc_method)).
+    BodyType,
 }
 
 impl BypassReason {
@@ -69,6 +76,8 @@ impl BypassReason {
             BypassReason::NoIdentity => "no-identity",
             BypassReason::Identity => "identity",
             BypassReason::Body => "body",
+            BypassReason::Message => "grpc-message",
+            BypassReason::BodyType => "body-type",
         }
     }
 }

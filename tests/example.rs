@@ -559,3 +559,34 @@ fn proxy_removes_hop_by_hop_fields_and_reports_a_failing_origin() {
     let proxy = start_proxy_to(&redis, &format!("http://127.0.0.1:{closed}"));
     assert_eq!(get(proxy.port, "/page", None).status, 502);
 }
+
+#[test]
+fn grpc_example_serves_http_and_grpc_through_one_cache() {
+    let redis = RedisServer::start();
+    let out = Command::new(example("grpc"))
+        .arg("demo")
+        .env_clear()
+        .env("REDIS_PORT", redis.port().to_string())
+        .env("BIND", "127.0.0.1:0")
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    let lines: Vec<&str> = text.lines().collect();
+    let expected = [
+        "GetProduct(7): product 7 (x-cache: MISS, read #1)",
+        "GetProduct(7): product 7 (x-cache: HIT, read #1)",
+        "GetProduct(0): NotFound: no product 0",
+        "GetProduct(0): NotFound: no product 0",
+        "ListProducts: product 1",
+        "ListProducts: product 2",
+        "ListProducts: product 3",
+        "invalidate_tag(\"catalog\"): 1 entries",
+    ];
+    assert_eq!(&lines[..expected.len()], &expected[..], "{text}");
+    assert!(
+        lines[expected.len()].starts_with("GetProduct(7): product 7 (x-cache: MISS"),
+        "{text}"
+    );
+}
