@@ -290,8 +290,10 @@ where
                 StateProj::Lookup { lookup, .. } => {
                     let found = ready!(lookup.get_mut().as_mut().poll(cx));
                     let Mode::Cache(ctx) = this.mode else {
-                        // Only `lookup` builds this state, always with `Mode::Cache`.
-                        unreachable!("lookup state without cache context")
+                        // Impossible: only `lookup` builds this state, always with
+                        // `Mode::Cache`. Never a panic on a request path.
+                        this.state.set(State::Done);
+                        return Poll::Pending;
                     };
                     match found {
                         Found::Hit(entry) => {
@@ -307,7 +309,10 @@ where
                             refresh,
                             fresh,
                         } => {
-                            let (mut service, request) = take_lookup(this.state.as_mut());
+                            let Some((mut service, request)) = take_lookup(this.state.as_mut())
+                            else {
+                                return Poll::Pending;
+                            };
                             if let Some((seq, guard)) = refresh {
                                 // This request's own call refreshes the entry, in the
                                 // background; its client gets the stale entry now.
@@ -328,7 +333,9 @@ where
                         }
                         Found::Unavailable => ctx.status = CacheStatus::Unavailable,
                     }
-                    let (mut service, request) = take_lookup(this.state.as_mut());
+                    let Some((mut service, request)) = take_lookup(this.state.as_mut()) else {
+                        return Poll::Pending;
+                    };
                     let future = service.call(request);
                     match std::mem::replace(this.mode, Mode::Passthrough) {
                         Mode::Cache(ctx) if ctx.flight.is_some() => {
@@ -511,19 +518,17 @@ async fn invalidate_after_write(shared: Arc<CacheLayer>, path: String) {
 }
 
 /// Takes the readied service and the request out of the `Lookup` state, leaving `Done`.
-/// Called only from the `Lookup` arm of `poll`.
-fn take_lookup<S, ReqB>(state: Pin<&mut State<S, ReqB>>) -> (S, Request<ReqB>)
+/// Called only from the `Lookup` arm of `poll`, so always `Some`.
+fn take_lookup<S, ReqB>(state: Pin<&mut State<S, ReqB>>) -> Option<(S, Request<ReqB>)>
 where
     S: Service<Request<ReqB>>,
 {
-    let StateOwn::Lookup {
-        service, request, ..
-    } = state.project_replace(State::Done)
-    else {
-        // Only the `Lookup` arm of `poll` calls this, on the state it matched.
-        unreachable!("state changed during poll")
-    };
-    (service, request)
+    match state.project_replace(State::Done) {
+        StateOwn::Lookup {
+            service, request, ..
+        } => Some((service, request)),
+        _ => None,
+    }
 }
 
 /// What a lookup may do besides the GET.
