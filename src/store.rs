@@ -175,7 +175,7 @@ impl RedisStore {
         let r = self
             .inner
             .pool
-            .next()
+            .next_connected()
             .with_options(&self.inner.write)
             .publish::<(), _, _>(channel, message)
             .await;
@@ -210,6 +210,7 @@ impl RedisStore {
         let r = self
             .inner
             .pool
+            .next_connected()
             .with_options(&self.inner.read)
             .get::<Option<Bytes>, _>(key)
             .await;
@@ -221,6 +222,7 @@ impl RedisStore {
         let r = self
             .inner
             .pool
+            .next_connected()
             .with_options(&self.inner.write)
             .eval::<i64, _, _, _>(DELETE_IF_EQUAL, key, value)
             .await;
@@ -233,6 +235,7 @@ impl RedisStore {
         let r = self
             .inner
             .pool
+            .next_connected()
             .with_options(&self.inner.write)
             .ping::<()>(None)
             .await;
@@ -380,7 +383,7 @@ pub(crate) const MARKER_TTL: Duration = Duration::from_secs(600);
 
 /// Registers `member` in `index` for `ttl_ms` (see `ADD_TO_INDEX`).
 fn add_to_index<'a>(
-    pool: &'a fred::clients::WithOptions<Pool>,
+    pool: &'a fred::clients::WithOptions<fred::clients::Client>,
     index: &'a str,
     member: &'a str,
     ttl_ms: i64,
@@ -454,6 +457,7 @@ impl RedisStore {
         let r = self
             .inner
             .pool
+            .next_connected()
             .with_options(&options)
             .get::<Option<u64>, _>(seq_key)
             .await;
@@ -464,7 +468,7 @@ impl RedisStore {
     /// confirm (or withdraw if an invalidation ran since the miss began).
     pub(crate) async fn write(&self, w: Write) -> Result<Written, FredError> {
         self.gate()?;
-        let pool = self.inner.pool.with_options(&self.inner.write);
+        let pool = self.inner.pool.next_connected().with_options(&self.inner.write);
         let ttl_ms = ms(w.ttl);
         let pending = pending_key(&w.key);
         let r = pool
@@ -522,7 +526,7 @@ impl RedisStore {
     /// Starts an invalidation: takes the next sequence number and sets `markers` to it, so
     /// that responses computed before now are not stored afterwards.
     async fn mark(&self, seq_key: &str, markers: &[String]) -> Result<(), FredError> {
-        let pool = self.inner.pool.with_options(&self.inner.write);
+        let pool = self.inner.pool.next_connected().with_options(&self.inner.write);
         let seq = self.observe("incr", pool.incr::<u64, _>(seq_key).await)?;
         let sets = markers.iter().map(|m| {
             pool.eval::<i64, _, _, _>(
@@ -543,6 +547,7 @@ impl RedisStore {
         let r = self
             .inner
             .pool
+            .next_connected()
             .with_options(&self.inner.read)
             .set::<Option<String>, _, _>(
                 key,
@@ -560,6 +565,7 @@ impl RedisStore {
         let r = self
             .inner
             .pool
+            .next_connected()
             .with_options(&self.inner.write)
             .get::<Option<Bytes>, _>(key)
             .await;
@@ -575,7 +581,7 @@ impl RedisStore {
         ttl: Duration,
         indexes: &[String],
     ) -> Result<(), FredError> {
-        let pool = self.inner.pool.with_options(&self.inner.write);
+        let pool = self.inner.pool.next_connected().with_options(&self.inner.write);
         let ttl_ms = ms(ttl);
         let r = pool
             .set::<(), _, _>(key, value, Some(Expiration::PX(ttl_ms)), None, false)
@@ -596,7 +602,7 @@ impl RedisStore {
         if keys.is_empty() {
             return Ok(0);
         }
-        let pool = self.inner.pool.with_options(&self.inner.write);
+        let pool = self.inner.pool.next_connected().with_options(&self.inner.write);
         let batches: Vec<Vec<fred::types::Key>> = if self.inner.pool.is_clustered() {
             fred::util::group_by_hash_slot(keys)?
                 .into_values()
@@ -651,7 +657,7 @@ impl RedisStore {
         indexes: &[String],
     ) -> Result<u64, FredError> {
         self.mark(seq_key, markers).await?;
-        let pool = self.inner.pool.with_options(&self.inner.write);
+        let pool = self.inner.pool.next_connected().with_options(&self.inner.write);
         // Members with their scores (a flat list: member, score, member, score...).
         let reads = indexes.iter().map(|i| {
             pool.zrange::<Vec<String>, _, _, _>(i.as_str(), 0, -1, None, false, None, true)
@@ -690,7 +696,7 @@ impl RedisStore {
     ) -> Result<Vec<String>, FredError> {
         use fred::types::scan::Scanner;
         use futures_util::StreamExt;
-        let client = self.inner.pool.next();
+        let client = self.inner.pool.next_connected();
         let mut pages = std::pin::pin!(client.zscan(paths_key, pattern, Some(1000)));
         let mut paths = Vec::new();
         while let Some(page) = pages.next().await {
@@ -715,7 +721,7 @@ impl RedisStore {
     ) -> Result<u64, FredError> {
         use fred::types::scan::Scanner;
         use futures_util::StreamExt;
-        let client = self.inner.pool.next();
+        let client = self.inner.pool.next_connected();
         let mut counted_removed = 0;
         for (i, pattern) in patterns.iter().enumerate() {
             let mut pages = if self.inner.pool.is_clustered() {
@@ -750,7 +756,7 @@ impl RedisStore {
     pub(crate) async fn check(&self, prefix: &str) -> Result<(), ConfigError> {
         let key = format!("{prefix}:probe");
         let index = format!("{prefix}:probe:ix");
-        let pool = self.inner.pool.with_options(&self.inner.write);
+        let pool = self.inner.pool.next_connected().with_options(&self.inner.write);
         let now = now_ms();
         let nonce = Bytes::from_static(b"probe!!!");
         let value = crate::entry::Entry::encode(
