@@ -1,8 +1,9 @@
 //! Request coalescing: concurrent misses of one key in a process make one call to the inner
 //! service; the others wait for its entry.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::sync::watch;
@@ -19,11 +20,60 @@ pub(crate) enum Outcome {
     NotStored,
 }
 
-type Flight = (Option<u64>, Arc<watch::Sender<Outcome>>);
+/// A flight: the invalidation sequence read before it began, its outcome, and when its
+/// write to Redis ended (if it did).
+struct Flight {
+    seq: Option<u64>,
+    tx: Arc<watch::Sender<Outcome>>,
+    ended: Option<Instant>,
+}
+
+/// How long a flight stays joinable after its write ended, for lookups that began before:
+/// their GET may have been answered before the entry landed, and they would otherwise call
+/// the inner service again right after it was stored.
+const ENDED_GRACE: Duration = Duration::from_millis(500);
+
+#[derive(Default)]
+struct Map {
+    flights: HashMap<String, Flight>,
+    /// Ended flights, oldest first, pruned past `ENDED_GRACE`.
+    ended: VecDeque<(Instant, String, Arc<watch::Sender<Outcome>>)>,
+}
+
+impl Map {
+    fn prune(&mut self, now: Instant) {
+        while let Some((at, _, _)) = self.ended.front() {
+            if now.saturating_duration_since(*at) < ENDED_GRACE {
+                break;
+            }
+            if let Some((_, key, tx)) = self.ended.pop_front() {
+                self.remove_if_same(&key, &tx);
+            }
+        }
+    }
+
+    fn remove_if_same(&mut self, key: &str, tx: &Arc<watch::Sender<Outcome>>) {
+        if self
+            .flights
+            .get(key)
+            .is_some_and(|f| Arc::ptr_eq(&f.tx, tx))
+        {
+            self.flights.remove(key);
+        }
+    }
+}
+
+impl std::fmt::Debug for Map {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Flights")
+            .field("in_flight", &self.flights.len())
+            .finish()
+    }
+}
 
 /// Misses in flight, by key, with the invalidation sequence read before each began.
 #[derive(Debug, Default)]
-pub(crate) struct Flights(Arc<Mutex<HashMap<String, Flight>>>);
+pub(crate) struct Flights(Arc<Mutex<Map>>);
 
 /// A caller's part in a flight.
 pub(crate) enum Role {
@@ -35,18 +85,29 @@ pub(crate) enum Role {
 
 impl Flights {
     /// Joins the flight of `key`, or leads a new one. A caller that read a later sequence
-    /// (an invalidation ran since the flight began) leads its own.
-    pub(crate) fn join(&self, key: &str, seq: Option<u64>) -> Role {
+    /// (an invalidation ran since the flight began) leads its own. `looked_up` is when the
+    /// caller's lookup began.
+    pub(crate) fn join(&self, key: &str, seq: Option<u64>, looked_up: Instant) -> Role {
         let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((started, tx)) = map.get(key) {
+        map.prune(Instant::now());
+        if let Some(f) = map.flights.get(key) {
             // A completed flight stays joinable until its write to Redis ends, so that
-            // requests arriving in between get its entry instead of calling again.
-            if seq <= *started && !matches!(*tx.borrow(), Outcome::NotStored) {
-                return Role::Follower(tx.subscribe());
+            // requests arriving in between get its entry instead of calling again; and a
+            // little after, for lookups that began before it ended.
+            let joinable = f.ended.map_or(true, |ended| looked_up < ended);
+            if joinable && seq <= f.seq && !matches!(*f.tx.borrow(), Outcome::NotStored) {
+                return Role::Follower(f.tx.subscribe());
             }
         }
         let tx = Arc::new(watch::Sender::new(Outcome::Pending));
-        map.insert(key.to_owned(), (seq, Arc::clone(&tx)));
+        map.flights.insert(
+            key.to_owned(),
+            Flight {
+                seq,
+                tx: Arc::clone(&tx),
+                ended: None,
+            },
+        );
         Role::Leader(FlightGuard {
             flights: Arc::clone(&self.0),
             key: key.to_owned(),
@@ -59,7 +120,7 @@ impl Flights {
 /// The leader's end of a flight. Dropped without [`complete`](Self::complete), it tells
 /// the followers to ask the inner service themselves.
 pub(crate) struct FlightGuard {
-    flights: Arc<Mutex<HashMap<String, Flight>>>,
+    flights: Arc<Mutex<Map>>,
     key: String,
     tx: Arc<watch::Sender<Outcome>>,
     done: bool,
@@ -85,23 +146,31 @@ impl FlightGuard {
     }
 }
 
-fn forget(flights: &Mutex<HashMap<String, Flight>>, key: &str, tx: &Arc<watch::Sender<Outcome>>) {
+fn forget(flights: &Mutex<Map>, key: &str, tx: &Arc<watch::Sender<Outcome>>) {
     let mut map = flights.lock().unwrap_or_else(|e| e.into_inner());
-    if map.get(key).is_some_and(|(_, t)| Arc::ptr_eq(t, tx)) {
-        map.remove(key);
-    }
+    map.remove_if_same(key, tx);
 }
 
-/// A completed flight, joinable until dropped.
+/// A completed flight, joinable until dropped (when its write ended), and for
+/// `ENDED_GRACE` after by lookups that began before.
 pub(crate) struct Completed {
-    flights: Arc<Mutex<HashMap<String, Flight>>>,
+    flights: Arc<Mutex<Map>>,
     key: String,
     tx: Arc<watch::Sender<Outcome>>,
 }
 
 impl Drop for Completed {
     fn drop(&mut self) {
-        forget(&self.flights, &self.key, &self.tx);
+        let now = Instant::now();
+        let mut map = self.flights.lock().unwrap_or_else(|e| e.into_inner());
+        map.prune(now);
+        let key = std::mem::take(&mut self.key);
+        if let Some(f) = map.flights.get_mut(&key) {
+            if Arc::ptr_eq(&f.tx, &self.tx) {
+                f.ended = Some(now);
+                map.ended.push_back((now, key, Arc::clone(&self.tx)));
+            }
+        }
     }
 }
 
@@ -118,5 +187,60 @@ impl std::fmt::Debug for FlightGuard {
         f.debug_struct("FlightGuard")
             .field("key", &self.key)
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lookup_that_began_before_the_write_ended_gets_the_entry() {
+        let flights = Flights::default();
+        let before = Instant::now();
+        let Role::Leader(guard) = flights.join("k", Some(1), before) else {
+            panic!("the first caller leads");
+        };
+        let written = guard.complete(Bytes::from_static(b"entry"));
+        // The write to Redis ends.
+        drop(written);
+        let after = Instant::now() + Duration::from_millis(1);
+        match flights.join("k", Some(1), before) {
+            Role::Follower(rx) => {
+                assert!(matches!(&*rx.borrow(), Outcome::Stored(b) if &b[..] == b"entry"));
+            }
+            Role::Leader(_) => panic!("began before the write ended: follows"),
+        }
+        // A lookup that began after the write ended would have found the entry: if it
+        // missed, something removed it, and it leads a new flight.
+        assert!(matches!(flights.join("k", Some(1), after), Role::Leader(_)));
+    }
+
+    #[test]
+    fn ended_flights_are_forgotten_after_the_grace() {
+        let flights = Flights::default();
+        let before = Instant::now();
+        let Role::Leader(guard) = flights.join("k", Some(1), before) else {
+            panic!("the first caller leads");
+        };
+        drop(guard.complete(Bytes::from_static(b"entry")));
+        std::thread::sleep(ENDED_GRACE + Duration::from_millis(50));
+        flights.0.lock().unwrap().prune(Instant::now());
+        assert!(flights.0.lock().unwrap().flights.is_empty());
+        assert!(flights.0.lock().unwrap().ended.is_empty());
+    }
+
+    #[test]
+    fn a_later_invalidation_never_joins_an_ended_flight() {
+        let flights = Flights::default();
+        let before = Instant::now();
+        let Role::Leader(guard) = flights.join("k", Some(1), before) else {
+            panic!("the first caller leads");
+        };
+        drop(guard.complete(Bytes::from_static(b"entry")));
+        assert!(matches!(
+            flights.join("k", Some(2), before),
+            Role::Leader(_)
+        ));
     }
 }

@@ -648,7 +648,7 @@ async fn look_up(shared: Arc<CacheLayer>, key: String, ask: Ask) -> Found {
             stale,
         };
     };
-    match shared.runtime.flights.join(&key, seq) {
+    match shared.runtime.flights.join(&key, seq, started) {
         Role::Leader(guard) => {
             if let Some(lock_ttl) = lock {
                 let other = wait_for_other_instance(&shared, &key, lock_ttl, wait).await;
@@ -727,7 +727,7 @@ async fn claim_refresh(
         .read_seq(&shared.settings.keyer.seq_key(), store.lookup_timeout())
         .await
         .ok()?;
-    match shared.runtime.flights.join(key, Some(seq)) {
+    match shared.runtime.flights.join(key, Some(seq), Instant::now()) {
         Role::Leader(guard) => Some((seq, guard)),
         Role::Follower(_) => None,
     }

@@ -468,7 +468,11 @@ impl RedisStore {
     /// confirm (or withdraw if an invalidation ran since the miss began).
     pub(crate) async fn write(&self, w: Write) -> Result<Written, FredError> {
         self.gate()?;
-        let pool = self.inner.pool.next_connected().with_options(&self.inner.write);
+        let pool = self
+            .inner
+            .pool
+            .next_connected()
+            .with_options(&self.inner.write);
         let ttl_ms = ms(w.ttl);
         let pending = pending_key(&w.key);
         let r = pool
@@ -526,7 +530,11 @@ impl RedisStore {
     /// Starts an invalidation: takes the next sequence number and sets `markers` to it, so
     /// that responses computed before now are not stored afterwards.
     async fn mark(&self, seq_key: &str, markers: &[String]) -> Result<(), FredError> {
-        let pool = self.inner.pool.next_connected().with_options(&self.inner.write);
+        let pool = self
+            .inner
+            .pool
+            .next_connected()
+            .with_options(&self.inner.write);
         let seq = self.observe("incr", pool.incr::<u64, _>(seq_key).await)?;
         let sets = markers.iter().map(|m| {
             pool.eval::<i64, _, _, _>(
@@ -581,7 +589,11 @@ impl RedisStore {
         ttl: Duration,
         indexes: &[String],
     ) -> Result<(), FredError> {
-        let pool = self.inner.pool.next_connected().with_options(&self.inner.write);
+        let pool = self
+            .inner
+            .pool
+            .next_connected()
+            .with_options(&self.inner.write);
         let ttl_ms = ms(ttl);
         let r = pool
             .set::<(), _, _>(key, value, Some(Expiration::PX(ttl_ms)), None, false)
@@ -602,7 +614,11 @@ impl RedisStore {
         if keys.is_empty() {
             return Ok(0);
         }
-        let pool = self.inner.pool.next_connected().with_options(&self.inner.write);
+        let pool = self
+            .inner
+            .pool
+            .next_connected()
+            .with_options(&self.inner.write);
         let batches: Vec<Vec<fred::types::Key>> = if self.inner.pool.is_clustered() {
             fred::util::group_by_hash_slot(keys)?
                 .into_values()
@@ -657,7 +673,11 @@ impl RedisStore {
         indexes: &[String],
     ) -> Result<u64, FredError> {
         self.mark(seq_key, markers).await?;
-        let pool = self.inner.pool.next_connected().with_options(&self.inner.write);
+        let pool = self
+            .inner
+            .pool
+            .next_connected()
+            .with_options(&self.inner.write);
         // Members with their scores (a flat list: member, score, member, score...).
         let reads = indexes.iter().map(|i| {
             pool.zrange::<Vec<String>, _, _, _>(i.as_str(), 0, -1, None, false, None, true)
@@ -756,7 +776,11 @@ impl RedisStore {
     pub(crate) async fn check(&self, prefix: &str) -> Result<(), ConfigError> {
         let key = format!("{prefix}:probe");
         let index = format!("{prefix}:probe:ix");
-        let pool = self.inner.pool.next_connected().with_options(&self.inner.write);
+        let pool = self
+            .inner
+            .pool
+            .next_connected()
+            .with_options(&self.inner.write);
         let now = now_ms();
         let nonce = Bytes::from_static(b"probe!!!");
         let value = crate::entry::Entry::encode(
