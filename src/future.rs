@@ -20,7 +20,7 @@ use crate::layer::CacheLayer;
 use crate::policy::{
     handler_override, response_ttl, take_tags, Policy, TAG_HEADERS, TTL_OVERRIDE_HEADER,
 };
-use crate::status::{set_headers, BypassReason, CacheStatus, Counters, NotStored};
+use crate::status::{set_headers, with_number, BypassReason, CacheStatus, Counters, NotStored};
 
 type Lookup = Pin<Box<dyn Future<Output = Found> + Send>>;
 type BoxCall<R, E> = Pin<Box<dyn Future<Output = Result<R, E>> + Send>>;
@@ -470,7 +470,7 @@ async fn look_up(
                 Counters::incr(&counters.hits);
                 tracing::debug!(key = %key, "cache hit");
                 if revalidate && early.is_some_and(|beta| xfetch_due(&entry, beta)) {
-                    let refresh = claim_refresh(&shared, &key).await;
+                    let refresh = Box::pin(claim_refresh(&shared, &key)).await;
                     if refresh.is_some() {
                         tracing::debug!(key = %key, "early refresh");
                         return Found::Revalidate {
@@ -484,7 +484,7 @@ async fn look_up(
             }
             Ok(entry) if entry.confirmed && revalidate && within(&entry, entry.swr_ms) => {
                 Counters::incr(&counters.stale_while_revalidate);
-                let refresh = claim_refresh(&shared, &key).await;
+                let refresh = Box::pin(claim_refresh(&shared, &key)).await;
                 tracing::debug!(key = %key, refresh = refresh.is_some(), "stale entry served while revalidating");
                 return Found::Revalidate {
                     entry,
@@ -511,6 +511,24 @@ async fn look_up(
             return Found::Unavailable;
         }
     }
+    // Boxed, like the refresh claims above: the state of the miss path (sequence read,
+    // coalescing, cross-instance lock) would otherwise make every lookup future several
+    // times larger, and hits pay for moving it.
+    Box::pin(after_miss(shared, key, started, coalesce, lock, stale)).await
+}
+
+/// The rest of a lookup that found no usable entry: reads the invalidation sequence within
+/// what is left of the lookup deadline, then joins or leads the key's flight.
+async fn after_miss(
+    shared: Arc<CacheLayer>,
+    key: String,
+    started: Instant,
+    coalesce: Option<Duration>,
+    lock: Option<Duration>,
+    stale: Option<Entry>,
+) -> Found {
+    let store = &shared.settings.store;
+    let counters = &shared.runtime.counters;
     Counters::incr(&counters.misses);
     // One deadline for the whole lookup: the sequence read gets what the GET left.
     let left = store.lookup_timeout().saturating_sub(started.elapsed());
@@ -677,9 +695,13 @@ fn hit_as<B>(entry: Entry, ctx: &Ctx, status: CacheStatus) -> Response<ResponseB
     let headers = res.headers_mut();
     if !chunked {
         // With trailers, HTTP/1.1 needs chunked framing: no length.
-        headers.insert(CONTENT_LENGTH, HeaderValue::from(len));
+        if let Some(len) = with_number("", len as u64) {
+            headers.insert(CONTENT_LENGTH, len);
+        }
     }
-    headers.insert(AGE, HeaderValue::from(age_secs));
+    if let Some(age) = with_number("", age_secs) {
+        headers.insert(AGE, age);
+    }
     set_headers(
         headers,
         status,
