@@ -13,7 +13,8 @@
 //! ```
 //!
 //! `ONLY` picks one contender (`plain`, `naive`, `cache-redis`), `N` the hits per scenario
-//! (default 5,000), `SCENARIO` one of `shared` (1 KiB, 100 keys) or `user` (1 KiB, per user).
+//! (default 5,000), `SCENARIO` one of `shared` (1 KiB, 100 keys), `user` (1 KiB, per user) or
+//! `miss` (1 KiB, a new key each time; the writes that follow are counted too).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -62,6 +63,12 @@ static GLOBAL: Counting = Counting;
 const KEYS: u64 = 100;
 
 fn request(scenario: &str, i: u64) -> Request<Body> {
+    if scenario == "miss" {
+        // A new key every time (ids past those of the hit scenarios).
+        return Request::get(format!("/item/{}?size=1024", 1_000_000 + i))
+            .body(Body::empty())
+            .unwrap();
+    }
     let i = i % KEYS;
     let builder = match scenario {
         "user" => Request::get(format!("/user/{i}")).header("x-user", i.to_string()),
@@ -90,6 +97,10 @@ fn hits_under_measurement(
         for i in 0..n {
             total += one(app, request(scenario, i)).await;
         }
+        if scenario == "miss" {
+            // Let the writes that follow the responses finish: they are part of a miss.
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        }
         total
     })
 }
@@ -102,7 +113,7 @@ fn main() {
     let only = std::env::var("ONLY").ok();
     let scenarios: Vec<String> = match std::env::var("SCENARIO") {
         Ok(s) => vec![s],
-        Err(_) => vec!["shared".into(), "user".into()],
+        Err(_) => vec!["shared".into(), "user".into(), "miss".into()],
     };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -144,6 +155,9 @@ fn main() {
         for (kind, app, handle) in &apps {
             // Warm every key (stores the entries), then wait for the writes to land.
             rt.block_on(async {
+                if scenario == "miss" {
+                    return;
+                }
                 let stored = handle.as_ref().map_or(0, |h| h.stats().stored);
                 for i in 0..KEYS {
                     one(app, request(scenario, i)).await;
@@ -176,7 +190,8 @@ fn main() {
             assert_eq!(total as u64, n * 1024, "{kind}: every body is 1 KiB");
             if let (Some(h), Some(before)) = (handle, hits_before) {
                 let s = h.stats();
-                assert_eq!(s.hits - before, n, "{kind}: every request a hit: {s:?}");
+                let want = if scenario == "miss" { 0 } else { n };
+                assert_eq!(s.hits - before, want, "{kind}: {s:?}");
             }
             println!(
                 "{:<8} | {:<11} | {:>10.1} {:>12.0} | {}",
