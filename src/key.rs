@@ -247,8 +247,10 @@ impl Keyer {
         let scope: &[u8] = match input.identity {
             Some(id) => {
                 let hash = blake3::keyed_hash(&self.identity_key, id);
-                scope[0] = b'u';
-                hex_into(&hash.as_bytes()[..16], &mut scope[1..]);
+                if let Some((first, rest)) = scope.split_first_mut() {
+                    *first = b'u';
+                    hex_into(&hash.as_bytes()[..16], rest);
+                }
                 &scope
             }
             None => b"s",
