@@ -9,6 +9,8 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "support/contenders.rs"]
+mod contenders;
 
 use std::net::SocketAddr;
 use std::process::{Child, Command};
@@ -16,103 +18,16 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::body::Body;
-use axum::extract::{Path, Query, Request};
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::Router;
-use bytes::Bytes;
 use common::load::{percentiles, Conn};
-use fred::prelude::{ClientLike, Expiration, KeysInterface};
-use tower_redis_cache::{CacheLayer, Identity, Policy, RedisConfig, RedisStore};
 
 const CONTENDERS: [&str; 3] = ["plain", "naive", "cache-redis"];
 const CONNECTIONS: usize = 64;
 
-#[derive(serde::Deserialize)]
-struct Size {
-    size: Option<usize>,
-}
-
-fn app() -> Router {
-    Router::new()
-        .route(
-            "/item/{id}",
-            get(|Path(id): Path<u32>, Query(s): Query<Size>| async move {
-                let size = s.size.unwrap_or(1024);
-                let mut body = format!("item {id} ").into_bytes();
-                body.resize(size, b'x');
-                Bytes::from(body)
-            }),
-        )
-        .route(
-            "/user/{id}",
-            get(|Path(id): Path<u32>| async move {
-                let mut body = format!("user {id} ").into_bytes();
-                body.resize(1024, b'u');
-                Bytes::from(body)
-            }),
-        )
-        .route(
-            "/slow/{id}",
-            get(|Path(id): Path<u64>| async move {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                format!("slow {id}")
-            }),
-        )
-}
-
-/// The middleware a user writes without a library.
-async fn naive(pool: fred::clients::Pool, req: Request, next: Next) -> Response {
-    let user = req
-        .headers()
-        .get("x-user")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_owned();
-    let key = format!("naive:{}:{}", user, req.uri());
-    if let Ok(Some(body)) = pool.get::<Option<Bytes>, _>(&key).await {
-        return body.into_response();
-    }
-    let res = next.run(req).await;
-    let (parts, body) = res.into_parts();
-    let Ok(bytes) = http_body_util::BodyExt::collect(body)
-        .await
-        .map(|c| c.to_bytes())
-    else {
-        return Response::from_parts(parts, Body::empty());
-    };
-    let _: Result<(), _> = pool
-        .set(&key, bytes.clone(), Some(Expiration::EX(600)), None, false)
-        .await;
-    Response::from_parts(parts, Body::from(bytes))
-}
-
 async fn serve(kind: &str, port: u16, redis: &str) {
     let app = match kind {
-        "plain" => app(),
-        "naive" => {
-            let pool = fred::prelude::Builder::from_config(
-                fred::prelude::Config::from_url(redis).unwrap(),
-            )
-            .build_pool(8)
-            .unwrap();
-            pool.init().await.unwrap();
-            app().layer(axum::middleware::from_fn(move |req, next| {
-                naive(pool.clone(), req, next)
-            }))
-        }
-        _ => {
-            let store = RedisStore::connect(RedisConfig::from_url(redis).unwrap())
-                .await
-                .unwrap();
-            let cache = CacheLayer::new(store, Policy::shared(Duration::from_secs(600)))
-                .identity(Identity::header(http::HeaderName::from_static("x-user")))
-                .route("/user/{id}", Policy::per_user(Duration::from_secs(600)))
-                .unwrap();
-            app().layer(cache)
-        }
+        "plain" => contenders::plain(),
+        "naive" => contenders::naive_app(redis).await,
+        _ => contenders::cache_app(redis).await,
     };
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
         .await

@@ -180,10 +180,10 @@ impl Entry {
         let sie_ms = cur.u64()?;
         let delta_ms = cur.u64()?;
         let status = StatusCode::from_u16(cur.u16()?).map_err(|_| DecodeError::Malformed)?;
-        let headers = cur.map()?;
+        let headers = cur.map(HIT_HEADERS)?;
         let trailers = match cur.u8()? {
             0 => None,
-            1 => Some(cur.map()?),
+            1 => Some(cur.map(0)?),
             _ => return Err(DecodeError::Malformed),
         };
         let body_len = usize::try_from(cur.u64()?).map_err(|_| DecodeError::Malformed)?;
@@ -205,6 +205,10 @@ impl Entry {
         })
     }
 }
+
+/// The headers a hit adds to the stored ones (`Content-Length`, `Age`, `Cache-Status`,
+/// `X-Cache`): reserved when decoding, so that a hit does not grow the map twice.
+const HIT_HEADERS: usize = 4;
 
 /// The most header (or trailer) values an entry keeps; a response with more is not stored.
 pub(crate) const MAX_HEADER_VALUES: usize = 1000;
@@ -260,14 +264,15 @@ impl Cursor {
         self.need(n)?;
         Ok(self.buf.split_to(n))
     }
-    fn map(&mut self) -> Result<HeaderMap, DecodeError> {
+    /// A header map, with room for `extra` more headers.
+    fn map(&mut self, extra: usize) -> Result<HeaderMap, DecodeError> {
         let n = usize::from(self.u16()?);
         if n > MAX_HEADER_VALUES {
             return Err(DecodeError::Malformed);
         }
         // Reserve little: the count comes from Redis, and `HeaderMap` panics past its limits.
         let mut map =
-            HeaderMap::try_with_capacity(n.min(64)).map_err(|_| DecodeError::Malformed)?;
+            HeaderMap::try_with_capacity(n.min(64) + extra).map_err(|_| DecodeError::Malformed)?;
         for _ in 0..n {
             let name_len = usize::from(self.u16()?);
             let name = self.take(name_len)?;

@@ -21,7 +21,7 @@ use crate::policy::{
     handler_override, storage, take_tags, Policy, SharedRequest, TAG_HEADERS, TTL_OVERRIDE_HEADER,
     VARY_FINGERPRINT,
 };
-use crate::status::{set_headers, BypassReason, CacheStatus, Counters, NotStored};
+use crate::status::{set_headers, with_number, BypassReason, CacheStatus, Counters, NotStored};
 
 type Lookup = Pin<Box<dyn Future<Output = Found> + Send>>;
 type BoxCall<R, E> = Pin<Box<dyn Future<Output = Result<R, E>> + Send>>;
@@ -561,14 +561,7 @@ async fn look_up(shared: Arc<CacheLayer>, key: String, ask: Ask) -> Found {
     let counters = &shared.runtime.counters;
     let started = Instant::now();
     let mut stale = None;
-    // Shared-cache mode: whether an entry may answer this request (Vary, Authorization,
-    // request directives); a refused entry is a miss.
-    let usable = |entry: &Entry| {
-        shared_request.as_ref().map_or(true, |r| {
-            let age = now_ms().saturating_sub(entry.stored_at_ms);
-            r.may_reuse(&entry.headers, Duration::from_millis(age))
-        })
-    };
+    let usable = |entry: &Entry| usable(shared_request.as_deref(), entry);
     match store.get(&key).await {
         Ok(Some(raw)) => match Entry::decode(&raw) {
             Ok(entry) if entry.confirmed && !usable(&entry) => {
@@ -589,7 +582,7 @@ async fn look_up(shared: Arc<CacheLayer>, key: String, ask: Ask) -> Found {
                 #[cfg(not(feature = "near"))]
                 let _ = near;
                 if revalidate && early.is_some_and(|beta| xfetch_due(&entry, beta)) {
-                    let refresh = claim_refresh(&shared, &key).await;
+                    let refresh = Box::pin(claim_refresh(&shared, &key)).await;
                     if refresh.is_some() {
                         tracing::debug!(key = %key, "early refresh");
                         return Found::Revalidate {
@@ -603,7 +596,7 @@ async fn look_up(shared: Arc<CacheLayer>, key: String, ask: Ask) -> Found {
             }
             Ok(entry) if entry.confirmed && revalidate && within(&entry, entry.swr_ms) => {
                 Counters::incr(&counters.stale_while_revalidate);
-                let refresh = claim_refresh(&shared, &key).await;
+                let refresh = Box::pin(claim_refresh(&shared, &key)).await;
                 tracing::debug!(key = %key, refresh = refresh.is_some(), "stale entry served while revalidating");
                 return Found::Revalidate {
                     entry,
@@ -630,6 +623,44 @@ async fn look_up(shared: Arc<CacheLayer>, key: String, ask: Ask) -> Found {
             return Found::Unavailable;
         }
     }
+    // Boxed, like the refresh claims above: the state of the miss path (sequence read,
+    // coalescing, cross-instance lock) would otherwise make every lookup future several
+    // times larger, and hits pay for moving it.
+    Box::pin(after_miss(
+        shared,
+        key,
+        started,
+        coalesce,
+        lock,
+        stale,
+        shared_request,
+    ))
+    .await
+}
+
+/// Shared-cache mode: whether an entry may answer this request (Vary, Authorization,
+/// request directives); a refused entry is a miss. Always, in other modes.
+fn usable(shared_request: Option<&SharedRequest>, entry: &Entry) -> bool {
+    shared_request.map_or(true, |r| {
+        let age = now_ms().saturating_sub(entry.stored_at_ms);
+        r.may_reuse(&entry.headers, Duration::from_millis(age))
+    })
+}
+
+/// The rest of a lookup that found no usable entry: reads the invalidation sequence within
+/// what is left of the lookup deadline, then joins or leads the key's flight.
+async fn after_miss(
+    shared: Arc<CacheLayer>,
+    key: String,
+    started: Instant,
+    coalesce: Option<Duration>,
+    lock: Option<Duration>,
+    stale: Option<Entry>,
+    shared_request: Option<Arc<SharedRequest>>,
+) -> Found {
+    let usable = |entry: &Entry| usable(shared_request.as_deref(), entry);
+    let store = &shared.settings.store;
+    let counters = &shared.runtime.counters;
     Counters::incr(&counters.misses);
     // One deadline for the whole lookup: the sequence read gets what the GET left.
     let left = store.lookup_timeout().saturating_sub(started.elapsed());
@@ -799,9 +830,13 @@ fn hit_as<B>(entry: Entry, ctx: &Ctx, status: CacheStatus) -> Response<ResponseB
     headers.remove(VARY_FINGERPRINT);
     if !chunked {
         // With trailers, HTTP/1.1 needs chunked framing: no length.
-        headers.insert(CONTENT_LENGTH, HeaderValue::from(len));
+        if let Some(len) = with_number("", len as u64) {
+            headers.insert(CONTENT_LENGTH, len);
+        }
     }
-    headers.insert(AGE, HeaderValue::from(age_secs));
+    if let Some(age) = with_number("", age_secs) {
+        headers.insert(AGE, age);
+    }
     set_headers(
         headers,
         status,

@@ -15,7 +15,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use http::request::Parts;
-use http::{header, HeaderMap, HeaderName, HeaderValue};
+use http::{header, HeaderMap, HeaderName};
 
 use crate::entry::FORMAT_VERSION;
 
@@ -149,6 +149,8 @@ fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 #[derive(Clone, Debug)]
 pub(crate) struct Keyer {
     namespace: Arc<str>,
+    /// `{namespace}:v{FORMAT_VERSION}:`, the start of every entry key.
+    key_prefix: Arc<str>,
     identity_key: [u8; 32],
 }
 
@@ -168,6 +170,7 @@ impl Keyer {
             blake3::derive_key("tower-redis-cache identity key v1", namespace.as_bytes());
         Keyer {
             namespace: namespace.into(),
+            key_prefix: format!("{namespace}:v{FORMAT_VERSION}:").into(),
             identity_key,
         }
     }
@@ -246,34 +249,46 @@ impl Keyer {
     /// The key of a request whose body is part of it (an opted-in gRPC call's message).
     /// Without a body, the key is the one [`key`](Self::key) always gave.
     pub(crate) fn key_with_body(&self, input: &KeyInput<'_>, body: Option<&[u8]>) -> String {
-        let route_tag = match input.route {
-            Some(route) => hex(&blake3::hash(route.as_bytes()).as_bytes()[..8]),
-            None => "-".to_owned(),
-        };
-        let scope = match input.identity {
-            Some(id) => format!("u{}", self.identity_hash(id)),
-            None => "s".to_owned(),
+        // Built without intermediate strings (this runs on every request); the bytes are
+        // those of the first release (see the `key_format_is_pinned` test).
+        let mut scope = [0u8; 33];
+        let scope: &[u8] = match input.identity {
+            Some(id) => {
+                let hash = blake3::keyed_hash(&self.identity_key, id);
+                if let Some((first, rest)) = scope.split_first_mut() {
+                    *first = b'u';
+                    hex_into(&hash.as_bytes()[..16], rest);
+                }
+                &scope
+            }
+            None => b"s",
         };
 
-        let mut h = blake3::Hasher::new();
-        let mut part = |bytes: &[u8]| {
-            h.update(&(bytes.len() as u64).to_le_bytes());
-            h.update(bytes);
-        };
+        let mut h = RequestHash::new();
+        let mut part = |bytes: &[u8]| h.part(bytes);
         part(input.route.unwrap_or("").as_bytes());
         part(&[u8::from(input.route.is_some())]);
-        part(scope.as_bytes());
+        part(scope);
         part(input.path.as_bytes());
-        let pairs = normalized_query(input.query);
-        part(&(pairs.len() as u64).to_le_bytes());
-        for pair in pairs {
-            part(pair.as_bytes());
+        let query = input.query.unwrap_or("");
+        let pairs = query.split('&').filter(|p| !p.is_empty());
+        let count = pairs.clone().count();
+        part(&(count as u64).to_le_bytes());
+        if count > 1 {
+            for pair in normalized_query(input.query) {
+                part(pair.as_bytes());
+            }
+        } else {
+            // Nothing to sort.
+            for pair in pairs {
+                part(pair.as_bytes());
+            }
         }
         part(&(input.key_headers.len() as u64).to_le_bytes());
         for name in input.key_headers {
             part(name.as_str().as_bytes());
-            let values: Vec<&HeaderValue> = input.headers.get_all(name).iter().collect();
-            part(&(values.len() as u64).to_le_bytes());
+            let values = input.headers.get_all(name);
+            part(&(values.iter().count() as u64).to_le_bytes());
             for v in values {
                 part(v.as_bytes());
             }
@@ -282,11 +297,70 @@ impl Keyer {
             part(b"body");
             part(body);
         }
-        let request = hex(&h.finalize().as_bytes()[..16]);
-        format!(
-            "{}:v{}:{}:{}:{}",
-            self.namespace, FORMAT_VERSION, route_tag, scope, request
-        )
+        let request = h.finalize();
+
+        let mut key = String::with_capacity(self.key_prefix.len() + 16 + 1 + scope.len() + 1 + 32);
+        key.push_str(&self.key_prefix);
+        match input.route {
+            Some(route) => push_hex(&mut key, &blake3::hash(route.as_bytes()).as_bytes()[..8]),
+            None => key.push('-'),
+        }
+        key.push(':');
+        key.extend(scope.iter().map(|&b| char::from(b)));
+        key.push(':');
+        push_hex(&mut key, &request.as_bytes()[..16]);
+        key
+    }
+}
+
+/// The request hash's input, fed to BLAKE3 in blocks rather than in the many small,
+/// length-prefixed parts it is made of (the same bytes, so the same hash).
+struct RequestHash {
+    hasher: blake3::Hasher,
+    buf: [u8; 256],
+    len: usize,
+}
+
+impl RequestHash {
+    fn new() -> Self {
+        RequestHash {
+            hasher: blake3::Hasher::new(),
+            buf: [0; 256],
+            len: 0,
+        }
+    }
+
+    /// A part: its length (u64, little-endian), then its bytes.
+    fn part(&mut self, bytes: &[u8]) {
+        self.bytes(&(bytes.len() as u64).to_le_bytes());
+        self.bytes(bytes);
+    }
+
+    fn bytes(&mut self, bytes: &[u8]) {
+        let free = self.buf.get_mut(self.len..).unwrap_or_default();
+        if let Some(dst) = free.get_mut(..bytes.len()) {
+            dst.copy_from_slice(bytes);
+            self.len += bytes.len();
+            return;
+        }
+        self.flush();
+        if let Some(dst) = self.buf.get_mut(..bytes.len()) {
+            dst.copy_from_slice(bytes);
+            self.len = bytes.len();
+        } else {
+            self.hasher.update(bytes);
+        }
+    }
+
+    fn flush(&mut self) {
+        self.hasher
+            .update(self.buf.get(..self.len).unwrap_or_default());
+        self.len = 0;
+    }
+
+    fn finalize(mut self) -> blake3::Hash {
+        self.flush();
+        self.hasher.finalize()
     }
 }
 
@@ -295,11 +369,19 @@ impl Keyer {
 /// can `?a=1&%61=2` and `?%61=2&a=1`). Empty pieces (`?a=1&&b=2`, a trailing `&`) are
 /// dropped. Pairs are kept exactly as sent.
 pub(crate) fn normalized_query(query: Option<&str>) -> Vec<&str> {
-    let mut pairs: Vec<(Vec<u8>, &str)> = query
+    let mut pairs: Vec<(std::borrow::Cow<'_, [u8]>, &str)> = query
         .unwrap_or("")
         .split('&')
         .filter(|p| !p.is_empty())
-        .map(|p| (decoded_name(p.split('=').next().unwrap_or("")), p))
+        .map(|p| {
+            let name = p.split('=').next().unwrap_or("");
+            let name = if name.contains(['%', '+']) {
+                std::borrow::Cow::Owned(decoded_name(name))
+            } else {
+                std::borrow::Cow::Borrowed(name.as_bytes())
+            };
+            (name, p)
+        })
         .collect();
     pairs.sort_by(|a, b| a.0.cmp(&b.0));
     pairs.into_iter().map(|(_, p)| p).collect()
@@ -373,13 +455,35 @@ fn named_hash(domain: &str, data: &[u8]) -> String {
 }
 
 fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        s.push(char::from(DIGITS[usize::from(b >> 4)]));
-        s.push(char::from(DIGITS[usize::from(b & 0xf)]));
-    }
+    push_hex(&mut s, bytes);
     s
+}
+
+const HEX_DIGITS: &[u8; 16] = b"0123456789abcdef";
+
+fn hex_digit(nibble: u8) -> u8 {
+    HEX_DIGITS
+        .get(usize::from(nibble & 0xf))
+        .copied()
+        .unwrap_or(b'0')
+}
+
+fn push_hex(s: &mut String, bytes: &[u8]) {
+    for b in bytes {
+        s.push(char::from(hex_digit(b >> 4)));
+        s.push(char::from(hex_digit(*b)));
+    }
+}
+
+/// Lower-case hex of `bytes` into `out` (as much as fits).
+fn hex_into(bytes: &[u8], out: &mut [u8]) {
+    for (b, pair) in bytes.iter().zip(out.chunks_exact_mut(2)) {
+        if let [hi, lo] = pair {
+            *hi = hex_digit(b >> 4);
+            *lo = hex_digit(*b);
+        }
+    }
 }
 
 /// Checks a namespace: 1 to 64 characters of `A-Z a-z 0-9 _ - .`.
@@ -394,6 +498,7 @@ pub(crate) fn valid_namespace(ns: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::HeaderValue;
 
     fn key(route: Option<&str>, id: Option<&[u8]>, path: &str, query: Option<&str>) -> String {
         Keyer::new("ns").key(&KeyInput {
@@ -430,6 +535,52 @@ mod tests {
         assert_eq!(decoded_name("%"), b"%");
         assert_eq!(decoded_name("%6"), b"%6");
         assert_eq!(decoded_name("x%zz"), b"x%zz");
+    }
+
+    /// Keys are stored: a change of their bytes silently empties every cache on upgrade and
+    /// splits a fleet during a rolling deploy. These were computed by the first release.
+    #[test]
+    fn key_format_is_pinned() {
+        let k = Keyer::new("ns");
+        let mut headers = HeaderMap::new();
+        headers.append(header::ACCEPT_LANGUAGE, HeaderValue::from_static("en"));
+        headers.append(header::ACCEPT_LANGUAGE, HeaderValue::from_static("de"));
+        let names = [header::ACCEPT_LANGUAGE, header::ACCEPT];
+        let cases = [
+            k.key(&KeyInput {
+                route: None,
+                identity: None,
+                path: "/",
+                query: None,
+                key_headers: &[],
+                headers: &HeaderMap::new(),
+            }),
+            k.key(&KeyInput {
+                route: Some("/item/{id}"),
+                identity: None,
+                path: "/item/7",
+                query: Some("size=1024"),
+                key_headers: &[],
+                headers: &HeaderMap::new(),
+            }),
+            k.key(&KeyInput {
+                route: Some("/user/{id}"),
+                identity: Some(b"42"),
+                path: "/user/%34%32",
+                query: Some("b=2&a=1&&%61=3&c"),
+                key_headers: &names,
+                headers: &headers,
+            }),
+        ];
+        assert_eq!(
+            cases,
+            [
+                "ns:v1:-:s:7f21c9e851cf03c772e5b84a14f928f8",
+                "ns:v1:b9ad3b081662f066:s:966ffe7b704d351d6022b65262ca6ed7",
+                "ns:v1:ef3a7753f2566f29:u25413317569794e9d64b7e8f00ff07b3:\
+                 126ea3023fb44f43bc4be12e14370b5b",
+            ]
+        );
     }
 
     #[test]

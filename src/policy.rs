@@ -316,7 +316,7 @@ impl Policy {
     /// Near-cache: entries of this route read from Redis are also kept in this process, in a
     /// tier sized in bytes ([`CacheLayer::near_capacity`](crate::CacheLayer::near_capacity),
     /// 64 MiB by default), for at most `max_age` and never past their freshness; hits from
-    /// it cost no Redis round trip (`Cache-Status: ...; hit; detail=near`).
+    /// it cost no Redis round trip (`Cache-Status: ...; hit; detail=near; ttl=N`).
     ///
     /// Coherent across instances: every invalidation through a
     /// [`CacheHandle`](crate::CacheHandle), in any instance, empties the near-cache of every

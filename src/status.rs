@@ -124,14 +124,8 @@ pub(crate) fn set_headers(
     x_cache: Option<&HeaderName>,
 ) {
     let (cache_status, x) = match status {
-        CacheStatus::Hit => (
-            HeaderValue::try_from(format!("{CACHE_NAME}; hit; ttl={ttl_secs}")).ok(),
-            "HIT",
-        ),
-        CacheStatus::NearHit => (
-            HeaderValue::try_from(format!("{CACHE_NAME}; hit; ttl={ttl_secs}; detail=near")).ok(),
-            "HIT",
-        ),
+        CacheStatus::Hit => (with_number(HIT_PREFIX, ttl_secs), "HIT"),
+        CacheStatus::NearHit => (with_number(NEAR_HIT_PREFIX, ttl_secs), "HIT"),
         CacheStatus::Collapsed => (
             Some(HeaderValue::from_static(
                 "tower-redis-cache; fwd=miss; collapsed",
@@ -144,13 +138,7 @@ pub(crate) fn set_headers(
             )),
             "STALE",
         ),
-        CacheStatus::Stale => (
-            HeaderValue::try_from(format!(
-                "{CACHE_NAME}; fwd=stale; detail=stale-if-error; ttl={ttl_secs}"
-            ))
-            .ok(),
-            "STALE",
-        ),
+        CacheStatus::Stale => (with_number(STALE_PREFIX, ttl_secs), "STALE"),
         CacheStatus::Miss | CacheStatus::Unavailable => (
             Some(HeaderValue::from_static("tower-redis-cache; fwd=miss")),
             "MISS",
@@ -170,6 +158,25 @@ pub(crate) fn set_headers(
     if let Some(name) = x_cache {
         headers.insert(name.clone(), HeaderValue::from_static(x));
     }
+}
+
+/// `Cache-Status` of a hit, before its TTL (starts with [`CACHE_NAME`]; a test checks).
+const HIT_PREFIX: &str = "tower-redis-cache; hit; ttl=";
+/// `Cache-Status` of a near-cache hit, before its TTL.
+const NEAR_HIT_PREFIX: &str = "tower-redis-cache; hit; detail=near; ttl=";
+/// `Cache-Status` of a stale-if-error answer, before its TTL.
+const STALE_PREFIX: &str = "tower-redis-cache; fwd=stale; detail=stale-if-error; ttl=";
+
+/// `prefix` then `n` in decimal, as a header value, in one allocation (`format!` and
+/// `HeaderValue::from(u64)` take two each; this runs on every hit).
+pub(crate) fn with_number(prefix: &str, n: u64) -> Option<HeaderValue> {
+    let mut digits = itoa::Buffer::new();
+    let digits = digits.format(n);
+    let mut v = Vec::with_capacity(prefix.len() + digits.len());
+    v.extend_from_slice(prefix.as_bytes());
+    v.extend_from_slice(digits.as_bytes());
+    // Exactly sized, so `Bytes` takes the vector over without another allocation.
+    HeaderValue::from_maybe_shared(bytes::Bytes::from(v)).ok()
 }
 
 /// Counters since the layer was built. Read them with
@@ -271,5 +278,26 @@ impl Counters {
             near_flushes: 0,
             near_bytes: 0,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_values() {
+        assert!(HIT_PREFIX.starts_with(CACHE_NAME) && STALE_PREFIX.starts_with(CACHE_NAME));
+        let mut h = HeaderMap::new();
+        let x = HeaderName::from_static("x-cache");
+        set_headers(&mut h, CacheStatus::Hit, 42, Some(&x));
+        assert_eq!(h[CACHE_STATUS], "tower-redis-cache; hit; ttl=42");
+        assert_eq!(h[&x], "HIT");
+        set_headers(&mut h, CacheStatus::Stale, 0, None);
+        assert_eq!(
+            h[CACHE_STATUS],
+            "tower-redis-cache; fwd=stale; detail=stale-if-error; ttl=0"
+        );
+        assert_eq!(with_number("", u64::MAX).unwrap(), &u64::MAX.to_string());
     }
 }

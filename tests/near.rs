@@ -60,7 +60,7 @@ async fn instance(server: &RedisServer, near: Duration, capacity: u64) -> Instan
 
 fn from_near(r: &common::Got) -> bool {
     r.header("cache-status")
-        .is_some_and(|s| s.ends_with("detail=near"))
+        .is_some_and(|s| s.contains("; detail=near;"))
 }
 
 /// Requests `uri` until the near-cache answers (its subscription comes up in the background
