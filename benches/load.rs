@@ -1,11 +1,12 @@
 //! Load benchmark: the same axum handler served by separate processes, `plain` (no cache),
 //! `naive` (a hand-written Redis middleware: GET by path, on a miss call the handler, collect
-//! the body, SET EX) and `cache-redis` (this crate), driven over loopback by 64 keep-alive
+//! the body, SET EX), `cache-redis` (this crate) and `cache-near` (this crate with its
+//! in-process near-cache on, 5 s bound), driven over loopback by 64 keep-alive
 //! connections, contenders alternated so machine noise hits them alike. Prints req/s,
 //! p50/p99 and peak RSS per scenario, with ratios against `plain` and `naive`.
 //!
 //! `cargo bench --bench load` (`SECS` per run, default 4; `ROUNDS`, default 2). It starts its
-//! own redis-server. (The near-cache contender of issue 7 does not exist yet.)
+//! own redis-server.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -20,13 +21,14 @@ use std::time::{Duration, Instant};
 
 use common::load::{percentiles, Conn};
 
-const CONTENDERS: [&str; 3] = ["plain", "naive", "cache-redis"];
+const CONTENDERS: [&str; 4] = ["plain", "naive", "cache-redis", "cache-near"];
 const CONNECTIONS: usize = 64;
 
 async fn serve(kind: &str, port: u16, redis: &str) {
     let app = match kind {
         "plain" => contenders::plain(),
         "naive" => contenders::naive_app(redis).await,
+        "cache-near" => contenders::cache_near_app(redis).await,
         _ => contenders::cache_app(redis).await,
     };
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))

@@ -110,3 +110,21 @@ pub async fn cache_layer_with(config: RedisConfig) -> CacheLayer {
 pub async fn cache_app(redis: &str) -> Router {
     app().layer(cache_layer(redis).await)
 }
+
+/// `cache-near`: [`cache_layer`] with the near-cache on every route (5 s bound, default
+/// 64 MiB capacity).
+#[allow(dead_code)] // not every bench uses every contender
+pub async fn cache_near_app(redis: &str) -> Router {
+    let store = RedisStore::connect(RedisConfig::from_url(redis).unwrap())
+        .await
+        .unwrap();
+    let near = Duration::from_secs(5);
+    let layer = CacheLayer::new(store, Policy::shared(Duration::from_secs(600)).near(near))
+        .identity(Identity::header(http::HeaderName::from_static("x-user")))
+        .route(
+            "/user/{id}",
+            Policy::per_user(Duration::from_secs(600)).near(near),
+        )
+        .unwrap();
+    app().layer(layer)
+}
