@@ -18,6 +18,9 @@ pub(crate) enum Outcome {
     /// Not storable (private, Set-Cookie, error, too large, cut short): followers must ask
     /// the inner service themselves, never receive it.
     NotStored,
+    /// Stored, and its write to Redis ended (the entry is no longer held here): read it
+    /// from Redis.
+    Landed,
 }
 
 /// A flight: the invalidation sequence read before it began, its outcome, and when its
@@ -30,7 +33,8 @@ struct Flight {
 
 /// How long a flight stays joinable after its write ended, for lookups that began before:
 /// their GET may have been answered before the entry landed, and they would otherwise call
-/// the inner service again right after it was stored.
+/// the inner service again right after it was stored. They read Redis again instead (the
+/// flight no longer holds the entry: memory stays bounded by the writes in progress).
 const ENDED_GRACE: Duration = Duration::from_millis(500);
 
 #[derive(Default)]
@@ -168,9 +172,15 @@ impl Drop for Completed {
         if let Some(f) = map.flights.get_mut(&key) {
             if Arc::ptr_eq(&f.tx, &self.tx) {
                 f.ended = Some(now);
+                // The entry is in Redis now (or was refused there): stop holding it, and
+                // let late joiners read Redis.
+                self.tx.send_replace(Outcome::Landed);
                 map.ended.push_back((now, key, Arc::clone(&self.tx)));
+                return;
             }
         }
+        drop(map);
+        self.tx.send_replace(Outcome::Landed);
     }
 }
 
@@ -206,9 +216,7 @@ mod tests {
         drop(written);
         let after = Instant::now() + Duration::from_millis(1);
         match flights.join("k", Some(1), before) {
-            Role::Follower(rx) => {
-                assert!(matches!(&*rx.borrow(), Outcome::Stored(b) if &b[..] == b"entry"));
-            }
+            Role::Follower(rx) => assert!(matches!(&*rx.borrow(), Outcome::Landed)),
             Role::Leader(_) => panic!("began before the write ended: follows"),
         }
         // A lookup that began after the write ended would have found the entry: if it

@@ -697,14 +697,32 @@ async fn after_miss(
             }
         }
         Role::Follower(mut rx) => {
-            let outcome =
-                tokio::time::timeout(wait, rx.wait_for(|o| !matches!(o, Outcome::Pending))).await;
-            if let Ok(Ok(outcome)) = outcome {
-                if let Outcome::Stored(raw) = &*outcome {
-                    // Another variant, or not for this request: ask ourselves.
-                    if let Some(entry) = Entry::decode(raw).ok().filter(|e| usable(e)) {
+            let mut landed = false;
+            if let Ok(Ok(outcome)) =
+                tokio::time::timeout(wait, rx.wait_for(|o| !matches!(o, Outcome::Pending))).await
+            {
+                match &*outcome {
+                    Outcome::Stored(raw) => {
+                        // Another variant, or not for this request: ask ourselves.
+                        if let Some(entry) = Entry::decode(raw).ok().filter(|e| usable(e)) {
+                            Counters::incr(&counters.collapsed);
+                            tracing::debug!(key = %key, "coalesced with a concurrent miss");
+                            return Found::Collapsed(entry);
+                        }
+                    }
+                    Outcome::Landed => landed = true,
+                    Outcome::Pending | Outcome::NotStored => {}
+                }
+            }
+            if landed {
+                // The flight's entry landed in Redis just after this lookup's GET: read it.
+                if let Ok(Some(raw)) = store.get(&key).await {
+                    if let Some(entry) = Entry::decode(&raw)
+                        .ok()
+                        .filter(|e| e.confirmed && is_fresh(e) && usable(e))
+                    {
                         Counters::incr(&counters.collapsed);
-                        tracing::debug!(key = %key, "coalesced with a concurrent miss");
+                        tracing::debug!(key = %key, "entry landed right after the lookup");
                         return Found::Collapsed(entry);
                     }
                 }
