@@ -127,6 +127,7 @@ impl Near {
         if ttl.is_zero() || !self.live.load(Ordering::Acquire) || self.epoch() != epoch {
             return;
         }
+        let entry = owned(entry);
         self.cache
             .insert(key.to_owned(), Arc::new(Held { entry, ttl }));
         // A flush that ran meanwhile may have missed the insert: undo it.
@@ -171,6 +172,25 @@ impl Near {
         let near = Arc::downgrade(self);
         rt.spawn(subscribe(subscriber, near));
     }
+}
+
+/// The entry with its own copies of its bytes. A decoded entry's body and header values are
+/// slices of the Redis reply, which may share a larger read buffer: kept for seconds, such a
+/// slice would keep that whole buffer alive, and the tier would hold far more than it weighs.
+fn owned(mut entry: Entry) -> Entry {
+    entry.body = bytes::Bytes::copy_from_slice(&entry.body);
+    let copy = |map: &mut http::HeaderMap| {
+        for value in map.values_mut() {
+            if let Ok(v) = http::HeaderValue::from_bytes(value.as_bytes()) {
+                *value = v;
+            }
+        }
+    };
+    copy(&mut entry.headers);
+    if let Some(t) = entry.trailers.as_mut() {
+        copy(t);
+    }
+    entry
 }
 
 /// Keeps the subscription and the tier's `live` flag in step with the connection.
