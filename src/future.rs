@@ -155,8 +155,10 @@ where
 
 /// What to do with the inner response.
 enum Mode {
-    /// Not a GET/HEAD: untouched.
+    /// Not a GET/HEAD: untouched but for the layer's control headers.
     Passthrough,
+    /// A gRPC call that is not cached: untouched, metadata included.
+    Untouched,
     /// GET/HEAD that did not use the cache.
     Bypass(BypassReason, Option<HeaderName>),
     /// Looked up; on a miss the response may be stored.
@@ -199,6 +201,13 @@ where
         ResponseFuture {
             state: State::Call { future },
             mode: Mode::Passthrough,
+        }
+    }
+
+    pub(crate) fn untouched(future: S::Future) -> Self {
+        ResponseFuture {
+            state: State::Call { future },
+            mode: Mode::Untouched,
         }
     }
 
@@ -952,6 +961,7 @@ where
     B: http_body::Body<Data = Bytes> + Send + 'static,
 {
     let ctx = match mode {
+        Mode::Untouched => return response.map(ResponseBody::passthrough),
         Mode::Passthrough | Mode::Write(..) => {
             let (mut parts, body) = response.into_parts();
             strip_control_headers(&mut parts.headers);
@@ -993,11 +1003,21 @@ where
                     Counters::incr(&counters.vary_refused);
                     let route = ctx.route.as_deref().unwrap_or(&ctx.path);
                     if ctx.shared.runtime.first_vary_refusal(route) {
-                        tracing::warn!(
-                            route,
-                            vary = ?parts.headers.get_all(http::header::VARY).iter().collect::<Vec<_>>(),
-                            "responses vary on headers the route does not key on: not stored (key them with Policy::key_header); logged once per route"
-                        );
+                        let vary: Vec<_> =
+                            parts.headers.get_all(http::header::VARY).iter().collect();
+                        let star = vary.iter().any(|v| {
+                            v.to_str()
+                                .is_ok_and(|v| v.split(',').any(|t| t.trim() == "*"))
+                        });
+                        if star {
+                            tracing::warn!(route, "responses say Vary: * (they depend on more than the request): never stored; logged once per route");
+                        } else {
+                            tracing::warn!(
+                                route,
+                                ?vary,
+                                "responses vary on headers the route does not key on: not stored (key them with Policy::key_header); logged once per route"
+                            );
+                        }
                     }
                 }
                 tracing::debug!(key = %ctx.key, reason = why.as_str(), "response not stored");

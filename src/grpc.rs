@@ -156,12 +156,12 @@ where
 {
     let methods = &shared.routes.grpc.by_path;
     if methods.is_empty() {
-        return ResponseFuture::passthrough(inner.call(req));
+        return ResponseFuture::untouched(inner.call(req));
     }
     let policy = match methods.get(req.uri().path()) {
         Some(p) if req.method() == Method::POST && is_grpc_over_http2(req.headers()) => p,
         // Not opted in, or gRPC-Web seen outside tonic-web's layer: untouched.
-        _ => return ResponseFuture::passthrough(inner.call(req)),
+        _ => return ResponseFuture::untouched(inner.call(req)),
     };
     let x_cache = shared.settings.x_cache.clone();
     let bypass = |reason: BypassReason, mut inner: S, req: Request<ReqB>| {

@@ -123,6 +123,13 @@ impl tonic::server::UnaryService<Query> for Unary {
             };
             let mut res = tonic::Response::new(Reply { text, call });
             res.metadata_mut().insert("x-app", "yes".parse().unwrap());
+            if path.ends_with("/Plain") {
+                // Names the layer reads on cached routes; metadata of the app's own here.
+                res.metadata_mut()
+                    .insert("cache-tag", "app".parse().unwrap());
+                res.metadata_mut()
+                    .insert("x-cache-ttl", "7".parse().unwrap());
+            }
             Ok(res)
         })
     }
@@ -375,6 +382,9 @@ async fn streaming_calls_pass_through_untouched() {
     let res = client.unary("/test.Echo/Plain", "p", &[]).await.unwrap();
     assert_eq!(x_cache(&res), "-");
     assert_eq!(res.get_ref().text, "hello p");
+    // Its metadata too, even names the layer reads on the calls it caches.
+    assert_eq!(res.metadata().get("cache-tag").unwrap(), "app");
+    assert_eq!(res.metadata().get("x-cache-ttl").unwrap(), "7");
 
     let stats = handle.stats();
     assert_eq!(
