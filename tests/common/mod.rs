@@ -29,6 +29,8 @@ pub struct RedisServer {
     tls: bool,
     /// A sentinel: started from this configuration file with `--sentinel`.
     sentinel_conf: Option<PathBuf>,
+    /// Whether a server ever ran on `port` (until then `restart` may move to another port).
+    started: bool,
 }
 
 fn free_port() -> u16 {
@@ -76,6 +78,7 @@ impl RedisServer {
             extra: Vec::new(),
             tls: false,
             sentinel_conf: None,
+            started: false,
         }
     }
 
@@ -141,10 +144,12 @@ impl RedisServer {
             let ready = if self.tls {
                 TcpStream::connect(("127.0.0.1", self.port)).is_ok()
             } else {
-                ping(self.port)
+                // Ours, not another test's server that took the port first.
+                ping(self.port) && server_pid(self.port) == Some(child.id())
             };
             if ready {
                 self.child = Some(child);
+                self.started = true;
                 return true;
             }
             std::thread::sleep(Duration::from_millis(10));
@@ -248,6 +253,14 @@ impl RedisServer {
                 "could not restart redis on {}",
                 self.port
             );
+            if !self.started && self.sentinel_conf.is_none() {
+                // Never ran here: the port was taken since it was picked; take another.
+                self.port = if self.cluster {
+                    RedisServer::unstarted_cluster_node().port
+                } else {
+                    free_port()
+                };
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -258,6 +271,29 @@ impl Drop for RedisServer {
         self.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// The `process_id` that the server on `port` reports (`INFO server`, over a raw socket).
+fn server_pid(port: u16) -> Option<u32> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+    s.write_all(b"INFO server\r\n").ok()?;
+    let mut reply = Vec::new();
+    let mut buf = [0u8; 4096];
+    // A bulk string: `$<len>\r\n<text>\r\n`; read until the field shows up.
+    while !String::from_utf8_lossy(&reply).contains("process_id:") || !reply.ends_with(b"\r\n") {
+        let n = s.read(&mut buf).ok()?;
+        if n == 0 {
+            break;
+        }
+        reply.extend_from_slice(&buf[..n]);
+        if reply.len() > 1 << 16 {
+            break;
+        }
+    }
+    let text = String::from_utf8_lossy(&reply);
+    let line = text.lines().find(|l| l.starts_with("process_id:"))?;
+    line.trim_start_matches("process_id:").trim().parse().ok()
 }
 
 /// Sends PING over a raw socket; true on +PONG.
