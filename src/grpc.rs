@@ -320,24 +320,12 @@ fn read_body<B: 'static>(
 ) -> Result<Pin<Box<dyn Future<Output = Rebuilt> + Send>>, B> {
     let mut slot = Some(body);
     #[cfg(feature = "tonic")]
-    if let Some(body) = (&mut slot as &mut dyn Any)
-        .downcast_mut::<Option<tonic::body::Body>>()
-        .and_then(Option::take)
-    {
-        return Ok(Box::pin(async move {
-            let (message, body) = read_message(body, limit, tonic::body::Body::new).await;
-            (message, Box::new(body) as Box<dyn Any + Send>)
-        }));
+    if let Some(read) = read_as(&mut slot, limit, tonic::body::Body::new) {
+        return Ok(read);
     }
     #[cfg(feature = "axum")]
-    if let Some(body) = (&mut slot as &mut dyn Any)
-        .downcast_mut::<Option<axum::body::Body>>()
-        .and_then(Option::take)
-    {
-        return Ok(Box::pin(async move {
-            let (message, body) = read_message(body, limit, axum::body::Body::new).await;
-            (message, Box::new(body) as Box<dyn Any + Send>)
-        }));
+    if let Some(read) = read_as(&mut slot, limit, axum::body::Body::new) {
+        return Ok(read);
     }
     let _ = limit;
     match slot {
@@ -345,6 +333,24 @@ fn read_body<B: 'static>(
         // Taken only by a branch that returned.
         None => Ok(Box::pin(std::future::pending())),
     }
+}
+
+/// Starts reading the body in `slot` if it is a `T` (taking it), rebuilt with `rebuild`.
+#[cfg(any(feature = "tonic", feature = "axum"))]
+fn read_as<T, B: 'static>(
+    slot: &mut Option<B>,
+    limit: usize,
+    rebuild: fn(Replay<T>) -> T,
+) -> Option<Pin<Box<dyn Future<Output = Rebuilt> + Send>>>
+where
+    T: Body<Data = Bytes> + Unpin + Send + 'static,
+    T::Error: Send,
+{
+    let body = (slot as &mut dyn Any).downcast_mut::<Option<T>>()?.take()?;
+    Some(Box::pin(async move {
+        let (message, body) = read_message(body, limit, rebuild).await;
+        (message, Box::new(body) as Box<dyn Any + Send>)
+    }))
 }
 
 /// Reads a request body up to `limit` bytes. Returns its bytes when it is exactly one
