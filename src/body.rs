@@ -73,38 +73,55 @@ impl<B> Drop for Tee<B> {
 }
 
 /// How long a response whose client left may take to finish in the background.
-pub(crate) const DETACHED_DEADLINE: Duration = Duration::from_secs(60);
+const DETACHED_DEADLINE: Duration = Duration::from_secs(60);
 
 /// Drives a recorded body whose client went away to its end, so that the requests waiting on
-/// its flight get the stored entry. Bounded: at most `MAX_DETACHED` at once, each for at most
-/// `DETACHED_DEADLINE`; past either, the recording is dropped and its followers call the inner
-/// service themselves, as without coalescing.
+/// its flight get the stored entry (see `spawn_detached` for the bounds).
 pub(crate) fn finish_detached<B>(body: Pin<Box<B>>, recorder: Recorder)
 where
     B: Body<Data = Bytes> + Send + 'static,
 {
     let shared = Arc::clone(&recorder.shared);
+    let key = recorder.key.clone();
+    let body = ResponseBody {
+        kind: Kind::Recording {
+            tee: Tee {
+                body: Some(body),
+                recorder: Some(recorder),
+                // Once is enough.
+                detach: |_, _| {},
+            },
+        },
+    };
+    spawn_detached(&shared, &key, drain(body));
+}
+
+/// Runs the unfinished work of a coalesced miss whose client went away (its call, or the
+/// rest of its body), for the requests waiting on its flight: at most `MAX_DETACHED` at once,
+/// each for at most `DETACHED_DEADLINE`. Past either bound `work` is dropped, and with it
+/// the flight: its followers call the inner service themselves, as without coalescing.
+pub(crate) fn spawn_detached(
+    shared: &CacheLayer,
+    key: &str,
+    work: impl std::future::Future<Output = ()> + Send + 'static,
+) {
     let Ok(permit) = Arc::clone(&shared.runtime.detached).try_acquire_owned() else {
-        tracing::debug!(key = %recorder.key, "too many responses finishing in the background; dropped");
+        tracing::debug!(
+            key,
+            "too many responses finishing in the background; dropped"
+        );
         return;
     };
     let Ok(rt) = tokio::runtime::Handle::try_current() else {
         return;
     };
     Counters::incr(&shared.runtime.counters.detached);
-    tracing::debug!(key = %recorder.key, "client gone; response finished in the background for the requests waiting on it");
+    tracing::debug!(
+        key,
+        "client gone; response finished in the background for the requests waiting on it"
+    );
     rt.spawn(async move {
-        let body = ResponseBody {
-            kind: Kind::Recording {
-                tee: Tee {
-                    body: Some(body),
-                    recorder: Some(recorder),
-                    // Once is enough.
-                    detach: |_, _| {},
-                },
-            },
-        };
-        let _ = tokio::time::timeout(DETACHED_DEADLINE, drain(body)).await;
+        let _ = tokio::time::timeout(DETACHED_DEADLINE, work).await;
         drop(permit);
     });
 }

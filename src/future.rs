@@ -13,7 +13,7 @@ use pin_project_lite::pin_project;
 use sync_wrapper::SyncWrapper;
 use tower_service::Service;
 
-use crate::body::{drain, Recorder, ResponseBody, DETACHED_DEADLINE};
+use crate::body::{drain, spawn_detached, Recorder, ResponseBody};
 use crate::coalesce::{Outcome, Role};
 use crate::entry::{storable_map, Entry};
 use crate::layer::CacheLayer;
@@ -125,32 +125,21 @@ impl<R, E> Drop for LeadCall<R, E> {
 }
 
 /// Finishes a leader's call and records its response in the background (see `LeadCall`).
-/// Bounded like `finish_detached`: past the bound, the work is dropped.
+/// Bounded by `spawn_detached`: past the bounds, the work is dropped.
 fn detach_call<B, E>(future: BoxCall<Response<B>, E>, ctx: Box<Ctx>)
 where
     B: http_body::Body<Data = Bytes> + Send + 'static,
     E: Send + 'static,
 {
     let shared = Arc::clone(&ctx.shared);
-    let Ok(permit) = Arc::clone(&shared.runtime.detached).try_acquire_owned() else {
-        tracing::debug!(key = %ctx.key, "too many responses finishing in the background; dropped");
-        return;
+    let key = ctx.key.clone();
+    let work = async move {
+        let mut mode = Mode::Cache(ctx);
+        if let Ok(response) = future.await {
+            drain(respond(response, &mut mode, true).into_body()).await;
+        }
     };
-    let Ok(rt) = tokio::runtime::Handle::try_current() else {
-        return;
-    };
-    Counters::incr(&shared.runtime.counters.detached);
-    tracing::debug!(key = %ctx.key, "client gone; response computed in the background for the requests waiting on it");
-    rt.spawn(async move {
-        let work = async move {
-            let mut mode = Mode::Cache(ctx);
-            if let Ok(response) = future.await {
-                drain(respond(response, &mut mode, true).into_body()).await;
-            }
-        };
-        let _ = tokio::time::timeout(DETACHED_DEADLINE, work).await;
-        drop(permit);
-    });
+    spawn_detached(&shared, &key, work);
 }
 
 /// What to do with the inner response.
@@ -586,7 +575,7 @@ async fn look_up(shared: Arc<CacheLayer>, key: String, ask: Ask) -> Found {
                         .saturating_add(entry.ttl_ms)
                         .saturating_sub(now_ms());
                     let ttl = max_age.min(Duration::from_millis(left));
-                    shared.near().insert(&key, entry.clone(), ttl, epoch);
+                    shared.near().insert(&key, &entry, ttl, epoch);
                 }
                 #[cfg(not(feature = "near"))]
                 let _ = near;

@@ -122,8 +122,8 @@ impl Near {
         self.epoch.load(Ordering::Acquire)
     }
 
-    /// Keeps an entry read from Redis (at `epoch`) for at most `ttl`.
-    pub(crate) fn insert(&self, key: &str, entry: Entry, ttl: Duration, epoch: u64) {
+    /// Keeps a copy of an entry read from Redis (at `epoch`) for at most `ttl`.
+    pub(crate) fn insert(&self, key: &str, entry: &Entry, ttl: Duration, epoch: u64) {
         if ttl.is_zero() || !self.live.load(Ordering::Acquire) || self.epoch() != epoch {
             return;
         }
@@ -174,23 +174,25 @@ impl Near {
     }
 }
 
-/// The entry with its own copies of its bytes. A decoded entry's body and header values are
+/// A copy of the entry that owns its bytes. A decoded entry's body and header values are
 /// slices of the Redis reply, which may share a larger read buffer: kept for seconds, such a
 /// slice would keep that whole buffer alive, and the tier would hold far more than it weighs.
-fn owned(mut entry: Entry) -> Entry {
-    entry.body = bytes::Bytes::copy_from_slice(&entry.body);
-    let copy = |map: &mut http::HeaderMap| {
-        for value in map.values_mut() {
-            if let Ok(v) = http::HeaderValue::from_bytes(value.as_bytes()) {
-                *value = v;
-            }
+fn owned(entry: &Entry) -> Entry {
+    let copy = |map: &http::HeaderMap| {
+        let mut out = http::HeaderMap::with_capacity(map.len());
+        for (name, value) in map {
+            let value =
+                http::HeaderValue::from_bytes(value.as_bytes()).unwrap_or_else(|_| value.clone());
+            out.append(name.clone(), value);
         }
+        out
     };
-    copy(&mut entry.headers);
-    if let Some(t) = entry.trailers.as_mut() {
-        copy(t);
+    Entry {
+        headers: copy(&entry.headers),
+        trailers: entry.trailers.as_ref().map(copy),
+        body: bytes::Bytes::copy_from_slice(&entry.body),
+        ..*entry
     }
-    entry
 }
 
 /// Keeps the subscription and the tier's `live` flag in step with the connection.
@@ -271,7 +273,7 @@ mod tests {
     #[test]
     fn entries_leave_at_their_bound() {
         let near = live_near();
-        near.insert("k", entry(b"v"), Duration::from_millis(50), near.epoch());
+        near.insert("k", &entry(b"v"), Duration::from_millis(50), near.epoch());
         assert_eq!(
             near.get("k").map(|e| e.body),
             Some(bytes::Bytes::from_static(b"v"))
@@ -286,9 +288,9 @@ mod tests {
         let near = live_near();
         let epoch = near.epoch();
         near.flush();
-        near.insert("k", entry(b"old"), Duration::from_secs(60), epoch);
+        near.insert("k", &entry(b"old"), Duration::from_secs(60), epoch);
         assert!(near.get("k").is_none());
-        near.insert("k", entry(b"new"), Duration::from_secs(60), near.epoch());
+        near.insert("k", &entry(b"new"), Duration::from_secs(60), near.epoch());
         assert!(near.get("k").is_some());
     }
 
@@ -296,7 +298,7 @@ mod tests {
     fn nothing_is_kept_while_the_subscription_is_down() {
         let near = live_near();
         near.live.store(false, Ordering::Release);
-        near.insert("k", entry(b"v"), Duration::from_secs(60), near.epoch());
+        near.insert("k", &entry(b"v"), Duration::from_secs(60), near.epoch());
         assert!(near.get("k").is_none());
     }
 }
