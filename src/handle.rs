@@ -41,15 +41,19 @@ pub enum RedisStatus {
     Degraded,
     /// Redis did not answer; requests are served uncached.
     Unavailable,
+    /// The layer keeps its entries in process ([`MemoryStore`](crate::MemoryStore)): there is
+    /// no Redis to ask.
+    NotUsed,
 }
 
 impl RedisStatus {
-    /// `"connected"`, `"degraded"` or `"unavailable"`.
+    /// `"connected"`, `"degraded"`, `"unavailable"` or `"not used"`.
     pub fn as_str(self) -> &'static str {
         match self {
             RedisStatus::Connected => "connected",
             RedisStatus::Degraded => "degraded",
             RedisStatus::Unavailable => "unavailable",
+            RedisStatus::NotUsed => "not used",
         }
     }
 }
@@ -68,13 +72,15 @@ pub struct Health {
 
 impl Health {
     /// The Python utility's `/health` body: `{"status":"ok","env":...,"redis":...}`, with
-    /// `"redis"` `"connected"` (also when degraded) or `"unavailable"`, plus `"redis_state"`,
+    /// `"redis"` `"connected"` (also when degraded), `"unavailable"` or `"not used"` (the
+    /// in-process store), plus `"redis_state"`,
     /// `"breaker"` and `"round_trip_ms"`. The status stays `"ok"` when only Redis is down:
     /// a cache outage is not a service outage.
     pub fn to_json(&self, env: &str) -> String {
         let redis = match self.redis {
             RedisStatus::Unavailable => "unavailable",
-            _ => "connected",
+            RedisStatus::NotUsed => "not used",
+            RedisStatus::Connected | RedisStatus::Degraded => "connected",
         };
         serde_json::json!({
             "status": "ok",
@@ -206,6 +212,13 @@ impl CacheHandle {
     /// closes it).
     pub async fn health(&self) -> Health {
         let store = self.store();
+        if store.is_memory() {
+            return Health {
+                redis: RedisStatus::NotUsed,
+                breaker: BreakerState::Closed,
+                round_trip: None,
+            };
+        }
         let (redis, round_trip) = match store.ping().await {
             Ok(rtt) if rtt <= store.lookup_timeout() => (RedisStatus::Connected, Some(rtt)),
             Ok(rtt) => (RedisStatus::Degraded, Some(rtt)),
@@ -269,7 +282,7 @@ impl CacheHandle {
         (key, path.to_owned())
     }
 
-    pub(crate) fn store(&self) -> &crate::store::RedisStore {
+    pub(crate) fn store(&self) -> &crate::backend::Store {
         &self.layer.settings.store
     }
 
@@ -484,15 +497,12 @@ impl CacheHandle {
     ) -> Result<T, CacheError> {
         #[cfg(feature = "near")]
         let work = {
-            let near = self
-                .layer
-                .routes
-                .uses_near()
+            let store = self.store().as_redis().cloned();
+            let near = (self.layer.routes.uses_near() && store.is_some())
                 .then(|| std::sync::Arc::clone(self.layer.near()));
-            let store = self.store().clone();
             async move {
                 let result = work.await;
-                if let Some(near) = near {
+                if let (Some(near), Some(store)) = (near, store) {
                     near.invalidated(&store).await;
                 }
                 result

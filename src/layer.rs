@@ -8,13 +8,13 @@ use http::HeaderName;
 use tokio::sync::Semaphore;
 use tower_layer::Layer;
 
+use crate::backend::Store;
 use crate::config::ConfigError;
 use crate::handle::CacheHandle;
 use crate::key::{valid_namespace, Identity, Keyer};
 use crate::policy::Policy;
 use crate::service::CacheService;
 use crate::status::Counters;
-use crate::store::RedisStore;
 
 /// The default namespace, the first part of every key.
 pub const DEFAULT_NAMESPACE: &str = "cache";
@@ -36,7 +36,7 @@ pub struct CacheLayer {
 /// What the services of one layer read on every request.
 #[derive(Clone)]
 pub(crate) struct Settings {
-    pub(crate) store: RedisStore,
+    pub(crate) store: Store,
     pub(crate) keyer: Keyer,
     pub(crate) identity: Identity,
     pub(crate) x_cache: Option<HeaderName>,
@@ -144,10 +144,10 @@ impl CacheLayer {
     /// let cache = CacheLayer::new(store, Duration::from_secs(60)).namespace("backend")?;
     /// # Ok(()) }
     /// ```
-    pub fn new(store: RedisStore, policy: impl Into<Policy>) -> Self {
+    pub fn new(store: impl Into<Store>, policy: impl Into<Policy>) -> Self {
         CacheLayer {
             settings: Settings {
-                store,
+                store: store.into(),
                 keyer: Keyer::new(DEFAULT_NAMESPACE),
                 identity: Identity::default(),
                 x_cache: Some(HeaderName::from_static("x-cache")),

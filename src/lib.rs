@@ -158,12 +158,15 @@
 //! |---|---|---|
 //! | `axum` | Reads axum's `MatchedPath` for route templates | Yes |
 //! | `tls` | rustls (ring) for `rediss://` and Azure Cache for Redis | Yes |
+//! | `memory` | [`MemoryStore`]: the cache in this process's memory, without Redis | Yes |
+//! | `near` | The near-cache in front of Redis ([`Policy::near`]) | Yes |
 //! | `tonic` | Caches opted-in gRPC methods behind tonic's `Server` (rebuilds its request body) | No |
 
 #![deny(missing_docs, unsafe_code, unreachable_pub)]
 #![warn(missing_debug_implementations, rust_2018_idioms)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+mod backend;
 mod body;
 mod breaker;
 mod coalesce;
@@ -174,6 +177,8 @@ mod grpc;
 mod handle;
 mod key;
 mod layer;
+#[cfg(feature = "memory")]
+mod memory;
 #[cfg(feature = "near")]
 mod near;
 mod policy;
@@ -182,6 +187,7 @@ mod status;
 mod store;
 mod value;
 
+pub use backend::Store;
 pub use body::ResponseBody;
 pub use breaker::BreakerState;
 pub use config::{
@@ -195,6 +201,8 @@ pub use handle::health_route;
 pub use handle::{CacheError, CacheHandle, Health, PathPattern, RedisStatus, RequestKey};
 pub use key::Identity;
 pub use layer::{CacheLayer, DEFAULT_MAX_PENDING_WRITES, DEFAULT_NAMESPACE};
+#[cfg(feature = "memory")]
+pub use memory::MemoryStore;
 pub use policy::{
     CacheOverride, Policy, DEFAULT_COALESCE_WAIT, DEFAULT_MAX_BODY_SIZE, TAG_HEADERS,
     TTL_OVERRIDE_HEADER,

@@ -179,9 +179,13 @@ where
         #[cfg(feature = "near")]
         // Not in shared-cache mode: its reuse rules (Vary, Authorization, request
         // directives) are checked on the Redis lookup, and the near-cache would skip them.
-        if let Some(max_age) = policy.near.filter(|_| !policy.http_shared) {
+        // Nor in front of the in-process store, which is near already.
+        if let (Some(max_age), Some(redis)) = (
+            policy.near.filter(|_| !policy.http_shared),
+            shared.settings.store.as_redis(),
+        ) {
             let near = shared.near();
-            if near.usable(&shared.settings.store) {
+            if near.usable(redis) {
                 if let Some(entry) = near.get(&ctx.key) {
                     Counters::incr(&counters.hits);
                     tracing::debug!(key = %ctx.key, "near-cache hit");

@@ -1,0 +1,243 @@
+//! `Store`: the store a layer keeps its entries in, Redis or this process's memory. Every
+//! operation of the cache goes through it and means the same on both.
+
+use std::fmt;
+use std::time::Duration;
+
+use bytes::Bytes;
+use fred::prelude::Error as FredError;
+
+use crate::breaker::BreakerState;
+use crate::config::ConfigError;
+#[cfg(feature = "memory")]
+use crate::memory::MemoryStore;
+use crate::store::{RedisStore, Write, Written};
+
+/// Where a [`CacheLayer`](crate::CacheLayer) keeps its entries: a [`RedisStore`] (shared by
+/// every instance of a service) or, with the `memory` feature, a [`MemoryStore`] (this
+/// process only). Made with `From`/`Into`, which [`CacheLayer::new`](crate::CacheLayer::new)
+/// does for you.
+#[derive(Clone)]
+pub struct Store(Backend);
+
+#[derive(Clone)]
+enum Backend {
+    Redis(RedisStore),
+    #[cfg(feature = "memory")]
+    Memory(MemoryStore),
+}
+
+impl From<RedisStore> for Store {
+    fn from(store: RedisStore) -> Self {
+        Store(Backend::Redis(store))
+    }
+}
+
+#[cfg(feature = "memory")]
+impl From<MemoryStore> for Store {
+    fn from(store: MemoryStore) -> Self {
+        Store(Backend::Memory(store))
+    }
+}
+
+impl fmt::Debug for Store {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.0 {
+            Backend::Redis(s) => s.fmt(f),
+            #[cfg(feature = "memory")]
+            Backend::Memory(s) => s.fmt(f),
+        }
+    }
+}
+
+impl Store {
+    /// The Redis store, if this is one (the near-cache and its pub/sub need it).
+    #[cfg_attr(not(feature = "near"), allow(dead_code))]
+    pub(crate) fn as_redis(&self) -> Option<&RedisStore> {
+        match &self.0 {
+            Backend::Redis(s) => Some(s),
+            #[cfg(feature = "memory")]
+            Backend::Memory(_) => None,
+        }
+    }
+
+    /// The deadline of a lookup (the in-process store answers at once; the default applies
+    /// to the waits measured against it).
+    pub(crate) fn lookup_timeout(&self) -> Duration {
+        match &self.0 {
+            Backend::Redis(s) => s.lookup_timeout(),
+            #[cfg(feature = "memory")]
+            Backend::Memory(_) => crate::config::DEFAULT_LOOKUP_TIMEOUT,
+        }
+    }
+
+    pub(crate) fn breaker_state(&self) -> BreakerState {
+        match &self.0 {
+            Backend::Redis(s) => s.breaker_state(),
+            #[cfg(feature = "memory")]
+            Backend::Memory(_) => BreakerState::Closed,
+        }
+    }
+
+    pub(crate) fn breaker_opened(&self) -> u64 {
+        match &self.0 {
+            Backend::Redis(s) => s.breaker_opened(),
+            #[cfg(feature = "memory")]
+            Backend::Memory(_) => 0,
+        }
+    }
+
+    pub(crate) async fn get(&self, key: &str) -> Result<Option<Bytes>, FredError> {
+        match &self.0 {
+            Backend::Redis(s) => s.get(key).await,
+            #[cfg(feature = "memory")]
+            Backend::Memory(s) => Ok(s.get(key)),
+        }
+    }
+
+    pub(crate) async fn read_seq(
+        &self,
+        seq_key: &str,
+        timeout: Duration,
+    ) -> Result<u64, FredError> {
+        match &self.0 {
+            Backend::Redis(s) => s.read_seq(seq_key, timeout).await,
+            #[cfg(feature = "memory")]
+            Backend::Memory(s) => Ok(s.read_seq(seq_key)),
+        }
+    }
+
+    pub(crate) async fn write(&self, w: Write) -> Result<Written, FredError> {
+        match &self.0 {
+            Backend::Redis(s) => s.write(w).await,
+            #[cfg(feature = "memory")]
+            Backend::Memory(s) => Ok(s.write(w)),
+        }
+    }
+
+    pub(crate) async fn try_lock(&self, key: &str, ttl: Duration) -> Result<bool, FredError> {
+        match &self.0 {
+            Backend::Redis(s) => s.try_lock(key, ttl).await,
+            #[cfg(feature = "memory")]
+            Backend::Memory(s) => Ok(s.try_lock(key, ttl)),
+        }
+    }
+
+    pub(crate) async fn get_value(&self, key: &str) -> Result<Option<Bytes>, FredError> {
+        match &self.0 {
+            Backend::Redis(s) => s.get_value(key).await,
+            #[cfg(feature = "memory")]
+            Backend::Memory(s) => Ok(s.get(key)),
+        }
+    }
+
+    pub(crate) async fn set_value(
+        &self,
+        key: &str,
+        value: Bytes,
+        ttl: Duration,
+        indexes: &[String],
+    ) -> Result<(), FredError> {
+        match &self.0 {
+            Backend::Redis(s) => s.set_value(key, value, ttl, indexes).await,
+            #[cfg(feature = "memory")]
+            Backend::Memory(s) => {
+                s.set_value(key, value, ttl, indexes);
+                Ok(())
+            }
+        }
+    }
+
+    pub(crate) async fn delete_if_equal(&self, key: &str, value: Bytes) -> Result<bool, FredError> {
+        match &self.0 {
+            Backend::Redis(s) => s.delete_if_equal(key, value).await,
+            #[cfg(feature = "memory")]
+            Backend::Memory(s) => Ok(s.delete_if_equal(key, &value)),
+        }
+    }
+
+    /// Removes keys; returns how many existed.
+    pub(crate) async fn unlink(&self, keys: Vec<String>) -> Result<u64, FredError> {
+        match &self.0 {
+            Backend::Redis(s) => s.unlink(keys).await,
+            #[cfg(feature = "memory")]
+            Backend::Memory(s) => Ok(s.unlink(&keys)),
+        }
+    }
+
+    pub(crate) async fn invalidate_keys(
+        &self,
+        seq_key: &str,
+        markers: &[String],
+        keys: Vec<String>,
+    ) -> Result<u64, FredError> {
+        match &self.0 {
+            Backend::Redis(s) => s.invalidate_keys(seq_key, markers, keys).await,
+            #[cfg(feature = "memory")]
+            Backend::Memory(s) => Ok(s.invalidate_keys(seq_key, markers, &keys)),
+        }
+    }
+
+    pub(crate) async fn invalidate_indexes(
+        &self,
+        seq_key: &str,
+        markers: &[String],
+        indexes: &[String],
+    ) -> Result<u64, FredError> {
+        match &self.0 {
+            Backend::Redis(s) => s.invalidate_indexes(seq_key, markers, indexes).await,
+            #[cfg(feature = "memory")]
+            Backend::Memory(s) => Ok(s.invalidate_indexes(seq_key, markers, indexes)),
+        }
+    }
+
+    pub(crate) async fn matching_paths(
+        &self,
+        paths_key: &str,
+        pattern: &str,
+    ) -> Result<Vec<String>, FredError> {
+        match &self.0 {
+            Backend::Redis(s) => s.matching_paths(paths_key, pattern).await,
+            #[cfg(feature = "memory")]
+            Backend::Memory(s) => Ok(s.matching_paths(paths_key, pattern)),
+        }
+    }
+
+    pub(crate) async fn scan_unlink(
+        &self,
+        patterns: &[String],
+        counted: usize,
+    ) -> Result<u64, FredError> {
+        match &self.0 {
+            Backend::Redis(s) => s.scan_unlink(patterns, counted).await,
+            #[cfg(feature = "memory")]
+            Backend::Memory(s) => Ok(s.scan_unlink(patterns, counted)),
+        }
+    }
+
+    /// The round trip of a PING (zero in process).
+    pub(crate) async fn ping(&self) -> Result<Duration, FredError> {
+        match &self.0 {
+            Backend::Redis(s) => s.ping().await,
+            #[cfg(feature = "memory")]
+            Backend::Memory(_) => Ok(Duration::ZERO),
+        }
+    }
+
+    /// The start-up permission check (nothing to check in process).
+    pub(crate) async fn check(&self, prefix: &str) -> Result<(), ConfigError> {
+        match &self.0 {
+            Backend::Redis(s) => s.check(prefix).await,
+            #[cfg(feature = "memory")]
+            Backend::Memory(_) => {
+                let _ = prefix;
+                Ok(())
+            }
+        }
+    }
+
+    /// Whether this is the in-process store.
+    pub(crate) fn is_memory(&self) -> bool {
+        self.as_redis().is_none()
+    }
+}
