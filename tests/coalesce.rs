@@ -1,5 +1,6 @@
 //! Request coalescing: concurrent cold requests make one call to the handler; others wait
-//! for its response, and never receive a response that was not storable.
+//! for its response, and never receive a response that was not storable (the first four
+//! tests on both stores: a real redis-server and the in-process store).
 
 mod common;
 
@@ -11,6 +12,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
 use bytes::Bytes;
+use common::stores::{Backing, Kind};
 use common::{get as get_req, send, RedisServer};
 use futures_util::StreamExt;
 use http::HeaderValue;
@@ -18,14 +20,18 @@ use http_body_util::BodyExt;
 use tower::ServiceExt;
 use tower_redis_cache::{CacheHandle, CacheLayer, Policy, RedisConfig, RedisStore};
 
-async fn setup(server: &RedisServer, policy: Policy) -> (Router, CacheHandle, Arc<AtomicUsize>) {
+on_both_stores!(
+    a_hundred_cold_requests_make_one_call,
+    an_unstorable_response_is_never_handed_to_the_waiting_requests,
+    coalescing_can_be_turned_off,
+    two_instances_with_the_lock_make_one_call,
+);
+
+async fn setup(backing: &Backing, policy: Policy) -> (Router, CacheHandle, Arc<AtomicUsize>) {
     // A generous lookup deadline: these tests are about coalescing, and on a loaded machine
     // 100 concurrent lookups could otherwise pass the 50 ms default and skip it (a lookup
     // that fails is not coalesced).
-    let config = RedisConfig::from_url(&server.url())
-        .unwrap()
-        .lookup_timeout(Duration::from_secs(2));
-    let store = RedisStore::connect(config).await.unwrap();
+    let store = backing.store_with(Duration::from_secs(2)).await;
     let cache = CacheLayer::new(store, policy);
     let handle = cache.handle();
     let calls = Arc::new(AtomicUsize::new(0));
@@ -72,9 +78,8 @@ async fn concurrently(app: &Router, uri: &'static str, n: usize) -> Vec<common::
     out
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_hundred_cold_requests_make_one_call() {
-    let server = RedisServer::start();
+async fn a_hundred_cold_requests_make_one_call(kind: Kind) {
+    let server = Backing::start(kind);
     let (app, handle, calls) = setup(&server, Policy::shared(Duration::from_secs(60))).await;
     let replies = concurrently(&app, "/slow", 100).await;
     assert_eq!(calls.load(Ordering::SeqCst), 1);
@@ -89,9 +94,8 @@ async fn a_hundred_cold_requests_make_one_call() {
     assert_eq!(handle.stats().collapsed, 99);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_unstorable_response_is_never_handed_to_the_waiting_requests() {
-    let server = RedisServer::start();
+async fn an_unstorable_response_is_never_handed_to_the_waiting_requests(kind: Kind) {
+    let server = Backing::start(kind);
     let (app, handle, calls) = setup(&server, Policy::shared(Duration::from_secs(60))).await;
     let replies = concurrently(&app, "/cookie", 10).await;
     assert_eq!(
@@ -216,9 +220,8 @@ async fn a_leader_whose_client_leaves_mid_body_still_answers_the_others() {
     followers_get_the_leaders_work(&app, &handle, &calls, &gate).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn coalescing_can_be_turned_off() {
-    let server = RedisServer::start();
+async fn coalescing_can_be_turned_off(kind: Kind) {
+    let server = Backing::start(kind);
     let policy = Policy::shared(Duration::from_secs(60)).coalesce(Duration::ZERO);
     let (app, handle, calls) = setup(&server, policy).await;
     concurrently(&app, "/slow", 10).await;
@@ -226,18 +229,14 @@ async fn coalescing_can_be_turned_off() {
     assert_eq!(handle.stats().collapsed, 0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_instances_with_the_lock_make_one_call() {
-    let server = RedisServer::start();
+async fn two_instances_with_the_lock_make_one_call(kind: Kind) {
+    let server = Backing::start(kind);
     let policy =
         Policy::shared(Duration::from_secs(60)).lock_across_instances(Duration::from_secs(5));
     let calls = Arc::new(AtomicUsize::new(0));
     let mut apps = Vec::new();
     for _ in 0..2 {
-        let config = RedisConfig::from_url(&server.url())
-            .unwrap()
-            .lookup_timeout(Duration::from_secs(2));
-        let store = RedisStore::connect(config).await.unwrap();
+        let store = server.store_with(Duration::from_secs(2)).await;
         let cache = CacheLayer::new(store, policy.clone())
             .namespace("two")
             .unwrap();

@@ -1,6 +1,6 @@
-//! The invalidation handle against a real redis-server: exact counts, neighbours that must
-//! survive, the stale-set race forced deterministically, two instances, index expiry, and
-//! Redis down.
+//! The invalidation handle: exact counts, neighbours that must survive, the stale-set race
+//! forced deterministically, two instances, index expiry, invalidation on writes (each on
+//! both stores: a real redis-server and the in-process store), and Redis down.
 
 mod common;
 
@@ -11,17 +11,25 @@ use std::time::{Duration, Instant};
 use axum::routing::get;
 use axum::Router;
 use common::scenario::{self, UserId};
+use common::stores::{Backing, Kind};
 use common::{get as get_req, get_with, send, wait_until, RedisServer};
 use tokio::sync::Semaphore;
-use tower_redis_cache::{CacheLayer, Identity, PathPattern, Policy, RedisStore, RequestKey};
+use tower_redis_cache::{CacheLayer, Identity, PathPattern, Policy, RequestKey};
 
-#[tokio::test]
-async fn every_operation_removes_exactly_its_entries() {
-    let server = RedisServer::start();
-    let cache = scenario::layer(&server.url(), "inv").await;
+on_both_stores!(
+    every_operation_removes_exactly_its_entries,
+    a_response_computed_across_an_invalidation_is_never_stored,
+    two_instances_see_each_others_invalidations,
+    indexes_expire_with_their_entries,
+    successful_writes_invalidate_their_path_when_asked,
+);
+
+async fn every_operation_removes_exactly_its_entries(kind: Kind) {
+    let backing = Backing::start(kind);
+    let cache = scenario::layer_on(backing.store_with(Duration::from_millis(200)).await, "inv");
     let handle = cache.handle();
     let app = scenario::app(cache, Arc::default());
-    scenario::every_operation(&app, &handle, || server.keys("inv:v1:*")).await;
+    scenario::every_operation(&app, &handle, || backing.keys("inv:v1:*")).await;
 }
 
 /// A handler that waits at a gate, so a test can run an invalidation while it computes.
@@ -66,12 +74,9 @@ async fn enter(gate: &Gate) {
         .forget();
 }
 
-#[tokio::test]
-async fn a_response_computed_across_an_invalidation_is_never_stored() {
-    let server = RedisServer::start();
-    let store = RedisStore::connect(common::relaxed_config(&server.url()))
-        .await
-        .unwrap();
+async fn a_response_computed_across_an_invalidation_is_never_stored(kind: Kind) {
+    let server = Backing::start(kind);
+    let store = server.store().await;
     let cache = CacheLayer::new(store, Policy::per_user(Duration::from_secs(60)))
         .namespace("race")
         .unwrap()
@@ -154,12 +159,12 @@ async fn a_response_computed_across_an_invalidation_is_never_stored() {
     }
 }
 
-#[tokio::test]
-async fn two_instances_see_each_others_invalidations() {
-    let server = RedisServer::start();
+async fn two_instances_see_each_others_invalidations(kind: Kind) {
+    let backing = Backing::start(kind);
+    let lookup = Duration::from_millis(200);
     let (c1, c2) = (
-        scenario::layer(&server.url(), "two").await,
-        scenario::layer(&server.url(), "two").await,
+        scenario::layer_on(backing.store_with(lookup).await, "two"),
+        scenario::layer_on(backing.store_with(lookup).await, "two"),
     );
     let (h1, h2) = (c1.handle(), c2.handle());
     let (a1, a2) = (
@@ -190,12 +195,9 @@ async fn two_instances_see_each_others_invalidations() {
     );
 }
 
-#[tokio::test]
-async fn indexes_expire_with_their_entries() {
-    let server = RedisServer::start();
-    let store = RedisStore::connect(common::relaxed_config(&server.url()))
-        .await
-        .unwrap();
+async fn indexes_expire_with_their_entries(kind: Kind) {
+    let server = Backing::start(kind);
+    let store = server.store().await;
     let cache = CacheLayer::new(store, Policy::per_user(Duration::from_millis(600)).tag("x"))
         .namespace("exp")
         .unwrap()
@@ -250,15 +252,12 @@ async fn with_redis_down_invalidations_fail_promptly() {
     );
 }
 
-#[tokio::test]
-async fn successful_writes_invalidate_their_path_when_asked() {
-    let server = RedisServer::start();
+async fn successful_writes_invalidate_their_path_when_asked(kind: Kind) {
+    let server = Backing::start(kind);
     let app_with = |on: bool, ns: &'static str| {
-        let url = server.url();
+        let server = &server;
         async move {
-            let store = RedisStore::connect(common::relaxed_config(&url))
-                .await
-                .unwrap();
+            let store = server.store().await;
             let cache = CacheLayer::new(store, Duration::from_secs(60))
                 .namespace(ns)
                 .unwrap()

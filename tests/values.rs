@@ -1,5 +1,5 @@
-//! The value cache (`set_json` / `get_json` / `delete` / `get_or_insert_json`) against a real
-//! redis-server.
+//! The value cache (`set_json` / `get_json` / `delete` / `get_or_insert_json`), on both stores
+//! (a real redis-server and the in-process store), and what Redis holds of it.
 
 mod common;
 
@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::scenario;
+use common::stores::{Backing, Kind};
 use common::{get_with, send, wait_until, RedisServer};
 use fred::prelude::KeysInterface;
 use serde::{Deserialize, Serialize};
@@ -15,14 +16,26 @@ use tower_redis_cache::{CacheHandle, CacheLayer, Policy, RedisStore, ValueKey};
 
 const TTL: Duration = Duration::from_secs(60);
 
+on_both_stores!(
+    keys_do_not_collide,
+    a_changed_type_is_a_miss_and_is_replaced,
+    concurrent_callers_share_one_run,
+    errors_are_returned_and_not_cached,
+    one_call_invalidates_a_users_values_and_responses,
+    a_value_computed_across_an_invalidation_is_never_stored,
+);
+
 async fn handle(url: &str) -> CacheHandle {
     let store = RedisStore::connect(common::relaxed_config(url))
         .await
         .unwrap();
+    layer(store.into()).handle()
+}
+
+fn layer(store: tower_redis_cache::Store) -> CacheLayer {
     CacheLayer::new(store, Policy::bypass())
         .namespace("vals")
         .unwrap()
-        .handle()
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
@@ -68,10 +81,9 @@ async fn set_get_delete_json() {
     assert_eq!(h.delete(&key).await.unwrap(), 0);
 }
 
-#[tokio::test]
-async fn keys_do_not_collide() {
-    let server = RedisServer::start();
-    let h = handle(&server.url()).await;
+async fn keys_do_not_collide(kind: Kind) {
+    let backing = Backing::start(kind);
+    let h = layer(backing.store().await).handle();
     let keys = [
         ValueKey::new("a").part("b:c"),
         ValueKey::new("a").part("b").part("c"),
@@ -88,10 +100,9 @@ async fn keys_do_not_collide() {
     }
 }
 
-#[tokio::test]
-async fn a_changed_type_is_a_miss_and_is_replaced() {
-    let server = RedisServer::start();
-    let h = handle(&server.url()).await;
+async fn a_changed_type_is_a_miss_and_is_replaced(kind: Kind) {
+    let backing = Backing::start(kind);
+    let h = layer(backing.store().await).handle();
     let key = ValueKey::new("menu").part(7);
     h.set_json(&key, &vec!["home", "profile"], TTL)
         .await
@@ -114,10 +125,9 @@ async fn a_changed_type_is_a_miss_and_is_replaced() {
     assert_eq!(h.get_json::<Perms>(&key).await.unwrap(), Some(v));
 }
 
-#[tokio::test]
-async fn concurrent_callers_share_one_run() {
-    let server = RedisServer::start();
-    let h = handle(&server.url()).await;
+async fn concurrent_callers_share_one_run(kind: Kind) {
+    let backing = Backing::start(kind);
+    let h = layer(backing.store().await).handle();
     let calls = Arc::new(AtomicUsize::new(0));
     let key = ValueKey::for_user("user_perms", "9");
     let tasks: Vec<_> = (0..50)
@@ -149,10 +159,9 @@ async fn concurrent_callers_share_one_run() {
     assert_eq!(v.user, 9);
 }
 
-#[tokio::test]
-async fn errors_are_returned_and_not_cached() {
-    let server = RedisServer::start();
-    let h = handle(&server.url()).await;
+async fn errors_are_returned_and_not_cached(kind: Kind) {
+    let backing = Backing::start(kind);
+    let h = layer(backing.store().await).handle();
     let key = ValueKey::new("flaky");
     let r: Result<u32, String> = h
         .get_or_insert_json(&key, TTL, || async { Err("database down".to_owned()) })
@@ -205,10 +214,9 @@ async fn with_redis_down_functions_run_uncached() {
     assert!(started.elapsed() < Duration::from_secs(5));
 }
 
-#[tokio::test]
-async fn one_call_invalidates_a_users_values_and_responses() {
-    let server = RedisServer::start();
-    let cache = scenario::layer(&server.url(), "mix").await;
+async fn one_call_invalidates_a_users_values_and_responses(kind: Kind) {
+    let backing = Backing::start(kind);
+    let cache = scenario::layer_on(backing.store().await, "mix");
     let h = cache.handle();
     let app = scenario::app(cache, Arc::default());
     send(&app, get_with("/users/42/menu", &[("x-test-user", "42")])).await;
@@ -233,10 +241,9 @@ async fn one_call_invalidates_a_users_values_and_responses() {
         .is_some());
 }
 
-#[tokio::test]
-async fn a_value_computed_across_an_invalidation_is_never_stored() {
-    let server = RedisServer::start();
-    let h = handle(&server.url()).await;
+async fn a_value_computed_across_an_invalidation_is_never_stored(kind: Kind) {
+    let backing = Backing::start(kind);
+    let h = layer(backing.store().await).handle();
     let key = ValueKey::for_user("user_perms", "5");
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
     let entered = Arc::new(tokio::sync::Semaphore::new(0));

@@ -3,6 +3,7 @@
 
 pub mod load;
 pub mod scenario;
+pub mod stores;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -488,6 +489,15 @@ impl RedisCluster {
 }
 
 impl RedisServer {
+    /// A section of `INFO` (redis-cli).
+    pub fn info(&self, section: &str) -> String {
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string(), "info", section])
+            .output()
+            .expect("redis-cli");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// Keys matching a pattern (redis-cli --scan).
     pub fn keys(&self, pattern: &str) -> Vec<String> {
         let out = Command::new("redis-cli")

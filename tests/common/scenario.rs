@@ -46,6 +46,11 @@ pub async fn layer(url: &str, namespace: &str) -> CacheLayer {
     // enough for the failover tests' "no request waits 1 s" rule.
     let config = super::relaxed_config(url).lookup_timeout(Duration::from_millis(200));
     let store = RedisStore::connect(config).await.unwrap();
+    layer_on(store.into(), namespace)
+}
+
+/// The scenario's layer over any store.
+pub fn layer_on(store: tower_redis_cache::Store, namespace: &str) -> CacheLayer {
     CacheLayer::new(store, Policy::bypass())
         .namespace(namespace)
         .unwrap()
