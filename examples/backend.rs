@@ -19,6 +19,8 @@
 //! `REDIS_PORT`, `REDIS_PASSWORD`, `REDIS_DB`, `REDIS_SSL` (see `RedisConfig::from_env`),
 //! `CACHE_NAMESPACE` (backend), `DB_DELAY_MS` (50: the simulated cost of a database read),
 //! `CACHE_ENABLED` (true; `false` runs the same service without the cache layer),
+//! `CACHE_STORE` (`redis`; `memory` keeps the cache in this process, without Redis, for a
+//! single instance or a test run), `CACHE_MEMORY_MB` (64: the memory store's bound),
 //! `APP_ENV` (development), `RUST_LOG` (for example `tower_redis_cache=debug`).
 
 use std::collections::HashMap;
@@ -35,7 +37,8 @@ use axum::{Extension, Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tower_redis_cache::{
-    CacheHandle, CacheLayer, Identity, PathPattern, Policy, RedisConfig, RedisStore,
+    CacheHandle, CacheLayer, Identity, MemoryStore, PathPattern, Policy, RedisConfig, RedisStore,
+    Store,
 };
 
 /// The authenticated caller, set by `auth` and read by the cache layer as the identity.
@@ -353,9 +356,23 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     });
 
     let cache = if cache_enabled {
-        let config = RedisConfig::from_env()?;
-        tracing::info!(?config, "redis");
-        let store = RedisStore::connect(config).await?;
+        let store: Store = match env_or("CACHE_STORE", "redis").to_ascii_lowercase().as_str() {
+            "redis" => {
+                let config = RedisConfig::from_env()?;
+                tracing::info!(?config, "redis");
+                RedisStore::connect(config).await?.into()
+            }
+            "memory" => {
+                let mb: u64 = env_or("CACHE_MEMORY_MB", "64")
+                    .parse()
+                    .map_err(|_| "CACHE_MEMORY_MB must be a whole number of MiB")?;
+                tracing::info!(max_mib = mb, "in-process cache store");
+                MemoryStore::new(mb << 20).into()
+            }
+            other => {
+                return Err(format!("CACHE_STORE must be redis or memory, got {other:?}").into())
+            }
+        };
         Some(
             CacheLayer::new(store, Policy::bypass())
                 .namespace(&env_or("CACHE_NAMESPACE", "backend"))?

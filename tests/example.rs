@@ -191,8 +191,18 @@ fn until_hit(port: u16, path: &str, user: Option<&str>) -> Reply {
 fn backend_caches_per_user_and_invalidates_on_role_change() {
     let redis = RedisServer::start();
     let b = start_backend(&redis, &[]);
-    let p = b.port;
+    caches_per_user_and_invalidates_on_role_change(b.port, "connected");
+}
 
+/// The same service and checks with `CACHE_STORE=memory`, and no Redis anywhere.
+#[test]
+fn backend_with_the_memory_store_caches_and_invalidates_without_redis() {
+    let nowhere = RedisServer::unstarted();
+    let b = start_backend(&nowhere, &[("CACHE_STORE", "memory")]);
+    caches_per_user_and_invalidates_on_role_change(b.port, "not used");
+}
+
+fn caches_per_user_and_invalidates_on_role_change(p: u16, redis_health: &str) {
     let first = get(p, "/users/1/permissions", Some("1"));
     assert_eq!(first.status, 200);
     assert_eq!(first.header("x-cache"), Some("MISS"));
@@ -310,7 +320,7 @@ fn backend_caches_per_user_and_invalidates_on_role_change() {
     let h = get(p, "/health", None);
     assert_eq!(h.body["status"], "ok");
     assert_eq!(h.body["env"], "test");
-    assert_eq!(h.body["redis"], "connected");
+    assert_eq!(h.body["redis"], redis_health);
     assert_eq!(h.body["breaker"], "closed");
 }
 
