@@ -4,10 +4,10 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use common::failover::{until_caching_resumes, SteadyLoad};
 use common::scenario;
 use common::{get_with, send, wait_until, RedisCluster};
 use tower_redis_cache::RequestKey;
@@ -51,66 +51,18 @@ async fn cluster_caches_invalidates_and_survives_a_failover() {
     // Failover under load: kill the primary of a cached entry's slot.
     let key = handle.key(&RequestKey::new("/roles"));
     let victim = cluster.primary_of(&key);
-    let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let load: Vec<_> = (0..4)
-        .map(|_| {
-            let (app, stop, ok, failed) = (app.clone(), stop.clone(), ok.clone(), failed.clone());
-            tokio::spawn(async move {
-                while !stop.load(Ordering::Relaxed) {
-                    let started = Instant::now();
-                    let r = send(&app, common::get("/roles")).await;
-                    let good = r.status == 200
-                        && r.text().starts_with("call #")
-                        && started.elapsed() < Duration::from_secs(1);
-                    if good {
-                        ok.fetch_add(1, Ordering::Relaxed)
-                    } else {
-                        failed.fetch_add(1, Ordering::Relaxed)
-                    };
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-            })
-        })
-        .collect();
+    let load = SteadyLoad::start(&app, "/roles", |body| body.starts_with("call #"));
     tokio::time::sleep(Duration::from_millis(300)).await;
     cluster.nodes[victim].kill();
     // The replica takes over (cluster-node-timeout 2 s); caching resumes on that slot.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        handle.invalidate_path("/roles").await.ok();
-        let _ = send(&app, common::get("/roles")).await;
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        if send(&app, common::get("/roles")).await.x_cache() == "HIT" {
-            break;
-        }
-        if Instant::now() > deadline {
-            let alive = (victim + 1) % cluster.nodes.len();
-            let out = std::process::Command::new("redis-cli")
-                .args([
-                    "-p",
-                    &cluster.nodes[alive].port().to_string(),
-                    "cluster",
-                    "nodes",
-                ])
-                .output()
-                .unwrap();
-            panic!(
-                "caching did not resume after the failover: {:?} breaker {:?}\n{}",
-                handle.stats(),
-                handle.breaker(),
-                String::from_utf8_lossy(&out.stdout)
-            );
-        }
-    }
-    stop.store(true, Ordering::Relaxed);
-    for t in load {
-        t.await.unwrap();
-    }
-    assert_eq!(
-        failed.load(Ordering::Relaxed),
-        0,
-        "requests failed during the failover"
-    );
-    assert!(ok.load(Ordering::Relaxed) > 10);
+    let alive = cluster.nodes[(victim + 1) % cluster.nodes.len()].port();
+    until_caching_resumes(&app, &handle, "/roles", || {
+        let out = std::process::Command::new("redis-cli")
+            .args(["-p", &alive.to_string(), "cluster", "nodes"])
+            .output()
+            .expect("redis-cli");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    })
+    .await;
+    load.finish().await;
 }

@@ -5,12 +5,11 @@
 mod common;
 
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::routing::get;
 use axum::Router;
+use common::failover::{until_caching_resumes, SteadyLoad};
 use common::{get as get_req, send, wait_until, RedisServer};
 use tower_redis_cache::{CacheLayer, RedisStore};
 
@@ -77,28 +76,7 @@ async fn sentinel_caches_and_survives_a_failover() {
     assert_eq!(send(&app, get_req("/data")).await.x_cache(), "HIT");
 
     // Failover under load.
-    let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let load: Vec<_> = (0..4)
-        .map(|_| {
-            let (app, stop, ok, failed) = (app.clone(), stop.clone(), ok.clone(), failed.clone());
-            tokio::spawn(async move {
-                while !stop.load(Ordering::Relaxed) {
-                    let started = Instant::now();
-                    let r = send(&app, get_req("/data")).await;
-                    if r.status == 200
-                        && r.text() == "data"
-                        && started.elapsed() < Duration::from_secs(1)
-                    {
-                        ok.fetch_add(1, Ordering::Relaxed);
-                    } else {
-                        failed.fetch_add(1, Ordering::Relaxed);
-                    }
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-            })
-        })
-        .collect();
+    let load = SteadyLoad::start(&app, "/data", |body| body == "data");
     tokio::time::sleep(Duration::from_millis(300)).await;
     primary.kill();
     let sentinel = sentinels[0].port();
@@ -115,29 +93,7 @@ async fn sentinel_caches_and_survives_a_failover() {
     .await
     .unwrap();
     // Caching resumes on the new primary.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        handle.invalidate_path("/data").await.ok();
-        let _ = send(&app, get_req("/data")).await;
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        if send(&app, get_req("/data")).await.x_cache() == "HIT" {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "caching did not resume: {:?}",
-            handle.stats()
-        );
-    }
-    stop.store(true, Ordering::Relaxed);
-    for t in load {
-        t.await.unwrap();
-    }
-    assert_eq!(
-        failed.load(Ordering::Relaxed),
-        0,
-        "requests failed during the failover"
-    );
-    assert!(ok.load(Ordering::Relaxed) > 10);
+    until_caching_resumes(&app, &handle, "/data", String::new).await;
+    load.finish().await;
     assert!(cli(replica.port(), &["INFO", "replication"]).contains("role:master"));
 }

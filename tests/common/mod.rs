@@ -1,6 +1,7 @@
 //! Test harness: real `redis-server` processes on free loopback ports, owned by one test.
 #![allow(dead_code)]
 
+pub mod failover;
 pub mod load;
 pub mod scenario;
 pub mod stores;
