@@ -36,6 +36,7 @@ pub struct RedisConfig {
     pub(crate) lookup_timeout: Duration,
     pub(crate) command_timeout: Duration,
     pub(crate) connect_timeout: Duration,
+    pub(crate) batch_lookups: bool,
 }
 
 /// An invalid setting. The message names what is wrong and never contains a secret.
@@ -118,6 +119,7 @@ impl RedisConfig {
             lookup_timeout: DEFAULT_LOOKUP_TIMEOUT,
             command_timeout: DEFAULT_COMMAND_TIMEOUT,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            batch_lookups: true,
         }
     }
 
@@ -300,6 +302,14 @@ impl RedisConfig {
         self
     }
 
+    /// Whether concurrent lookups go to Redis together, as one `MGET` (default on; never on
+    /// a cluster). Under load this spares Redis and fred a command per request; a lookup
+    /// alone is sent at once.
+    pub fn batch_lookups(mut self, on: bool) -> Self {
+        self.batch_lookups = on;
+        self
+    }
+
     /// The deadline of writes, deletes and health checks (default 500 ms).
     pub fn command_timeout(mut self, timeout: Duration) -> Self {
         self.command_timeout = timeout.max(Duration::from_millis(1));
@@ -353,6 +363,7 @@ impl fmt::Debug for RedisConfig {
             .field("lookup_timeout", &self.lookup_timeout)
             .field("command_timeout", &self.command_timeout)
             .field("connect_timeout", &self.connect_timeout)
+            .field("batch_lookups", &self.batch_lookups)
             .finish()
     }
 }

@@ -167,6 +167,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod backend;
+mod batch;
 mod body;
 mod breaker;
 mod coalesce;

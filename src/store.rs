@@ -39,14 +39,16 @@ pub struct RedisStore {
     inner: Arc<Inner>,
 }
 
-struct Inner {
-    pool: Pool,
+pub(crate) struct Inner {
+    pub(crate) pool: Pool,
     /// How the pool was built, for the near-cache's subscriber connection.
     #[cfg_attr(not(feature = "near"), allow(dead_code))]
     builder: Builder,
-    read: Options,
+    pub(crate) read: Options,
     write: Options,
     breaker: Breaker,
+    /// Lookups batched into MGET (not on a cluster; see `batch`).
+    batcher: Option<crate::batch::Batcher>,
 }
 
 impl fmt::Debug for RedisStore {
@@ -102,6 +104,7 @@ impl RedisStore {
             .build_pool(config.pool_size)
             .map_err(|e| ConfigError::InvalidUrl(e.details().to_owned()))?;
         let _connection_tasks = pool.connect();
+        let batch = config.batch_lookups && !pool.is_clustered();
         let store = RedisStore {
             inner: Arc::new(Inner {
                 pool,
@@ -119,6 +122,7 @@ impl RedisStore {
                     ..Options::default()
                 },
                 breaker: Breaker::new(),
+                batcher: batch.then(crate::batch::Batcher::default),
             }),
         };
         match tokio::time::timeout(connect_timeout, store.inner.pool.wait_for_connect()).await {
@@ -191,22 +195,23 @@ impl RedisStore {
     }
 
     fn observe<T>(&self, op: &'static str, r: Result<T, FredError>) -> Result<T, FredError> {
-        match &r {
-            Ok(_) => self.inner.breaker.success(),
-            // Redis answered: it is reachable, this command failed (wrong type, out of
-            // memory, read-only replica, missing permission...). Not an outage.
-            Err(e) if answered(e) => {
-                self.inner.breaker.success();
-                tracing::debug!(op, error = %e.details(), "redis refused a command");
-            }
-            Err(e) => self.inner.breaker.failure(op, e.details()),
-        }
-        r
+        self.inner.observe(op, r)
     }
 
-    /// GET within the lookup deadline.
+    /// GET within the lookup deadline (batched with concurrent lookups into one MGET where
+    /// the store batches).
     pub(crate) async fn get(&self, key: &str) -> Result<Option<Bytes>, FredError> {
         self.gate()?;
+        if let Some(answer) = self
+            .inner
+            .batcher
+            .as_ref()
+            .and_then(|b| b.submit(&self.inner, key))
+        {
+            return answer.await.unwrap_or_else(|_| {
+                Err(FredError::new(ErrorKind::Canceled, "lookup batch dropped"))
+            });
+        }
         let r = self
             .inner
             .pool
@@ -240,6 +245,27 @@ impl RedisStore {
             .ping::<()>(None)
             .await;
         self.observe("ping", r).map(|()| start.elapsed())
+    }
+}
+
+impl Inner {
+    /// Feeds a command's outcome to the circuit breaker.
+    pub(crate) fn observe<T>(
+        &self,
+        op: &'static str,
+        r: Result<T, FredError>,
+    ) -> Result<T, FredError> {
+        match &r {
+            Ok(_) => self.breaker.success(),
+            // Redis answered: it is reachable, this command failed (wrong type, out of
+            // memory, read-only replica, missing permission...). Not an outage.
+            Err(e) if answered(e) => {
+                self.breaker.success();
+                tracing::debug!(op, error = %e.details(), "redis refused a command");
+            }
+            Err(e) => self.breaker.failure(op, e.details()),
+        }
+        r
     }
 }
 

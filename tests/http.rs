@@ -790,3 +790,66 @@ async fn a_body_shorter_than_its_content_length_is_not_stored() {
     wait_until("abandoned", || handle.stats().abandoned == 1).await;
     assert_eq!(handle.stats().stored, 0);
 }
+
+/// Calls of one Redis command so far (`INFO commandstats`).
+fn command_calls(server: &RedisServer, command: &str) -> u64 {
+    server
+        .info("commandstats")
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("cmdstat_{command}:calls=")))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_lookups_share_mgets_and_each_gets_its_own_entry() {
+    let server = RedisServer::start();
+    let cache = CacheLayer::new(store(&server).await, MIN);
+    let handle = cache.handle();
+    let app = Router::new()
+        .route(
+            "/items/{id}",
+            get(|Path(id): Path<u32>| async move { format!("item {id}") }),
+        )
+        .layer(cache);
+    for id in 0..50 {
+        send(&app, get_req(&format!("/items/{id}"))).await;
+    }
+    stored(&handle, 50).await;
+    let mgets = command_calls(&server, "mget");
+    let tasks: Vec<_> = (0..500u32)
+        .map(|i| {
+            let app = app.clone();
+            tokio::spawn(async move {
+                let id = i % 50;
+                (id, send(&app, get_req(&format!("/items/{id}"))).await)
+            })
+        })
+        .collect();
+    for t in tasks {
+        let (id, r) = t.await.unwrap();
+        assert_eq!((r.x_cache(), r.text()), ("HIT", format!("item {id}")));
+    }
+    // 500 lookups went out in fewer commands than requests.
+    let batches = command_calls(&server, "mget") - mgets;
+    assert!(
+        (1..500).contains(&batches),
+        "{batches} MGETs for 500 lookups"
+    );
+}
+
+#[tokio::test]
+async fn lookups_can_go_one_by_one() {
+    let server = RedisServer::start();
+    let config = common::relaxed_config(&server.url()).batch_lookups(false);
+    let cache = CacheLayer::new(RedisStore::connect(config).await.unwrap(), MIN);
+    let handle = cache.handle();
+    let app = Router::new()
+        .route("/one", get(|| async { "one" }))
+        .layer(cache);
+    send(&app, get_req("/one")).await;
+    stored(&handle, 1).await;
+    assert_eq!(send(&app, get_req("/one")).await.x_cache(), "HIT");
+    assert_eq!(command_calls(&server, "mget"), 0);
+}

@@ -1,0 +1,196 @@
+//! Lookups batched into `MGET`: the lookups of concurrent requests reach Redis as one command.
+//!
+//! A lookup queues its key and waits for its answer. One task per store takes the keys queued
+//! at that moment and sends them as one `MGET`. While a batch is out, keys queue, so batches
+//! grow with the load; alone, a lookup is sent at once, as a batch of one. Redis and fred
+//! then pay their per-command cost (parsing, dispatch, a socket write and read, a deadline
+//! timer) once per batch instead of once per request.
+//!
+//! Bounds: a batch holds at most [`MAX_BATCH`] keys and, judged by the sizes of recent
+//! replies, about [`BATCH_BYTES`] of values (the values of one reply share its buffer until
+//! the last of them is sent, so large entries go in small batches); as many batches are
+//! out at once as keep about [`MAX_BATCH`] keys out, and at least two (so that one slow batch
+//! does not hold every lookup back): two batches for small entries, up to 8 for large ones. A batch's deadline is that of its oldest lookup, so no lookup waits past
+//! its own.
+//!
+//! Only where every key can go in one command: not on a cluster (keys of different hash
+//! slots). A lookup that cannot be queued (queue full, or no runtime) is sent on its own.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock, Weak};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use fred::prelude::{ClientLike, Error as FredError, ErrorKind, KeysInterface, Options};
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::store::Inner;
+
+/// The most keys in one `MGET`, and about the most keys out at once.
+pub(crate) const MAX_BATCH: usize = 64;
+/// About the most bytes of values in one batch's reply.
+pub(crate) const BATCH_BYTES: u64 = 1 << 20;
+/// The most batches out at once.
+const MAX_IN_FLIGHT: usize = 8;
+/// Lookups waiting for a batch; past it, lookups are sent on their own.
+const QUEUE: usize = 4096;
+
+type Reply = Result<Option<Bytes>, FredError>;
+
+struct Lookup {
+    key: String,
+    reply: oneshot::Sender<Reply>,
+    queued: Instant,
+}
+
+/// The queue of one store, and the task that empties it (started on first use, on the
+/// runtime of that use; started again if that runtime is gone).
+#[derive(Default)]
+pub(crate) struct Batcher {
+    queue: RwLock<Option<mpsc::Sender<Lookup>>>,
+}
+
+impl std::fmt::Debug for Batcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Batcher").finish_non_exhaustive()
+    }
+}
+
+impl Batcher {
+    /// Queues a lookup of `key`; `None` when it cannot be queued (send it on its own).
+    pub(crate) fn submit(&self, store: &Arc<Inner>, key: &str) -> Option<oneshot::Receiver<Reply>> {
+        let (reply, answer) = oneshot::channel();
+        let mut lookup = Lookup {
+            key: key.to_owned(),
+            reply,
+            queued: Instant::now(),
+        };
+        {
+            let queue = self.queue.read().unwrap_or_else(|e| e.into_inner());
+            if let Some(queue) = queue.as_ref() {
+                match queue.try_send(lookup) {
+                    Ok(()) => return Some(answer),
+                    Err(mpsc::error::TrySendError::Full(_)) => return None,
+                    Err(mpsc::error::TrySendError::Closed(l)) => lookup = l,
+                }
+            }
+        }
+        // No task yet, or its runtime is gone: start one here.
+        let runtime = tokio::runtime::Handle::try_current().ok()?;
+        let mut queue = self.queue.write().unwrap_or_else(|e| e.into_inner());
+        if queue.as_ref().map_or(true, mpsc::Sender::is_closed) {
+            let (tx, rx) = mpsc::channel(QUEUE);
+            runtime.spawn(run(rx, Arc::downgrade(store)));
+            *queue = Some(tx);
+        }
+        let sent = queue.as_ref().map(|q| q.try_send(lookup).is_ok());
+        sent.unwrap_or(false).then_some(answer)
+    }
+}
+
+/// Keys per batch, and batches out at once, for values of `average` bytes.
+fn limits(average: u64) -> (usize, usize) {
+    let per_batch = usize::try_from(BATCH_BYTES / average.max(1))
+        .unwrap_or(MAX_BATCH)
+        .clamp(1, MAX_BATCH);
+    (per_batch, (MAX_BATCH / per_batch).clamp(2, MAX_IN_FLIGHT))
+}
+
+/// Empties the queue into `MGET`s until the store is gone.
+async fn run(mut queue: mpsc::Receiver<Lookup>, store: Weak<Inner>) {
+    // Average bytes per value in recent replies (a moving average), 1 KiB to begin with.
+    let average = AtomicU64::new(1024);
+    let mut out = FuturesUnordered::new();
+    loop {
+        let (per_batch, in_flight) = limits(average.load(Ordering::Relaxed));
+        tokio::select! {
+            biased;
+            Some(()) = out.next(), if !out.is_empty() => {}
+            first = queue.recv(), if out.len() < in_flight => {
+                let Some(first) = first else { break };
+                let mut batch = Vec::with_capacity(per_batch.min(16));
+                batch.push(first);
+                while batch.len() < per_batch {
+                    match queue.try_recv() {
+                        Ok(l) => batch.push(l),
+                        Err(_) => break,
+                    }
+                }
+                let Some(store) = store.upgrade() else { break };
+                out.push(send(store, batch, &average));
+            }
+        }
+    }
+}
+
+/// Sends one batch and hands each lookup its answer.
+async fn send(store: Arc<Inner>, batch: Vec<Lookup>, average: &AtomicU64) {
+    let budget = store
+        .read
+        .timeout
+        .unwrap_or(crate::config::DEFAULT_LOOKUP_TIMEOUT);
+    let oldest = batch.iter().map(|l| l.queued).min();
+    let left = oldest.map_or(budget, |t| budget.saturating_sub(t.elapsed()));
+    let (keys, replies): (Vec<String>, Vec<oneshot::Sender<Reply>>) =
+        batch.into_iter().map(|l| (l.key, l.reply)).unzip();
+    let result = if left < Duration::from_micros(100) {
+        Err(FredError::new(
+            ErrorKind::Timeout,
+            "lookup deadline passed while queued",
+        ))
+    } else {
+        let options = Options {
+            timeout: Some(left),
+            ..store.read.clone()
+        };
+        store
+            .pool
+            .next_connected()
+            .with_options(&options)
+            .mget::<Vec<Option<Bytes>>, _>(keys)
+            .await
+    };
+    match store.observe("mget", result) {
+        Ok(values) if values.len() == replies.len() => {
+            let bytes: u64 = values.iter().flatten().map(|v| v.len() as u64).sum();
+            let found = values.iter().flatten().count() as u64;
+            if let Some(size) = bytes.checked_div(found) {
+                let now = average.load(Ordering::Relaxed);
+                average.store((now * 7 + size) / 8, Ordering::Relaxed);
+            }
+            for (reply, value) in replies.into_iter().zip(values) {
+                let _ = reply.send(Ok(value));
+            }
+        }
+        Ok(values) => {
+            let e = FredError::new(
+                ErrorKind::Protocol,
+                format!("MGET of {} keys answered {}", replies.len(), values.len()),
+            );
+            for reply in replies {
+                let _ = reply.send(Err(e.clone()));
+            }
+        }
+        Err(e) => {
+            for reply in replies {
+                let _ = reply.send(Err(e.clone()));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn large_values_go_in_small_batches_with_more_out() {
+        assert_eq!(limits(1024), (64, 2));
+        assert_eq!(limits(16 * 1024), (64, 2));
+        assert_eq!(limits(64 * 1024), (16, 4));
+        assert_eq!(limits(256 * 1024), (4, 8));
+        assert_eq!(limits(20 << 20), (1, 8));
+        assert_eq!(limits(0), (64, 2));
+    }
+}
