@@ -12,7 +12,8 @@
 //!     target/release/deps/alloc_per_hit-<hash>
 //! ```
 //!
-//! `ONLY` picks one contender (`plain`, `naive`, `cache-redis`), `N` the hits per scenario
+//! `ONLY` picks one contender (`plain`, `naive`, `cache-redis`, `cache-near`: the near-cache on
+//! every route, so its hits are near hits), `N` the hits per scenario
 //! (default 5,000), `SCENARIO` one of `shared` (1 KiB, 100 keys), `user` (1 KiB, per user) or
 //! `miss` (1 KiB, a new key each time; the writes that follow are counted too).
 
@@ -122,7 +123,7 @@ fn main() {
     let redis = common::RedisServer::start();
     let url = redis.url();
     let mut apps: Vec<(&str, Router, Option<tower_redis_cache::CacheHandle>)> = Vec::new();
-    for kind in ["plain", "naive", "cache-redis"] {
+    for kind in ["plain", "naive", "cache-redis", "cache-near"] {
         if only.as_deref().is_some_and(|o| o != kind) {
             continue;
         }
@@ -130,6 +131,12 @@ fn main() {
             match kind {
                 "plain" => (kind, contenders::plain(), None),
                 "naive" => (kind, contenders::naive_app(&url).await, None),
+                "cache-near" => {
+                    let config = common::relaxed_config(&url);
+                    let layer = contenders::cache_near_layer_with(config).await;
+                    let handle = layer.handle();
+                    (kind, contenders::app().layer(layer), Some(handle))
+                }
                 _ => {
                     // A generous lookup deadline (the setting only changes the timer's
                     // expiry), so that a loaded machine or callgrind cannot turn a hit
@@ -153,6 +160,11 @@ fn main() {
     );
     for scenario in &scenarios {
         for (kind, app, handle) in &apps {
+            if scenario == "miss" && *kind == "cache-near" {
+                // The near tier plays no part in a miss, and cache-redis (same namespace)
+                // has just stored these keys: they would be hits.
+                continue;
+            }
             // Warm every key (stores the entries), then wait for the writes to land.
             rt.block_on(async {
                 if scenario == "miss" {
@@ -173,6 +185,14 @@ fn main() {
                 // A second pass: every later request must be a hit.
                 for i in 0..KEYS {
                     one(app, request(scenario, i)).await;
+                }
+                if *kind == "cache-near" {
+                    // The near-cache's subscription comes up in the background; then a
+                    // pass through Redis fills it, and later requests are near hits.
+                    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+                    for i in 0..KEYS {
+                        one(app, request(scenario, i)).await;
+                    }
                 }
             });
             let hits_before = handle.as_ref().map(|h| h.stats().hits);

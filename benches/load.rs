@@ -5,8 +5,13 @@
 //! connections, contenders alternated so machine noise hits them alike. Prints req/s,
 //! p50/p99 and peak RSS per scenario, with ratios against `plain` and `naive`.
 //!
-//! `cargo bench --bench load` (`SECS` per run, default 4; `ROUNDS`, default 2). It starts its
-//! own redis-server.
+//! `cargo bench --bench load` (`SECS` per run, default 4; `ROUNDS`, default 2; `SCENARIOS`, a
+//! comma-separated list of words that pick the scenarios whose name contains one, e.g.
+//! `SCENARIOS=misses,1 KiB`). It starts its own redis-server.
+//!
+//! Every scenario gets fresh server processes (started before it, stopped after it), so that
+//! its peak RSS (`VmHWM`) is its own: a server kept across scenarios would report the peak of
+//! an earlier, larger one (the 256 KiB bodies) in every later row.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -68,6 +73,29 @@ impl Drop for Server {
     }
 }
 
+/// One server process per contender, each listening on its own port once this returns.
+fn start_servers(exe: &std::path::Path, redis: &str) -> Vec<Server> {
+    CONTENDERS
+        .iter()
+        .map(|kind| {
+            let port = free_port();
+            let child = Command::new(exe)
+                .env("LOAD_SERVE", kind)
+                .env("LOAD_PORT", port.to_string())
+                .env("LOAD_REDIS", redis)
+                .spawn()
+                .unwrap();
+            let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while std::net::TcpStream::connect(addr).is_err() {
+                assert!(Instant::now() < deadline, "{kind} did not start");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Server { child, addr }
+        })
+        .collect()
+}
+
 /// One scenario: its name, how many distinct keys its hits use (warmed before the first
 /// round), and a path (and user) for request number `i`.
 type Scenario = (&'static str, u64, fn(u64) -> (String, Option<String>));
@@ -121,25 +149,9 @@ fn main() {
         .unwrap_or(2);
     let redis = common::RedisServer::start();
     let exe = std::env::current_exe().unwrap();
-    let servers: Vec<Server> = CONTENDERS
-        .iter()
-        .map(|kind| {
-            let port = free_port();
-            let child = Command::new(&exe)
-                .env("LOAD_SERVE", kind)
-                .env("LOAD_PORT", port.to_string())
-                .env("LOAD_REDIS", redis.url())
-                .spawn()
-                .unwrap();
-            let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while std::net::TcpStream::connect(addr).is_err() {
-                assert!(Instant::now() < deadline, "{kind} did not start");
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            Server { child, addr }
-        })
-        .collect();
+    let picked: Option<Vec<String>> = std::env::var("SCENARIOS")
+        .ok()
+        .map(|v| v.split(',').map(|w| w.trim().to_owned()).collect());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -155,6 +167,13 @@ fn main() {
         "scenario", "contender", "req/s", "p50", "p99", "x plain", "x naive", "rss MiB"
     );
     for (name, keys, path) in scenarios() {
+        if picked
+            .as_ref()
+            .is_some_and(|words| !words.iter().any(|w| name.contains(w.as_str())))
+        {
+            continue;
+        }
+        let servers = start_servers(&exe, &redis.url());
         // Warm: every key once, so hit scenarios measure hits.
         let mut results: Vec<(u64, Vec<Duration>)> = vec![(0, Vec::new()); CONTENDERS.len()];
         for round in 0..rounds {

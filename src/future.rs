@@ -89,6 +89,10 @@ pin_project! {
         Near {
             entry: Option<Entry>,
         },
+        // A near hit built before the first poll.
+        Ready {
+            ready: Option<Ready>,
+        },
         // An opted-in gRPC call whose request message is being read.
         Grpc {
             read: SyncWrapper<crate::grpc::ReadFuture>,
@@ -140,6 +144,13 @@ where
         }
     };
     spawn_detached(&shared, &key, work);
+}
+
+/// A response made before the first poll (a near hit): its head and its body.
+pub(crate) struct Ready {
+    pub(crate) parts: http::response::Parts,
+    pub(crate) body: Option<Bytes>,
+    pub(crate) trailers: Option<http::HeaderMap>,
 }
 
 /// What to do with the inner response.
@@ -224,6 +235,15 @@ where
         ResponseFuture {
             state: State::Near { entry: Some(entry) },
             mode: Mode::Cache(Box::new(ctx)),
+        }
+    }
+
+    /// A near hit answered from its ready head, without a request context.
+    #[cfg(feature = "near")]
+    pub(crate) fn near_ready(ready: Ready) -> Self {
+        ResponseFuture {
+            state: State::Ready { ready: Some(ready) },
+            mode: Mode::Passthrough,
         }
     }
 
@@ -360,6 +380,18 @@ where
                         return Poll::Pending;
                     };
                     let response = hit_as(entry, ctx, CacheStatus::NearHit);
+                    this.state.set(State::Done);
+                    return Poll::Ready(Ok(response));
+                }
+                StateProj::Ready { ready } => {
+                    let Some(ready) = ready.take() else {
+                        // Polled after completion.
+                        return Poll::Pending;
+                    };
+                    let response = Response::from_parts(
+                        ready.parts,
+                        ResponseBody::cached(ready.body, ready.trailers),
+                    );
                     this.state.set(State::Done);
                     return Poll::Ready(Ok(response));
                 }
@@ -575,7 +607,13 @@ async fn look_up(shared: Arc<CacheLayer>, key: String, ask: Ask) -> Found {
                         .saturating_add(entry.ttl_ms)
                         .saturating_sub(now_ms());
                     let ttl = max_age.min(Duration::from_millis(left));
-                    shared.near().insert(&key, &entry, ttl, epoch);
+                    shared.near().insert(
+                        &key,
+                        &entry,
+                        ttl,
+                        epoch,
+                        shared.settings.x_cache.as_ref(),
+                    );
                 }
                 #[cfg(not(feature = "near"))]
                 let _ = near;
@@ -812,7 +850,7 @@ fn is_fresh(entry: &Entry) -> bool {
     now_ms() < entry.stored_at_ms.saturating_add(entry.ttl_ms)
 }
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))

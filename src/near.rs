@@ -26,15 +26,89 @@ use fred::types::ClientState;
 use moka::sync::Cache;
 
 use crate::entry::Entry;
+use crate::future::Ready;
+use crate::status::{set_headers, with_number, CacheStatus, CACHE_STATUS, NEAR_HIT_PREFIX};
 use crate::store::RedisStore;
 
 /// The default size of the tier: 64 MiB of bodies and headers.
 pub(crate) const DEFAULT_NEAR_CAPACITY: u64 = 64 * 1024 * 1024;
 
-/// An entry and how long it may stay in the tier.
-struct Held {
+/// An entry and how long it may stay in the tier, with the head of the response a hit
+/// sends, ready but for `Age` and `Cache-Status` (replaced in place on each hit, so cloning
+/// the template is the only work on the headers).
+pub(crate) struct Held {
     entry: Entry,
+    /// The stored headers without the internal ones, then `Content-Length` (without
+    /// trailers), `Age`, `Cache-Status` and the layer's `X-Cache` header.
+    head: http::HeaderMap,
     ttl: Duration,
+}
+
+impl Held {
+    /// A copy of the entry (for the paths that need one: conditional requests).
+    pub(crate) fn entry(&self) -> Entry {
+        self.entry.clone()
+    }
+
+    /// The response of a near hit at `now_ms` (headers only for HEAD).
+    pub(crate) fn respond(&self, head: bool, now_ms: u64) -> Ready {
+        let e = &self.entry;
+        let (mut parts, ()) = http::Response::new(()).into_parts();
+        parts.status = e.status;
+        parts.headers = self.head.clone();
+        let age_secs = now_ms.saturating_sub(e.stored_at_ms) / 1000;
+        let ttl_secs = e
+            .stored_at_ms
+            .saturating_add(e.ttl_ms)
+            .saturating_sub(now_ms)
+            / 1000;
+        // The template holds one `Age` and one `Cache-Status`: replaced where they are,
+        // without hashing their names again.
+        let mut age = with_number("", age_secs);
+        let mut status = with_number(NEAR_HIT_PREFIX, ttl_secs);
+        for (name, value) in parts.headers.iter_mut() {
+            let new = if name == http::header::AGE {
+                age.take()
+            } else if name == CACHE_STATUS {
+                status.take()
+            } else {
+                None
+            };
+            if let Some(new) = new {
+                *value = new;
+            }
+        }
+        parts.extensions.insert(CacheStatus::NearHit);
+        let (body, trailers) = if head {
+            (None, None)
+        } else {
+            (Some(e.body.clone()), e.trailers.clone())
+        };
+        Ready {
+            parts,
+            body,
+            trailers,
+        }
+    }
+}
+
+/// The head of a near hit, built once per entry (see `Held`).
+fn template(entry: &Entry, x_cache: Option<&http::HeaderName>) -> http::HeaderMap {
+    let mut head = http::HeaderMap::with_capacity(entry.headers.len() + 4);
+    for (name, value) in &entry.headers {
+        if name != crate::policy::VARY_FINGERPRINT {
+            head.append(name.clone(), value.clone());
+        }
+    }
+    if entry.trailers.is_none() {
+        // With trailers, HTTP/1.1 needs chunked framing: no length.
+        if let Some(len) = with_number("", entry.body.len() as u64) {
+            head.insert(http::header::CONTENT_LENGTH, len);
+        }
+    }
+    head.insert(http::header::AGE, http::HeaderValue::from_static("0"));
+    set_headers(&mut head, CacheStatus::NearHit, 0, x_cache);
+    head
 }
 
 struct HeldExpiry;
@@ -111,10 +185,10 @@ impl Near {
     }
 
     /// A fresh entry of `key`, if the tier holds one.
-    pub(crate) fn get(&self, key: &str) -> Option<Entry> {
+    pub(crate) fn get(&self, key: &str) -> Option<Arc<Held>> {
         let held = self.cache.get(key)?;
         self.hits.fetch_add(1, Ordering::Relaxed);
-        Some(held.entry.clone())
+        Some(held)
     }
 
     /// The epoch to pass to [`insert`](Self::insert), read before the Redis lookup.
@@ -122,14 +196,23 @@ impl Near {
         self.epoch.load(Ordering::Acquire)
     }
 
-    /// Keeps a copy of an entry read from Redis (at `epoch`) for at most `ttl`.
-    pub(crate) fn insert(&self, key: &str, entry: &Entry, ttl: Duration, epoch: u64) {
+    /// Keeps a copy of an entry read from Redis (at `epoch`) for at most `ttl`; its hits
+    /// carry `x_cache` (the layer's `X-Cache` header) too.
+    pub(crate) fn insert(
+        &self,
+        key: &str,
+        entry: &Entry,
+        ttl: Duration,
+        epoch: u64,
+        x_cache: Option<&http::HeaderName>,
+    ) {
         if ttl.is_zero() || !self.live.load(Ordering::Acquire) || self.epoch() != epoch {
             return;
         }
         let entry = owned(entry);
+        let head = template(&entry, x_cache);
         self.cache
-            .insert(key.to_owned(), Arc::new(Held { entry, ttl }));
+            .insert(key.to_owned(), Arc::new(Held { entry, head, ttl }));
         // A flush that ran meanwhile may have missed the insert: undo it.
         if self.epoch() != epoch || !self.live.load(Ordering::Acquire) {
             self.cache.invalidate(key);
@@ -273,9 +356,15 @@ mod tests {
     #[test]
     fn entries_leave_at_their_bound() {
         let near = live_near();
-        near.insert("k", &entry(b"v"), Duration::from_millis(50), near.epoch());
+        near.insert(
+            "k",
+            &entry(b"v"),
+            Duration::from_millis(50),
+            near.epoch(),
+            None,
+        );
         assert_eq!(
-            near.get("k").map(|e| e.body),
+            near.get("k").map(|e| e.entry().body),
             Some(bytes::Bytes::from_static(b"v"))
         );
         // Past the bound (whatever the scheduling, it can only be later).
@@ -288,17 +377,72 @@ mod tests {
         let near = live_near();
         let epoch = near.epoch();
         near.flush();
-        near.insert("k", &entry(b"old"), Duration::from_secs(60), epoch);
+        near.insert("k", &entry(b"old"), Duration::from_secs(60), epoch, None);
         assert!(near.get("k").is_none());
-        near.insert("k", &entry(b"new"), Duration::from_secs(60), near.epoch());
+        near.insert(
+            "k",
+            &entry(b"new"),
+            Duration::from_secs(60),
+            near.epoch(),
+            None,
+        );
         assert!(near.get("k").is_some());
+    }
+
+    #[test]
+    fn a_near_hit_carries_the_headers_of_a_hit() {
+        let near = live_near();
+        let mut e = entry(b"hello");
+        e.stored_at_ms = 1_000_000;
+        e.ttl_ms = 60_000;
+        e.headers
+            .insert(http::header::CONTENT_TYPE, "text/plain".parse().unwrap());
+        e.headers
+            .insert(crate::policy::VARY_FINGERPRINT, "abc".parse().unwrap());
+        let x_cache = http::HeaderName::from_static("x-cache");
+        near.insert(
+            "k",
+            &e,
+            Duration::from_secs(60),
+            near.epoch(),
+            Some(&x_cache),
+        );
+        let held = near.get("k").unwrap();
+        // 12.5 s after it was stored: Age 12, 47 s left.
+        let ready = held.respond(false, 1_012_500);
+        let h = &ready.parts.headers;
+        assert_eq!(h["content-type"], "text/plain");
+        assert_eq!(h["content-length"], "5");
+        assert_eq!(h["age"], "12");
+        assert_eq!(
+            h["cache-status"],
+            "tower-redis-cache; hit; detail=near; ttl=47"
+        );
+        assert_eq!(h["x-cache"], "HIT");
+        assert!(!h.contains_key(crate::policy::VARY_FINGERPRINT));
+        assert_eq!(h.len(), 5);
+        assert_eq!(
+            ready.parts.extensions.get::<CacheStatus>(),
+            Some(&CacheStatus::NearHit)
+        );
+        assert_eq!(ready.body.as_deref(), Some(&b"hello"[..]));
+        // HEAD: the same head, no body.
+        let head = held.respond(true, 1_012_500);
+        assert_eq!(head.parts.headers["content-length"], "5");
+        assert!(head.body.is_none());
     }
 
     #[test]
     fn nothing_is_kept_while_the_subscription_is_down() {
         let near = live_near();
         near.live.store(false, Ordering::Release);
-        near.insert("k", &entry(b"v"), Duration::from_secs(60), near.epoch());
+        near.insert(
+            "k",
+            &entry(b"v"),
+            Duration::from_secs(60),
+            near.epoch(),
+            None,
+        );
         assert!(near.get("k").is_none());
     }
 }

@@ -150,32 +150,14 @@ where
             key_headers: &policy.key_headers,
             headers: &parts.headers,
         });
-        let ctx = Ctx {
-            shared: Arc::clone(shared),
-            key,
-            policy: Arc::clone(policy),
-            head: parts.method == Method::HEAD,
-            status: CacheStatus::Miss,
-            path: parts.uri.path().to_owned(),
-            route: route.map(str::to_owned),
-            identity,
-            miss_seq: None,
-            started: Instant::now(),
-            conditional: {
-                let inm = parts.headers.get(http::header::IF_NONE_MATCH).cloned();
-                let ims = parts.headers.get(http::header::IF_MODIFIED_SINCE).cloned();
-                (inm.is_some() || ims.is_some()).then(|| Box::new((inm, ims)))
-            },
-            flight: None,
-            stale: None,
-            near: None,
-            shared_request: policy
-                .http_shared
-                .then(|| Arc::new(SharedRequest::new(&parts.headers))),
-            grpc: false,
+        let head = parts.method == Method::HEAD;
+        let conditional = {
+            let inm = parts.headers.get(http::header::IF_NONE_MATCH).cloned();
+            let ims = parts.headers.get(http::header::IF_MODIFIED_SINCE).cloned();
+            (inm.is_some() || ims.is_some()).then(|| Box::new((inm, ims)))
         };
         #[cfg(feature = "near")]
-        let mut ctx = ctx;
+        let mut near_epoch = None;
         #[cfg(feature = "near")]
         // Not in shared-cache mode: its reuse rules (Vary, Authorization, request
         // directives) are checked on the Redis lookup, and the near-cache would skip them.
@@ -186,14 +168,60 @@ where
         ) {
             let near = shared.near();
             if near.usable(redis) {
-                if let Some(entry) = near.get(&ctx.key) {
+                if let Some(held) = near.get(&key) {
                     Counters::incr(&counters.hits);
-                    tracing::debug!(key = %ctx.key, "near-cache hit");
-                    return ResponseFuture::near_hit(ctx, entry);
+                    tracing::debug!(key = %key, "near-cache hit");
+                    if !(policy.etag && conditional.is_some()) {
+                        // The common case: the ready head, no request context.
+                        let now = crate::future::now_ms();
+                        return ResponseFuture::near_ready(held.respond(head, now));
+                    }
+                    let ctx = Ctx {
+                        shared: Arc::clone(shared),
+                        key,
+                        policy: Arc::clone(policy),
+                        head,
+                        status: CacheStatus::Miss,
+                        path: String::new(),
+                        route: None,
+                        identity,
+                        miss_seq: None,
+                        started: Instant::now(),
+                        conditional,
+                        flight: None,
+                        stale: None,
+                        near: None,
+                        shared_request: None,
+                        grpc: false,
+                    };
+                    return ResponseFuture::near_hit(ctx, held.entry());
                 }
-                ctx.near = Some((near.epoch(), max_age));
+                near_epoch = Some((near.epoch(), max_age));
             }
         }
+        let ctx = Ctx {
+            shared: Arc::clone(shared),
+            key,
+            policy: Arc::clone(policy),
+            head,
+            status: CacheStatus::Miss,
+            path: parts.uri.path().to_owned(),
+            route: route.map(str::to_owned),
+            identity,
+            miss_seq: None,
+            started: Instant::now(),
+            conditional,
+            flight: None,
+            stale: None,
+            #[cfg(feature = "near")]
+            near: near_epoch,
+            #[cfg(not(feature = "near"))]
+            near: None,
+            shared_request: policy
+                .http_shared
+                .then(|| Arc::new(SharedRequest::new(&parts.headers))),
+            grpc: false,
+        };
         ResponseFuture::lookup(ctx, inner, Request::from_parts(parts, body))
     }
 }

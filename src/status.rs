@@ -163,7 +163,7 @@ pub(crate) fn set_headers(
 /// `Cache-Status` of a hit, before its TTL (starts with [`CACHE_NAME`]; a test checks).
 const HIT_PREFIX: &str = "tower-redis-cache; hit; ttl=";
 /// `Cache-Status` of a near-cache hit, before its TTL.
-const NEAR_HIT_PREFIX: &str = "tower-redis-cache; hit; detail=near; ttl=";
+pub(crate) const NEAR_HIT_PREFIX: &str = "tower-redis-cache; hit; detail=near; ttl=";
 /// `Cache-Status` of a stale-if-error answer, before its TTL.
 const STALE_PREFIX: &str = "tower-redis-cache; fwd=stale; detail=stale-if-error; ttl=";
 

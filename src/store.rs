@@ -1,24 +1,45 @@
 //! The Redis store on a fred `Pool`. Every Redis command of the crate lives here.
 
 use std::fmt;
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use fred::clients::{Client, WithOptions};
 use fred::prelude::{
     Builder, ClientLike, Error as FredError, ErrorKind, Expiration, KeysInterface, LuaInterface,
     Options, Pool, ReconnectPolicy, SortedSetsInterface, TcpConfig,
 };
 use fred::types::config::UnresponsiveConfig;
+use fred::types::{FromValue, MultipleKeys, MultipleValues};
 
 use crate::breaker::{Breaker, BreakerState};
 use crate::config::{ConfigError, RedisConfig};
 
 /// Deletes a key only if it still holds the given bytes, so that removing a corrupt entry
 /// never removes a good one written in the meantime.
-const DELETE_IF_EQUAL: &str =
-    "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0";
+static DELETE_IF_EQUAL: Lua = Lua::new(
+    "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0",
+);
+
+/// A Lua script, sent by its SHA-1 (EVALSHA) once Redis has told it (SCRIPT LOAD, once per
+/// process), and as text (EVAL) when the server does not know it (NOSCRIPT: restarted,
+/// flushed, another node of a cluster; EVAL caches it there again).
+pub(crate) struct Lua {
+    text: &'static str,
+    /// The same on every server: SHA-1 of the text.
+    sha: OnceLock<fred::bytes_utils::Str>,
+}
+
+impl Lua {
+    const fn new(text: &'static str) -> Self {
+        Lua {
+            text,
+            sha: OnceLock::new(),
+        }
+    }
+}
 
 /// A connection pool to Redis, shared by every clone of the layer and its handle.
 ///
@@ -49,6 +70,8 @@ pub(crate) struct Inner {
     breaker: Breaker,
     /// Lookups batched into MGET (not on a cluster; see `batch`).
     batcher: Option<crate::batch::Batcher>,
+    /// Set when Redis refuses SCRIPT LOAD for good (ACL): scripts go as text (EVAL).
+    eval_only: AtomicBool,
 }
 
 impl fmt::Debug for RedisStore {
@@ -123,6 +146,7 @@ impl RedisStore {
                 },
                 breaker: Breaker::new(),
                 batcher: batch.then(crate::batch::Batcher::default),
+                eval_only: AtomicBool::new(false),
             }),
         };
         match tokio::time::timeout(connect_timeout, store.inner.pool.wait_for_connect()).await {
@@ -198,6 +222,63 @@ impl RedisStore {
         self.inner.observe(op, r)
     }
 
+    /// Runs a script: EVALSHA once its SHA-1 is known, EVAL when the server does not know it
+    /// (a NOSCRIPT answer means it did not run, so running it again is safe).
+    async fn script<R, K, V>(
+        &self,
+        client: &WithOptions<Client>,
+        lua: &'static Lua,
+        keys: K,
+        args: V,
+    ) -> Result<R, FredError>
+    where
+        R: FromValue,
+        K: Into<MultipleKeys> + Send,
+        V: TryInto<MultipleValues> + Send,
+        V::Error: Into<FredError> + Send,
+    {
+        let keys: MultipleKeys = keys.into();
+        let args: MultipleValues = args.try_into().map_err(Into::into)?;
+        if let Some(sha) = self.sha(client, lua).await {
+            match client
+                .evalsha::<R, _, _, _>(sha, keys.clone(), args.clone())
+                .await
+            {
+                Err(e) if e.details().starts_with("NOSCRIPT") => {}
+                r => return r,
+            }
+        }
+        client.eval::<R, _, _, _>(lua.text, keys, args).await
+    }
+
+    /// The script's SHA-1, asked of Redis the first time (SCRIPT LOAD also caches the script
+    /// on that server). `None`: send the text this time.
+    async fn sha(
+        &self,
+        client: &WithOptions<Client>,
+        lua: &'static Lua,
+    ) -> Option<fred::bytes_utils::Str> {
+        if let Some(sha) = lua.sha.get() {
+            return Some(sha.clone());
+        }
+        if self.inner.eval_only.load(Ordering::Relaxed) {
+            return None;
+        }
+        match client
+            .script_load::<fred::bytes_utils::Str, _>(lua.text)
+            .await
+        {
+            Ok(sha) => Some(lua.sha.get_or_init(|| sha).clone()),
+            Err(e) => {
+                if refused_for_good(&e) {
+                    tracing::debug!(error = %e.details(), "SCRIPT LOAD refused; scripts are sent as text");
+                    self.inner.eval_only.store(true, Ordering::Relaxed);
+                }
+                None
+            }
+        }
+    }
+
     /// GET within the lookup deadline (batched with concurrent lookups into one MGET where
     /// the store batches).
     pub(crate) async fn get(&self, key: &str) -> Result<Option<Bytes>, FredError> {
@@ -224,12 +305,13 @@ impl RedisStore {
 
     /// Deletes `key` only if it still holds `value`.
     pub(crate) async fn delete_if_equal(&self, key: &str, value: Bytes) -> Result<bool, FredError> {
-        let r = self
+        let client = self
             .inner
             .pool
             .next_connected()
-            .with_options(&self.inner.write)
-            .eval::<i64, _, _, _>(DELETE_IF_EQUAL, key, value)
+            .with_options(&self.inner.write);
+        let r = self
+            .script::<i64, _, _>(&client, &DELETE_IF_EQUAL, key, value)
             .await;
         self.observe("delete_if_equal", r).map(|n| n == 1)
     }
@@ -345,7 +427,8 @@ fn answered(e: &FredError) -> bool {
 /// instances with skewed clocks agree), never lowering a member's score (variants of one path
 /// may have different TTLs), prunes expired members and keeps the index alive at least as
 /// long as its newest member. ARGV: member, TTL in ms, the index's TTL in ms.
-const ADD_TO_INDEX: &str = r#"
+static ADD_TO_INDEX: Lua = Lua::new(
+    r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local score = now + tonumber(ARGV[2])
@@ -354,11 +437,13 @@ if (not cur) or tonumber(cur) < score then redis.call('ZADD', KEYS[1], score, AR
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 local ttl = redis.call('PTTL', KEYS[1])
 if ttl < tonumber(ARGV[3]) then redis.call('PEXPIRE', KEYS[1], ARGV[3]) end
-return 1"#;
+return 1"#,
+);
 
 /// Removes members from an index only if their score is still the one read (a member
 /// re-added meanwhile by a fresh write has a new score and stays). ARGV: member, score, ...
-const REMOVE_IF_SCORE: &str = r#"
+static REMOVE_IF_SCORE: Lua = Lua::new(
+    r#"
 local n = 0
 for i = 1, #ARGV, 2 do
   local cur = redis.call('ZSCORE', KEYS[1], ARGV[i])
@@ -367,18 +452,21 @@ for i = 1, #ARGV, 2 do
     n = n + 1
   end
 end
-return n"#;
+return n"#,
+);
 
 /// Moves a pending value (KEYS[1], see `pending_key`) to its key (KEYS[2], same slot) and flips
 /// it to confirmed, only if it is still this writer's value: readers of the key see the old
 /// value or the new one, never a gap.
-const CONFIRM: &str = r#"
+static CONFIRM: Lua = Lua::new(
+    r#"
 if redis.call('GETRANGE', KEYS[1], 5, 12) == ARGV[1] then
   redis.call('RENAME', KEYS[1], KEYS[2])
   redis.call('SETRANGE', KEYS[2], 4, ARGV[2])
   return 1
 end
-return 0"#;
+return 0"#,
+);
 
 /// Where a value waits while its writer checks for invalidations: beside its key, in the same
 /// hash slot (the key holds no braces, so the tag is the whole key), never served. An
@@ -388,42 +476,37 @@ pub(crate) fn pending_key(key: &str) -> String {
 }
 
 /// Deletes an entry only if it is still this writer's value.
-const WITHDRAW: &str = r#"
+static WITHDRAW: Lua = Lua::new(
+    r#"
 if redis.call('GETRANGE', KEYS[1], 5, 12) == ARGV[1] then
   return redis.call('DEL', KEYS[1])
 end
-return 0"#;
+return 0"#,
+);
 
 /// Raises a marker to a sequence number, never lowers it (invalidations may land out of
 /// order on different connections), and keeps it alive for the marker TTL.
-const RAISE_MARKER: &str = r#"
+static RAISE_MARKER: Lua = Lua::new(
+    r#"
 local cur = tonumber(redis.call('GET', KEYS[1]) or '0') or 0
 local seq = tonumber(ARGV[1])
 if seq > cur then cur = seq end
 redis.call('SET', KEYS[1], cur, 'PX', ARGV[2])
-return cur"#;
+return cur"#,
+);
 
 /// How long an invalidation marker lives. A response whose miss began longer ago than this
 /// is never stored, so a marker always outlives the writes it must stop.
 pub(crate) const MARKER_TTL: Duration = Duration::from_secs(600);
 
-/// Registers `member` in `index` for `ttl_ms` (see `ADD_TO_INDEX`).
-fn add_to_index<'a>(
-    pool: &'a fred::clients::WithOptions<fred::clients::Client>,
-    index: &'a str,
-    member: &'a str,
-    ttl_ms: i64,
-) -> impl std::future::Future<Output = Result<i64, FredError>> + 'a {
-    pool.eval::<i64, _, _, _>(
-        ADD_TO_INDEX,
-        index,
-        vec![
-            member.to_owned(),
-            ttl_ms.to_string(),
-            // Indexes outlive their newest member a little, so pruning sees it expire.
-            ttl_ms.saturating_add(1000).to_string(),
-        ],
-    )
+/// The arguments of `ADD_TO_INDEX` for `member`, kept for `ttl_ms`.
+fn index_args(member: &str, ttl_ms: i64) -> Vec<String> {
+    vec![
+        member.to_owned(),
+        ttl_ms.to_string(),
+        // Indexes outlive their newest member a little, so pruning sees it expire.
+        ttl_ms.saturating_add(1000).to_string(),
+    ]
 }
 
 /// One entry to write, with what it must be registered under and checked against.
@@ -454,13 +537,6 @@ pub(crate) enum Written {
     Stored,
     /// An invalidation ran while the response was computed: withdrawn.
     Refused,
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
 }
 
 fn ms(d: Duration) -> i64 {
@@ -514,34 +590,51 @@ impl RedisStore {
                     .iter()
                     .map(|(registry, path)| (registry.as_str(), path.as_str())),
             )
-            .map(|(index, member)| add_to_index(&pool, index, member, ttl_ms));
+            .map(|(index, member)| {
+                self.script::<i64, _, _>(&pool, &ADD_TO_INDEX, index, index_args(member, ttl_ms))
+            });
         for r in futures_util::future::join_all(registrations).await {
             self.observe("index", r)?;
         }
-        let markers = w
-            .markers
-            .iter()
-            .map(|m| pool.get::<Option<u64>, _>(m.as_str()));
-        let seq_now = pool.get::<Option<u64>, _>(w.seq_key.as_str());
-        let (markers, seq_now) =
-            futures_util::future::join(futures_util::future::join_all(markers), seq_now).await;
-        let mut moved = self.observe("seq", seq_now)?.unwrap_or(0) < w.miss_seq;
-        for r in markers {
-            moved |= self.observe("marker", r)?.unwrap_or(0) > w.miss_seq;
-        }
+        let mut moved = if self.inner.pool.is_clustered() {
+            // Markers and counter in different slots: one GET each.
+            let markers = w
+                .markers
+                .iter()
+                .map(|m| pool.get::<Option<u64>, _>(m.as_str()));
+            let seq_now = pool.get::<Option<u64>, _>(w.seq_key.as_str());
+            let (markers, seq_now) =
+                futures_util::future::join(futures_util::future::join_all(markers), seq_now).await;
+            let mut moved = self.observe("seq", seq_now)?.unwrap_or(0) < w.miss_seq;
+            for r in markers {
+                moved |= self.observe("marker", r)?.unwrap_or(0) > w.miss_seq;
+            }
+            moved
+        } else {
+            // One server: the counter and every marker in one MGET.
+            let keys: Vec<&str> = std::iter::once(w.seq_key.as_str())
+                .chain(w.markers.iter().map(String::as_str))
+                .collect();
+            let values = pool.mget::<Vec<Option<u64>>, _>(keys).await;
+            let values = self.observe("marker", values)?;
+            let mut values = values.into_iter();
+            let seq_now = values.next().flatten().unwrap_or(0);
+            seq_now < w.miss_seq || values.any(|m| m.unwrap_or(0) > w.miss_seq)
+        };
         // Markers live `MARKER_TTL`: an older miss cannot be checked against them.
         moved |= w.started.elapsed() + Duration::from_secs(10) >= MARKER_TTL;
         let nonce = Bytes::copy_from_slice(&w.nonce);
         if moved {
-            let r = pool
-                .eval::<i64, _, _, _>(WITHDRAW, pending.as_str(), vec![nonce])
+            let r = self
+                .script::<i64, _, _>(&pool, &WITHDRAW, pending.as_str(), vec![nonce])
                 .await;
             self.observe("withdraw", r)?;
             return Ok(Written::Refused);
         }
-        let r = pool
-            .eval::<i64, _, _, _>(
-                CONFIRM,
+        let r = self
+            .script::<i64, _, _>(
+                &pool,
+                &CONFIRM,
                 vec![pending.as_str(), w.key.as_str()],
                 vec![nonce, Bytes::from_static(&[crate::entry::CONFIRMED])],
             )
@@ -563,8 +656,9 @@ impl RedisStore {
             .with_options(&self.inner.write);
         let seq = self.observe("incr", pool.incr::<u64, _>(seq_key).await)?;
         let sets = markers.iter().map(|m| {
-            pool.eval::<i64, _, _, _>(
-                RAISE_MARKER,
+            self.script::<i64, _, _>(
+                &pool,
+                &RAISE_MARKER,
                 m.as_str(),
                 vec![seq.to_string(), ms(MARKER_TTL).to_string()],
             )
@@ -625,9 +719,9 @@ impl RedisStore {
             .set::<(), _, _>(key, value, Some(Expiration::PX(ttl_ms)), None, false)
             .await;
         self.observe("set", r)?;
-        let adds = indexes
-            .iter()
-            .map(|index| add_to_index(&pool, index, key, ttl_ms));
+        let adds = indexes.iter().map(|index| {
+            self.script::<i64, _, _>(&pool, &ADD_TO_INDEX, index, index_args(key, ttl_ms))
+        });
         for r in futures_util::future::join_all(adds).await {
             self.observe("index", r)?;
         }
@@ -727,7 +821,7 @@ impl RedisStore {
             .iter()
             .zip(members)
             .filter(|(_, m)| !m.is_empty())
-            .map(|(i, m)| pool.eval::<i64, _, _, _>(REMOVE_IF_SCORE, i.as_str(), m));
+            .map(|(i, m)| self.script::<i64, _, _>(&pool, &REMOVE_IF_SCORE, i.as_str(), m));
         for r in futures_util::future::join_all(cleanups).await {
             self.observe("zrem", r)?;
         }
@@ -807,7 +901,6 @@ impl RedisStore {
             .pool
             .next_connected()
             .with_options(&self.inner.write);
-        let now = now_ms();
         let nonce = Bytes::from_static(b"probe!!!");
         let value = crate::entry::Entry::encode(
             http::StatusCode::OK,
@@ -829,17 +922,10 @@ impl RedisStore {
             pool.set::<(), _, _>(&key, value, Some(Expiration::PX(5000)), None, false)
                 .await?;
             pool.get::<Option<Bytes>, _>(&key).await?;
-            pool.eval::<i64, _, _, _>(
-                ADD_TO_INDEX,
-                index.as_str(),
-                vec![
-                    key.clone(),
-                    (now + 5000).to_string(),
-                    now.to_string(),
-                    "6000".into(),
-                ],
-            )
-            .await?;
+            pool.mget::<Vec<Option<Bytes>>, _>(vec![key.as_str()])
+                .await?;
+            self.script::<i64, _, _>(&pool, &ADD_TO_INDEX, index.as_str(), index_args(&key, 5000))
+                .await?;
             let pending = pending_key(&key);
             pool.set::<(), _, _>(
                 &pending,
@@ -849,8 +935,9 @@ impl RedisStore {
                 false,
             )
             .await?;
-            pool.eval::<i64, _, _, _>(
-                CONFIRM,
+            self.script::<i64, _, _>(
+                &pool,
+                &CONFIRM,
                 vec![pending.as_str(), key.as_str()],
                 vec![
                     nonce.clone(),
@@ -858,8 +945,9 @@ impl RedisStore {
                 ],
             )
             .await?;
-            pool.eval::<i64, _, _, _>(
-                RAISE_MARKER,
+            self.script::<i64, _, _>(
+                &pool,
+                &RAISE_MARKER,
                 key.as_str(),
                 vec!["1".to_owned(), "5000".to_owned()],
             )
@@ -870,7 +958,7 @@ impl RedisStore {
             pool.zrem::<i64, _, _>(index.as_str(), key.as_str()).await?;
             pool.set::<(), _, _>(&key, "x", Some(Expiration::PX(5000)), None, false)
                 .await?;
-            pool.eval::<i64, _, _, _>(WITHDRAW, key.as_str(), vec![nonce])
+            self.script::<i64, _, _>(&pool, &WITHDRAW, key.as_str(), vec![nonce])
                 .await?;
             pool.scan_page::<(String, Vec<String>), _, _>(
                 "0",
@@ -909,7 +997,9 @@ mod tests {
     fn scripts_use_the_envelope_offsets() {
         // Lua's GETRANGE/SETRANGE offsets are 0-based and GETRANGE's end is inclusive.
         let nonce = format!("GETRANGE', KEYS[1], {}, {}", NONCE_OFFSET, NONCE_OFFSET + 7);
-        assert!(CONFIRM.contains(&nonce) && WITHDRAW.contains(&nonce));
-        assert!(CONFIRM.contains(&format!("SETRANGE', KEYS[2], {STATE_OFFSET},")));
+        assert!(CONFIRM.text.contains(&nonce) && WITHDRAW.text.contains(&nonce));
+        assert!(CONFIRM
+            .text
+            .contains(&format!("SETRANGE', KEYS[2], {STATE_OFFSET},")));
     }
 }

@@ -434,3 +434,27 @@ async fn steady_load_through_every_fault() {
     assert!(ok > 100, "{ok}");
     assert!(slowest < BOUND, "slowest request {slowest:?}");
 }
+
+/// Scripts go by SHA-1 (EVALSHA): a Redis that forgot them (SCRIPT FLUSH, or a restart)
+/// answers NOSCRIPT, and the script is sent again as text; writes and invalidations go on.
+#[tokio::test]
+async fn scripts_forgotten_by_redis_are_sent_again() {
+    let server = RedisServer::start();
+    let (app, handle, calls) = setup(&server).await;
+    assert_eq!(answered(&app).await, "MISS");
+    wait_until("the first write", || handle.stats().stored == 1).await;
+    assert_eq!(answered(&app).await, "HIT");
+    let flushed = std::process::Command::new("redis-cli")
+        .args(["-p", &server.port().to_string(), "SCRIPT", "FLUSH"])
+        .output()
+        .unwrap();
+    assert!(flushed.status.success());
+    // The invalidation's scripts (marker, index cleanup) and the next write's all meet
+    // NOSCRIPT first.
+    handle.invalidate_path("/data").await.unwrap();
+    assert_eq!(answered(&app).await, "MISS");
+    wait_until("the second write", || handle.stats().stored == 2).await;
+    assert_eq!(answered(&app).await, "HIT");
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    assert_eq!(handle.stats().write_errors, 0);
+}

@@ -115,16 +115,18 @@ pub async fn cache_app(redis: &str) -> Router {
 /// 64 MiB capacity).
 #[allow(dead_code)] // not every bench uses every contender
 pub async fn cache_near_app(redis: &str) -> Router {
-    let store = RedisStore::connect(RedisConfig::from_url(redis).unwrap())
-        .await
-        .unwrap();
+    app().layer(cache_near_layer_with(RedisConfig::from_url(redis).unwrap()).await)
+}
+
+/// The layer of [`cache_near_app`] on a configuration of the caller's.
+pub async fn cache_near_layer_with(config: RedisConfig) -> CacheLayer {
+    let store = RedisStore::connect(config).await.unwrap();
     let near = Duration::from_secs(5);
-    let layer = CacheLayer::new(store, Policy::shared(Duration::from_secs(600)).near(near))
+    CacheLayer::new(store, Policy::shared(Duration::from_secs(600)).near(near))
         .identity(Identity::header(http::HeaderName::from_static("x-user")))
         .route(
             "/user/{id}",
             Policy::per_user(Duration::from_secs(600)).near(near),
         )
-        .unwrap();
-    app().layer(layer)
+        .unwrap()
 }
