@@ -95,6 +95,19 @@ impl Store {
         }
     }
 
+    /// An entry, and the invalidation sequence at `seq_key` when it could be read with it.
+    pub(crate) async fn lookup(
+        &self,
+        key: &str,
+        seq_key: &std::sync::Arc<str>,
+    ) -> Result<(Option<Bytes>, Option<u64>), FredError> {
+        match &self.0 {
+            Backend::Redis(s) => s.lookup(key, Some(seq_key)).await,
+            #[cfg(feature = "memory")]
+            Backend::Memory(s) => Ok((s.get(key), Some(s.read_seq(seq_key)))),
+        }
+    }
+
     pub(crate) async fn read_seq(
         &self,
         seq_key: &str,

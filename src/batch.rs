@@ -36,10 +36,14 @@ const MAX_IN_FLIGHT: usize = 8;
 /// Lookups waiting for a batch; past it, lookups are sent on their own.
 const QUEUE: usize = 4096;
 
-type Reply = Result<Option<Bytes>, FredError>;
+/// An entry, and the invalidation sequence read with it (when asked for and readable).
+type Reply = Result<(Option<Bytes>, Option<u64>), FredError>;
 
 struct Lookup {
     key: String,
+    /// The sequence to read in the same `MGET` (added once per batch, whatever the number
+    /// of lookups asking for it), so that a miss needs no second round trip for it.
+    seq_key: Option<Arc<str>>,
     reply: oneshot::Sender<Reply>,
     queued: Instant,
 }
@@ -58,11 +62,18 @@ impl std::fmt::Debug for Batcher {
 }
 
 impl Batcher {
-    /// Queues a lookup of `key`; `None` when it cannot be queued (send it on its own).
-    pub(crate) fn submit(&self, store: &Arc<Inner>, key: &str) -> Option<oneshot::Receiver<Reply>> {
+    /// Queues a lookup of `key` (and of `seq_key` with it); `None` when it cannot be queued
+    /// (send it on its own).
+    pub(crate) fn submit(
+        &self,
+        store: &Arc<Inner>,
+        key: &str,
+        seq_key: Option<&Arc<str>>,
+    ) -> Option<oneshot::Receiver<Reply>> {
         let (reply, answer) = oneshot::channel();
         let mut lookup = Lookup {
             key: key.to_owned(),
+            seq_key: seq_key.cloned(),
             reply,
             queued: Instant::now(),
         };
@@ -132,8 +143,24 @@ async fn send(store: Arc<Inner>, batch: Vec<Lookup>, average: &AtomicU64) {
         .unwrap_or(crate::config::DEFAULT_LOOKUP_TIMEOUT);
     let oldest = batch.iter().map(|l| l.queued).min();
     let left = oldest.map_or(budget, |t| budget.saturating_sub(t.elapsed()));
-    let (keys, replies): (Vec<String>, Vec<oneshot::Sender<Reply>>) =
-        batch.into_iter().map(|l| (l.key, l.reply)).unzip();
+    // The sequences asked for (one per namespace; almost always one), after the entries.
+    let mut seq_keys: Vec<Arc<str>> = Vec::new();
+    let mut keys: Vec<String> = Vec::with_capacity(batch.len() + 1);
+    let mut replies = Vec::with_capacity(batch.len());
+    for l in batch {
+        let seq = l
+            .seq_key
+            .map(|s| match seq_keys.iter().position(|k| *k == s) {
+                Some(i) => i,
+                None => {
+                    seq_keys.push(s);
+                    seq_keys.len() - 1
+                }
+            });
+        keys.push(l.key);
+        replies.push((l.reply, seq));
+    }
+    keys.extend(seq_keys.iter().map(|k| k.to_string()));
     let result = if left < Duration::from_micros(100) {
         Err(FredError::new(
             ErrorKind::Timeout,
@@ -151,29 +178,40 @@ async fn send(store: Arc<Inner>, batch: Vec<Lookup>, average: &AtomicU64) {
             .mget::<Vec<Option<Bytes>>, _>(keys)
             .await
     };
+    let asked = replies.len() + seq_keys.len();
     match store.observe("mget", result) {
-        Ok(values) if values.len() == replies.len() => {
+        Ok(mut values) if values.len() == asked => {
+            // A sequence not yet set is 0; one that is not a number is not used.
+            let seqs: Vec<Option<u64>> = values
+                .split_off(replies.len())
+                .into_iter()
+                .map(|v| match v {
+                    None => Some(0),
+                    Some(b) => std::str::from_utf8(&b).ok()?.parse().ok(),
+                })
+                .collect();
             let bytes: u64 = values.iter().flatten().map(|v| v.len() as u64).sum();
             let found = values.iter().flatten().count() as u64;
             if let Some(size) = bytes.checked_div(found) {
                 let now = average.load(Ordering::Relaxed);
                 average.store((now * 7 + size) / 8, Ordering::Relaxed);
             }
-            for (reply, value) in replies.into_iter().zip(values) {
-                let _ = reply.send(Ok(value));
+            for ((reply, seq), value) in replies.into_iter().zip(values) {
+                let seq = seq.and_then(|i| seqs.get(i).copied().flatten());
+                let _ = reply.send(Ok((value, seq)));
             }
         }
         Ok(values) => {
             let e = FredError::new(
                 ErrorKind::Protocol,
-                format!("MGET of {} keys answered {}", replies.len(), values.len()),
+                format!("MGET of {asked} keys answered {}", values.len()),
             );
-            for reply in replies {
+            for (reply, _) in replies {
                 let _ = reply.send(Err(e.clone()));
             }
         }
         Err(e) => {
-            for reply in replies {
+            for (reply, _) in replies {
                 let _ = reply.send(Err(e.clone()));
             }
         }

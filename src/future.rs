@@ -592,8 +592,18 @@ async fn look_up(shared: Arc<CacheLayer>, key: String, ask: Ask) -> Found {
     let started = Instant::now();
     let mut stale = None;
     let usable = |entry: &Entry| usable(shared_request.as_deref(), entry);
-    match store.get(&key).await {
-        Ok(Some(raw)) => match Entry::decode(&raw) {
+    let (raw, seq) = match store
+        .lookup(&key, shared.settings.keyer.seq_key_shared())
+        .await
+    {
+        Ok(found) => found,
+        Err(_) => {
+            Counters::incr(&counters.unavailable);
+            return Found::Unavailable;
+        }
+    };
+    match raw {
+        Some(raw) => match Entry::decode(&raw) {
             Ok(entry) if entry.confirmed && !usable(&entry) => {
                 tracing::debug!(key = %key, "entry does not answer this request; cache miss");
             }
@@ -653,25 +663,29 @@ async fn look_up(shared: Arc<CacheLayer>, key: String, ask: Ask) -> Found {
                 remove_if_unchanged(&shared, key.clone(), raw);
             }
         },
-        Ok(None) => tracing::debug!(key = %key, "cache miss"),
-        Err(_) => {
-            Counters::incr(&counters.unavailable);
-            return Found::Unavailable;
-        }
+        None => tracing::debug!(key = %key, "cache miss"),
     }
     // Boxed, like the refresh claims above: the state of the miss path (sequence read,
     // coalescing, cross-instance lock) would otherwise make every lookup future several
     // times larger, and hits pay for moving it.
-    Box::pin(after_miss(
-        shared,
+    let missed = Missed {
         key,
+        seq,
         started,
-        coalesce,
-        lock,
         stale,
-        shared_request,
-    ))
-    .await
+    };
+    Box::pin(after_miss(shared, missed, coalesce, lock, shared_request)).await
+}
+
+/// What a lookup that found no usable entry knows.
+struct Missed {
+    key: String,
+    /// The invalidation sequence, when it was read with the entry.
+    seq: Option<u64>,
+    /// When the lookup began.
+    started: Instant,
+    /// A stale entry that may answer if the inner service fails.
+    stale: Option<Entry>,
 }
 
 /// Shared-cache mode: whether an entry may answer this request (Vary, Authorization,
@@ -687,26 +701,31 @@ fn usable(shared_request: Option<&SharedRequest>, entry: &Entry) -> bool {
 /// what is left of the lookup deadline, then joins or leads the key's flight.
 async fn after_miss(
     shared: Arc<CacheLayer>,
-    key: String,
-    started: Instant,
+    missed: Missed,
     coalesce: Option<Duration>,
     lock: Option<Duration>,
-    stale: Option<Entry>,
     shared_request: Option<Arc<SharedRequest>>,
 ) -> Found {
+    let Missed {
+        key,
+        seq,
+        started,
+        stale,
+    } = missed;
     let usable = |entry: &Entry| usable(shared_request.as_deref(), entry);
     let store = &shared.settings.store;
     let counters = &shared.runtime.counters;
     Counters::incr(&counters.misses);
-    // One deadline for the whole lookup: the sequence read gets what the GET left.
+    // Read with the entry when the lookup was batched; else now, within what the GET left
+    // of the lookup deadline.
     let left = store.lookup_timeout().saturating_sub(started.elapsed());
-    let seq = if left.is_zero() {
-        None
-    } else {
-        store
+    let seq = match seq {
+        Some(seq) => Some(seq),
+        None if left.is_zero() => None,
+        None => store
             .read_seq(&shared.settings.keyer.seq_key(), left)
             .await
-            .ok()
+            .ok(),
     };
     let Some(wait) = coalesce.filter(|_| seq.is_some()) else {
         return Found::Miss {

@@ -151,6 +151,8 @@ pub(crate) struct Keyer {
     namespace: Arc<str>,
     /// `{namespace}:v{FORMAT_VERSION}:`, the start of every entry key.
     key_prefix: Arc<str>,
+    /// `{namespace}:seq`, the invalidation sequence (see [`seq_key`](Self::seq_key)).
+    seq_key: Arc<str>,
     identity_key: [u8; 32],
 }
 
@@ -171,6 +173,7 @@ impl Keyer {
         Keyer {
             namespace: namespace.into(),
             key_prefix: format!("{namespace}:v{FORMAT_VERSION}:").into(),
+            seq_key: format!("{namespace}:seq").into(),
             identity_key,
         }
     }
@@ -221,7 +224,12 @@ impl Keyer {
 
     /// The namespace's invalidation sequence counter.
     pub(crate) fn seq_key(&self) -> String {
-        format!("{}:seq", self.namespace)
+        self.seq_key.to_string()
+    }
+
+    /// [`seq_key`](Self::seq_key), shared (for lookups that read it alongside the entry).
+    pub(crate) fn seq_key_shared(&self) -> &Arc<str> {
+        &self.seq_key
     }
 
     /// The sorted set of cached paths (scored by expiry), for glob patterns.

@@ -282,12 +282,22 @@ impl RedisStore {
     /// GET within the lookup deadline (batched with concurrent lookups into one MGET where
     /// the store batches).
     pub(crate) async fn get(&self, key: &str) -> Result<Option<Bytes>, FredError> {
+        self.lookup(key, None).await.map(|(value, _)| value)
+    }
+
+    /// [`get`](Self::get), and the invalidation sequence at `seq_key` read in the same
+    /// command when the lookup is batched (`None` otherwise: read it on a miss).
+    pub(crate) async fn lookup(
+        &self,
+        key: &str,
+        seq_key: Option<&Arc<str>>,
+    ) -> Result<(Option<Bytes>, Option<u64>), FredError> {
         self.gate()?;
         if let Some(answer) = self
             .inner
             .batcher
             .as_ref()
-            .and_then(|b| b.submit(&self.inner, key))
+            .and_then(|b| b.submit(&self.inner, key, seq_key))
         {
             return answer.await.unwrap_or_else(|_| {
                 Err(FredError::new(ErrorKind::Canceled, "lookup batch dropped"))
@@ -300,7 +310,7 @@ impl RedisStore {
             .with_options(&self.inner.read)
             .get::<Option<Bytes>, _>(key)
             .await;
-        self.observe("get", r)
+        self.observe("get", r).map(|value| (value, None))
     }
 
     /// Deletes `key` only if it still holds `value`.

@@ -850,9 +850,33 @@ async fn lookups_can_go_one_by_one() {
         .layer(cache);
     send(&app, get_req("/one")).await;
     stored(&handle, 1).await;
-    let (mgets, gets) = (command_calls(&server, "mget"), command_calls(&server, "get"));
+    let (mgets, gets) = (
+        command_calls(&server, "mget"),
+        command_calls(&server, "get"),
+    );
     assert_eq!(send(&app, get_req("/one")).await.x_cache(), "HIT");
     // (The write path reads its markers with MGET; a lookup is one GET.)
     assert_eq!(command_calls(&server, "mget"), mgets);
     assert_eq!(command_calls(&server, "get"), gets + 1);
+}
+
+#[tokio::test]
+async fn a_miss_reads_the_invalidation_sequence_in_its_lookup() {
+    let server = RedisServer::start();
+    let cache = CacheLayer::new(store(&server).await, MIN);
+    // Never stored (Set-Cookie), so the only commands are the lookup's.
+    let app = Router::new()
+        .route(
+            "/private",
+            get(|| async { ([("set-cookie", "s=1")], "for one client") }),
+        )
+        .layer(cache);
+    let (mgets, gets) = (
+        command_calls(&server, "mget"),
+        command_calls(&server, "get"),
+    );
+    assert_eq!(send(&app, get_req("/private")).await.x_cache(), "MISS");
+    // One MGET for the entry and the sequence; no second round trip before the handler.
+    assert_eq!(command_calls(&server, "mget"), mgets + 1);
+    assert_eq!(command_calls(&server, "get"), gets);
 }
