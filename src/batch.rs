@@ -30,7 +30,7 @@ use crate::store::Inner;
 /// The most keys in one `MGET`, and about the most keys out at once.
 pub(crate) const MAX_BATCH: usize = 64;
 /// About the most bytes of values in one batch's reply.
-pub(crate) const BATCH_BYTES: u64 = 1 << 20;
+pub(crate) const BATCH_BYTES: u64 = 256 << 10;
 /// The most batches out at once.
 const MAX_IN_FLIGHT: usize = 8;
 /// Lookups waiting for a batch; past it, lookups are sent on their own.
@@ -225,9 +225,10 @@ mod tests {
     #[test]
     fn large_values_go_in_small_batches_with_more_out() {
         assert_eq!(limits(1024), (64, 2));
-        assert_eq!(limits(16 * 1024), (64, 2));
-        assert_eq!(limits(64 * 1024), (16, 4));
-        assert_eq!(limits(256 * 1024), (4, 8));
+        assert_eq!(limits(4 * 1024), (64, 2));
+        assert_eq!(limits(16 * 1024), (16, 4));
+        assert_eq!(limits(64 * 1024), (4, 8));
+        assert_eq!(limits(256 * 1024), (1, 8));
         assert_eq!(limits(20 << 20), (1, 8));
         assert_eq!(limits(0), (64, 2));
     }
