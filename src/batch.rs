@@ -1,8 +1,9 @@
 //! Lookups batched into `MGET`: the lookups of concurrent requests reach Redis as one command.
 //!
-//! A lookup queues its key and waits for its answer. One task per store takes the keys queued
-//! at that moment and sends them as one `MGET`. While a batch is out, keys queue, so batches
-//! grow with the load; alone, a lookup is sent at once, as a batch of one. Redis and fred
+//! When no lookup is out, a lookup is sent at once by its own request, as a plain `GET`.
+//! Otherwise it queues its key and waits for its answer: one task per store takes the keys
+//! queued at that moment and sends them as one `MGET`. While batches are out, keys queue, so
+//! batches grow with the load. Redis and fred
 //! then pay their per-command cost (parsing, dispatch, a socket write and read, a deadline
 //! timer) once per batch instead of once per request.
 //!
@@ -16,7 +17,7 @@
 //! Only where every key can go in one command: not on a cluster (keys of different hash
 //! slots). A lookup that cannot be queued (queue full, or no runtime) is sent on its own.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -53,6 +54,17 @@ struct Lookup {
 #[derive(Default)]
 pub(crate) struct Batcher {
     queue: RwLock<Option<mpsc::Sender<Lookup>>>,
+    /// Lookups out now, alone or in batches.
+    outstanding: AtomicUsize,
+}
+
+/// One lookup or batch out; counted until dropped.
+pub(crate) struct Out<'a>(&'a AtomicUsize);
+
+impl Drop for Out<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl std::fmt::Debug for Batcher {
@@ -62,6 +74,21 @@ impl std::fmt::Debug for Batcher {
 }
 
 impl Batcher {
+    /// When nothing is out, there is nothing to batch with: the caller sends its lookup on
+    /// its own (no queue, no task hop) and holds the returned mark while it is out. `None`
+    /// when something is out: queue it.
+    pub(crate) fn alone(&self) -> Option<Out<'_>> {
+        self.outstanding
+            .compare_exchange(0, 1, Ordering::AcqRel, Ordering::Relaxed)
+            .ok()
+            .map(|_| Out(&self.outstanding))
+    }
+
+    fn out(&self) -> Out<'_> {
+        self.outstanding.fetch_add(1, Ordering::AcqRel);
+        Out(&self.outstanding)
+    }
+
     /// Queues a lookup of `key` (and of `seq_key` with it); `None` when it cannot be queued
     /// (send it on its own).
     pub(crate) fn submit(
@@ -137,6 +164,7 @@ async fn run(mut queue: mpsc::Receiver<Lookup>, store: Weak<Inner>) {
 
 /// Sends one batch and hands each lookup its answer.
 async fn send(store: Arc<Inner>, batch: Vec<Lookup>, average: &AtomicU64) {
+    let _out = store.batcher.as_ref().map(Batcher::out);
     let budget = store
         .read
         .timeout

@@ -69,7 +69,7 @@ pub(crate) struct Inner {
     write: Options,
     breaker: Breaker,
     /// Lookups batched into MGET (not on a cluster; see `batch`).
-    batcher: Option<crate::batch::Batcher>,
+    pub(crate) batcher: Option<crate::batch::Batcher>,
     /// Set when Redis refuses SCRIPT LOAD for good (ACL): scripts go as text (EVAL).
     eval_only: AtomicBool,
 }
@@ -293,16 +293,21 @@ impl RedisStore {
         seq_key: Option<&Arc<str>>,
     ) -> Result<(Option<Bytes>, Option<u64>), FredError> {
         self.gate()?;
-        if let Some(answer) = self
-            .inner
-            .batcher
-            .as_ref()
-            .and_then(|b| b.submit(&self.inner, key, seq_key))
-        {
-            return answer.await.unwrap_or_else(|_| {
-                Err(FredError::new(ErrorKind::Canceled, "lookup batch dropped"))
-            });
-        }
+        // Alone (nothing out to batch with), or without a batcher: a GET of its own.
+        let _alone = match self.inner.batcher.as_ref() {
+            Some(batcher) => match batcher.alone() {
+                Some(out) => Some(out),
+                None => {
+                    if let Some(answer) = batcher.submit(&self.inner, key, seq_key) {
+                        return answer.await.unwrap_or_else(|_| {
+                            Err(FredError::new(ErrorKind::Canceled, "lookup batch dropped"))
+                        });
+                    }
+                    None
+                }
+            },
+            None => None,
+        };
         let r = self
             .inner
             .pool

@@ -860,8 +860,8 @@ async fn lookups_can_go_one_by_one() {
     assert_eq!(command_calls(&server, "get"), gets + 1);
 }
 
-#[tokio::test]
-async fn a_miss_reads_the_invalidation_sequence_in_its_lookup() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_misses_read_the_invalidation_sequence_in_their_lookup() {
     let server = RedisServer::start();
     let cache = CacheLayer::new(store(&server).await, MIN);
     // Never stored (Set-Cookie), so the only commands are the lookup's.
@@ -871,12 +871,31 @@ async fn a_miss_reads_the_invalidation_sequence_in_its_lookup() {
             get(|| async { ([("set-cookie", "s=1")], "for one client") }),
         )
         .layer(cache);
+    // Alone, a lookup is a GET, and a miss then reads the sequence with a second GET.
     let (mgets, gets) = (
         command_calls(&server, "mget"),
         command_calls(&server, "get"),
     );
     assert_eq!(send(&app, get_req("/private")).await.x_cache(), "MISS");
-    // One MGET for the entry and the sequence; no second round trip before the handler.
-    assert_eq!(command_calls(&server, "mget"), mgets + 1);
-    assert_eq!(command_calls(&server, "get"), gets);
+    assert_eq!(command_calls(&server, "mget"), mgets);
+    assert_eq!(command_calls(&server, "get"), gets + 2);
+    // Concurrent misses are batched with the sequence: fewer than two GETs per miss.
+    let gets = command_calls(&server, "get");
+    let tasks: Vec<_> = (0..50)
+        .map(|_| {
+            let app = app.clone();
+            tokio::spawn(async move { send(&app, get_req("/private")).await })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.unwrap().text(), "for one client");
+    }
+    let (mgets, gets) = (
+        command_calls(&server, "mget") - mgets,
+        command_calls(&server, "get") - gets,
+    );
+    assert!(
+        mgets >= 1 && gets < 100,
+        "{mgets} MGETs, {gets} GETs for 50 misses"
+    );
 }
