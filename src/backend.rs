@@ -14,7 +14,7 @@ use crate::memory::MemoryStore;
 use crate::store::{RedisStore, Write, Written};
 
 /// Where a [`CacheLayer`](crate::CacheLayer) keeps its entries: a [`RedisStore`] (shared by
-/// every instance of a service) or, with the `memory` feature, a [`MemoryStore`] (this
+/// every instance of a service) or, with the `memory` feature, a `MemoryStore` (this
 /// process only). Made with `From`/`Into`, which [`CacheLayer::new`](crate::CacheLayer::new)
 /// does for you.
 #[derive(Clone)]

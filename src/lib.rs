@@ -158,8 +158,8 @@
 //! |---|---|---|
 //! | `axum` | Reads axum's `MatchedPath` for route templates | Yes |
 //! | `tls` | rustls (ring) for `rediss://` and Azure Cache for Redis | Yes |
-//! | `memory` | [`MemoryStore`]: the cache in this process's memory, without Redis | Yes |
-//! | `near` | The near-cache in front of Redis ([`Policy::near`]) | Yes |
+//! | `memory` | `MemoryStore`: the cache in this process's memory, without Redis | Yes |
+//! | `near` | The near-cache in front of Redis (`Policy::near`) | Yes |
 //! | `tonic` | Caches opted-in gRPC methods behind tonic's `Server` (rebuilds its request body) | No |
 
 #![deny(missing_docs, unsafe_code, unreachable_pub)]
