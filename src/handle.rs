@@ -41,7 +41,7 @@ pub enum RedisStatus {
     Degraded,
     /// Redis did not answer; requests are served uncached.
     Unavailable,
-    /// The layer keeps its entries in process ([`MemoryStore`](crate::MemoryStore)): there is
+    /// The layer keeps its entries in process (`MemoryStore`): there is
     /// no Redis to ask.
     NotUsed,
 }
