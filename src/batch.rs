@@ -169,13 +169,34 @@ async fn send(store: Arc<Inner>, batch: Vec<Lookup>, average: &AtomicU64) {
         .read
         .timeout
         .unwrap_or(crate::config::DEFAULT_LOOKUP_TIMEOUT);
-    let oldest = batch.iter().map(|l| l.queued).min();
-    let left = oldest.map_or(budget, |t| budget.saturating_sub(t.elapsed()));
+    // Lookups whose request is gone are not sent; those whose deadline passed while queued
+    // are answered at once, without asking Redis (nor telling the breaker: Redis was not
+    // asked). The batch's deadline is that of the oldest lookup left.
+    let mut left = budget;
+    let mut live = Vec::with_capacity(batch.len());
+    for l in batch {
+        if l.reply.is_closed() {
+            continue;
+        }
+        let own = budget.saturating_sub(l.queued.elapsed());
+        if own < Duration::from_micros(100) {
+            let _ = l.reply.send(Err(FredError::new(
+                ErrorKind::Timeout,
+                "lookup deadline passed while queued",
+            )));
+            continue;
+        }
+        left = left.min(own);
+        live.push(l);
+    }
+    if live.is_empty() {
+        return;
+    }
     // The sequences asked for (one per namespace; almost always one), after the entries.
     let mut seq_keys: Vec<Arc<str>> = Vec::new();
-    let mut keys: Vec<String> = Vec::with_capacity(batch.len() + 1);
-    let mut replies = Vec::with_capacity(batch.len());
-    for l in batch {
+    let mut keys: Vec<String> = Vec::with_capacity(live.len() + 1);
+    let mut replies = Vec::with_capacity(live.len());
+    for l in live {
         let seq = l
             .seq_key
             .map(|s| match seq_keys.iter().position(|k| *k == s) {
@@ -189,23 +210,16 @@ async fn send(store: Arc<Inner>, batch: Vec<Lookup>, average: &AtomicU64) {
         replies.push((l.reply, seq));
     }
     keys.extend(seq_keys.iter().map(|k| k.to_string()));
-    let result = if left < Duration::from_micros(100) {
-        Err(FredError::new(
-            ErrorKind::Timeout,
-            "lookup deadline passed while queued",
-        ))
-    } else {
-        let options = Options {
-            timeout: Some(left),
-            ..store.read.clone()
-        };
-        store
-            .pool
-            .next_connected()
-            .with_options(&options)
-            .mget::<Vec<Option<Bytes>>, _>(keys)
-            .await
+    let options = Options {
+        timeout: Some(left),
+        ..store.read.clone()
     };
+    let result = store
+        .pool
+        .next_connected()
+        .with_options(&options)
+        .mget::<Vec<Option<Bytes>>, _>(keys)
+        .await;
     let asked = replies.len() + seq_keys.len();
     match store.observe("mget", result) {
         Ok(mut values) if values.len() == asked => {

@@ -218,7 +218,7 @@ impl MemoryStore {
             return Written::Refused;
         }
         let ttl = w.ttl.max(Duration::from_millis(1));
-        let expires = now + ttl;
+        let expires = deadline(now, ttl);
         let value = confirmed(&w.value);
         self.inner
             .strings
@@ -237,7 +237,7 @@ impl MemoryStore {
         let now = Instant::now();
         let slot = Slot {
             value: Bytes::from_static(b"1"),
-            expires: now + ttl.max(Duration::from_millis(1)),
+            expires: deadline(now, ttl.max(Duration::from_millis(1))),
         };
         let result = self
             .inner
@@ -256,7 +256,7 @@ impl MemoryStore {
     /// Stores a plain value for `ttl`, registered in `indexes`.
     pub(crate) fn set_value(&self, key: &str, value: Bytes, ttl: Duration, indexes: &[String]) {
         let now = Instant::now();
-        let expires = now + ttl.max(Duration::from_millis(1));
+        let expires = deadline(now, ttl.max(Duration::from_millis(1)));
         let mut state = self.lock();
         state.sweep(now);
         self.inner
@@ -267,17 +267,18 @@ impl MemoryStore {
         }
     }
 
-    /// Removes `key` only if it still holds `value`.
+    /// Removes `key` only if it still holds `value` (under the state lock, which every
+    /// write of entries and values takes, so a value written meanwhile is never removed).
     pub(crate) fn delete_if_equal(&self, key: &str, value: &Bytes) -> bool {
-        let result = self
-            .inner
-            .strings
-            .entry_by_ref(key)
-            .and_compute_with(|held| match held {
-                Some(e) if e.value().value == *value => Op::Remove,
-                _ => Op::Nop,
-            });
-        matches!(result, CompResult::Removed(_))
+        let _state = self.lock();
+        let now = Instant::now();
+        match self.inner.strings.get(key) {
+            Some(slot) if slot.live(now) && slot.value == *value => {
+                self.inner.strings.invalidate(key);
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Removes keys (strings, sets or counters); returns how many existed.
@@ -299,6 +300,7 @@ impl MemoryStore {
     ) -> u64 {
         let now = Instant::now();
         let mut state = self.lock();
+        state.sweep(now);
         state.mark(seq_key, markers, now);
         keys.iter()
             .filter(|k| self.remove(&mut state, k, now))
@@ -315,6 +317,7 @@ impl MemoryStore {
     ) -> u64 {
         let now = Instant::now();
         let mut state = self.lock();
+        state.sweep(now);
         state.mark(seq_key, markers, now);
         let mut members: Vec<String> = indexes
             .iter()
@@ -427,7 +430,7 @@ impl State {
                 marker.clone(),
                 Counter {
                     value,
-                    expires: Some(now + MARKER_TTL),
+                    expires: Some(deadline(now, MARKER_TTL)),
                 },
             );
         }
@@ -446,7 +449,7 @@ impl State {
         set.members.retain(|_, e| *e > now);
         let e = set.members.entry(member.to_owned()).or_insert(expires);
         *e = (*e).max(expires);
-        set.expires = set.expires.max(expires + Duration::from_secs(1));
+        set.expires = set.expires.max(deadline(expires, Duration::from_secs(1)));
     }
 
     /// Once a second: drops expired sets, members and markers.
@@ -454,7 +457,7 @@ impl State {
         if self.next_sweep.is_some_and(|next| next > now) {
             return;
         }
-        self.next_sweep = Some(now + SWEEP_EVERY);
+        self.next_sweep = Some(deadline(now, SWEEP_EVERY));
         self.sets.retain(|_, set| {
             set.members.retain(|_, e| *e > now);
             set.expires > now
@@ -477,6 +480,15 @@ impl State {
             .map(|(k, _)| k.as_str());
         sets.chain(counters)
     }
+}
+
+/// `now + ttl`, or far in the future when that cannot be represented (a TTL of
+/// `Duration::MAX` from a handler's header must not panic; the Redis store saturates too).
+fn deadline(now: Instant, ttl: Duration) -> Instant {
+    const CENTURY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+    now.checked_add(ttl)
+        .or_else(|| now.checked_add(CENTURY))
+        .unwrap_or(now)
 }
 
 /// The entry with its state byte flipped to confirmed (it is written as pending, see
@@ -625,6 +637,19 @@ mod tests {
         assert_eq!(store.read_seq("ns:seq"), 1);
         assert_eq!(store.scan_unlink(&["ns:i*".into()], 0), 2);
         assert_eq!(store.keys("ns:*"), ["ns:seq", "ns:val:a"]);
+    }
+
+    #[test]
+    fn the_longest_ttls_do_not_overflow() {
+        let store = MemoryStore::new(1 << 20);
+        store.set_value("v", Bytes::from_static(b"x"), Duration::MAX, &["ix".into()]);
+        assert!(store.get("v").is_some());
+        assert!(store.try_lock("l", Duration::MAX));
+        assert!(!store.try_lock("l", Duration::MAX));
+        assert_eq!(
+            store.invalidate_indexes("seq", &["m".into()], &["ix".into()]),
+            1
+        );
     }
 
     #[test]

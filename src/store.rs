@@ -299,9 +299,17 @@ impl RedisStore {
                 Some(out) => Some(out),
                 None => {
                     if let Some(answer) = batcher.submit(&self.inner, key, seq_key) {
-                        return answer.await.unwrap_or_else(|_| {
-                            Err(FredError::new(ErrorKind::Canceled, "lookup batch dropped"))
-                        });
+                        // Its own deadline too, should the batch task not be driven.
+                        return match tokio::time::timeout(self.lookup_timeout(), answer).await {
+                            Ok(Ok(reply)) => reply,
+                            Ok(Err(_)) => {
+                                Err(FredError::new(ErrorKind::Canceled, "lookup batch dropped"))
+                            }
+                            Err(_) => Err(FredError::new(
+                                ErrorKind::Timeout,
+                                "lookup batch did not answer in time",
+                            )),
+                        };
                     }
                     None
                 }
