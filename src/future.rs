@@ -193,6 +193,36 @@ pub(crate) struct Ctx {
     pub(crate) grpc: bool,
 }
 
+impl Ctx {
+    /// The context of a GET of `key` starting now, before its lookup: a miss so far, with
+    /// nothing indexed, coalesced, conditional or near; callers set what applies.
+    pub(crate) fn new(
+        shared: Arc<CacheLayer>,
+        key: String,
+        policy: Arc<Policy>,
+        identity: Option<Vec<u8>>,
+    ) -> Self {
+        Ctx {
+            shared,
+            key,
+            policy,
+            head: false,
+            status: CacheStatus::Miss,
+            path: String::new(),
+            route: None,
+            identity,
+            miss_seq: None,
+            started: Instant::now(),
+            conditional: None,
+            flight: None,
+            stale: None,
+            near: None,
+            shared_request: None,
+            grpc: false,
+        }
+    }
+}
+
 impl<S, ReqB> ResponseFuture<S, ReqB>
 where
     S: Service<Request<ReqB>>,

@@ -21,7 +21,6 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{AUTHORIZATION, CONTENT_TYPE, COOKIE};
@@ -34,7 +33,7 @@ use crate::future::{Ctx, ResponseFuture};
 use crate::key::KeyInput;
 use crate::layer::CacheLayer;
 use crate::policy::Policy;
-use crate::status::{BypassReason, CacheStatus, Counters};
+use crate::status::{BypassReason, Counters};
 
 /// The default bound on the request message of an opted-in gRPC method: 64 KiB. Larger
 /// requests are passed to the inner service (nothing lost) and not cached.
@@ -273,24 +272,12 @@ where
         },
         Some(&message),
     );
+    // gRPC methods do not use the near-cache or the shared-cache mode.
     let ctx = Ctx {
-        shared,
-        key,
-        policy,
-        head: false,
-        status: CacheStatus::Miss,
         path: method.clone(),
         route: Some(method),
-        identity,
-        miss_seq: None,
-        started: Instant::now(),
-        conditional: None,
-        flight: None,
-        stale: None,
-        // gRPC methods do not use the near-cache or the shared-cache mode.
-        near: None,
-        shared_request: None,
         grpc: true,
+        ..Ctx::new(shared, key, policy, identity)
     };
     Some(ResponseFuture::lookup(
         ctx,

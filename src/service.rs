@@ -3,7 +3,6 @@
 use std::fmt;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
 
 use http::{Method, Request, Response};
 use tower_service::Service;
@@ -13,7 +12,7 @@ use crate::future::{Ctx, ResponseFuture};
 use crate::key::KeyInput;
 use crate::layer::CacheLayer;
 use crate::policy::{cacheable_method, request_bypass, SharedRequest};
-use crate::status::{BypassReason, CacheStatus, Counters};
+use crate::status::{BypassReason, Counters};
 
 /// The service made by [`CacheLayer`]. See the [crate docs](crate) for an example.
 pub struct CacheService<S> {
@@ -177,22 +176,9 @@ where
                         return ResponseFuture::near_ready(held.respond(head, now));
                     }
                     let ctx = Ctx {
-                        shared: Arc::clone(shared),
-                        key,
-                        policy: Arc::clone(policy),
                         head,
-                        status: CacheStatus::Miss,
-                        path: String::new(),
-                        route: None,
-                        identity,
-                        miss_seq: None,
-                        started: Instant::now(),
                         conditional,
-                        flight: None,
-                        stale: None,
-                        near: None,
-                        shared_request: None,
-                        grpc: false,
+                        ..Ctx::new(Arc::clone(shared), key, Arc::clone(policy), identity)
                     };
                     return ResponseFuture::near_hit(ctx, held.entry());
                 }
@@ -200,27 +186,16 @@ where
             }
         }
         let ctx = Ctx {
-            shared: Arc::clone(shared),
-            key,
-            policy: Arc::clone(policy),
             head,
-            status: CacheStatus::Miss,
             path: parts.uri.path().to_owned(),
             route: route.map(str::to_owned),
-            identity,
-            miss_seq: None,
-            started: Instant::now(),
             conditional,
-            flight: None,
-            stale: None,
             #[cfg(feature = "near")]
             near: near_epoch,
-            #[cfg(not(feature = "near"))]
-            near: None,
             shared_request: policy
                 .http_shared
                 .then(|| Arc::new(SharedRequest::new(&parts.headers))),
-            grpc: false,
+            ..Ctx::new(Arc::clone(shared), key, Arc::clone(policy), identity)
         };
         ResponseFuture::lookup(ctx, inner, Request::from_parts(parts, body))
     }
