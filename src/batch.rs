@@ -165,10 +165,7 @@ async fn run(mut queue: mpsc::Receiver<Lookup>, store: Weak<Inner>) {
 /// Sends one batch and hands each lookup its answer.
 async fn send(store: Arc<Inner>, batch: Vec<Lookup>, average: &AtomicU64) {
     let _out = store.batcher.as_ref().map(Batcher::out);
-    let budget = store
-        .read
-        .timeout
-        .unwrap_or(crate::config::DEFAULT_LOOKUP_TIMEOUT);
+    let budget = store.lookup_timeout();
     // Lookups whose request is gone are not sent; those whose deadline passed while queued
     // are answered at once, without asking Redis (nor telling the breaker: Redis was not
     // asked). The batch's deadline is that of the oldest lookup left.

@@ -477,7 +477,7 @@ impl Recorder {
             )),
             markers,
             miss_seq: self.miss_seq,
-            seq_key: keyer.seq_key(),
+            seq_key: keyer.seq_key().to_owned(),
             started: self.started,
         };
         let task_shared = Arc::clone(&shared);

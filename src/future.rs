@@ -753,7 +753,7 @@ async fn after_miss(
         Some(seq) => Some(seq),
         None if left.is_zero() => None,
         None => store
-            .read_seq(&shared.settings.keyer.seq_key(), left)
+            .read_seq(shared.settings.keyer.seq_key(), left)
             .await
             .ok(),
     };
@@ -858,7 +858,7 @@ async fn claim_refresh(
 ) -> Option<(u64, crate::coalesce::FlightGuard)> {
     let store = &shared.settings.store;
     let seq = store
-        .read_seq(&shared.settings.keyer.seq_key(), store.lookup_timeout())
+        .read_seq(shared.settings.keyer.seq_key(), store.lookup_timeout())
         .await
         .ok()?;
     match shared.runtime.flights.join(key, Some(seq), Instant::now()) {

@@ -298,7 +298,7 @@ impl CacheHandle {
         let keyer = self.keyer();
         let markers: Vec<String> = indexes.iter().map(|i| keyer.marker_of(i)).collect();
         self.store()
-            .invalidate_indexes(&keyer.seq_key(), &markers, &indexes)
+            .invalidate_indexes(keyer.seq_key(), &markers, &indexes)
             .await
             .map_err(CacheError::from)
     }
@@ -321,7 +321,7 @@ impl CacheHandle {
         let keyer = self.keyer();
         let marker = keyer.marker_of(&keyer.path_index(&path));
         self.store()
-            .invalidate_keys(&keyer.seq_key(), &[marker], vec![key])
+            .invalidate_keys(keyer.seq_key(), &[marker], vec![key])
             .await
             .map_err(CacheError::from)
     }
@@ -396,14 +396,14 @@ impl CacheHandle {
         let store = self.store();
         // The namespace-wide marker: in-flight responses of any path are not stored.
         store
-            .invalidate_keys(&keyer.seq_key(), &[keyer.all_marker()], Vec::new())
+            .invalidate_keys(keyer.seq_key(), &[keyer.all_marker()], Vec::new())
             .await?;
         let paths = store.matching_paths(&keyer.paths_key(), &pattern.0).await?;
         let indexes: Vec<String> = paths.iter().map(|p| keyer.path_index(p)).collect();
         let mut removed = 0;
         for chunk in indexes.chunks(100) {
             removed += store
-                .invalidate_indexes(&keyer.seq_key(), &[], chunk)
+                .invalidate_indexes(keyer.seq_key(), &[], chunk)
                 .await?;
         }
         Ok(removed)
@@ -420,11 +420,11 @@ impl CacheHandle {
         let keyer = self.keyer();
         let store = self.store();
         store
-            .invalidate_keys(&keyer.seq_key(), &[keyer.all_marker()], Vec::new())
+            .invalidate_keys(keyer.seq_key(), &[keyer.all_marker()], Vec::new())
             .await?;
         // The path registry and the indexes go first (see `Keyer::scan_patterns`).
         store
-            .invalidate_keys(&keyer.seq_key(), &[], vec![keyer.paths_key()])
+            .invalidate_keys(keyer.seq_key(), &[], vec![keyer.paths_key()])
             .await?;
         let [indexes, entries, values, pending] = keyer.scan_patterns();
         let removed = store

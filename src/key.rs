@@ -223,8 +223,8 @@ impl Keyer {
     }
 
     /// The namespace's invalidation sequence counter.
-    pub(crate) fn seq_key(&self) -> String {
-        self.seq_key.to_string()
+    pub(crate) fn seq_key(&self) -> &str {
+        &self.seq_key
     }
 
     /// [`seq_key`](Self::seq_key), shared (for lookups that read it alongside the entry).

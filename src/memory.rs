@@ -285,9 +285,7 @@ impl MemoryStore {
     pub(crate) fn unlink(&self, keys: &[String]) -> u64 {
         let now = Instant::now();
         let mut state = self.lock();
-        keys.iter()
-            .filter(|k| self.remove(&mut state, k, now))
-            .count() as u64
+        self.remove_all(&mut state, keys, now)
     }
 
     /// Raises `markers` to the next sequence number, then removes `keys` (strings, sets or
@@ -302,9 +300,7 @@ impl MemoryStore {
         let mut state = self.lock();
         state.sweep(now);
         state.mark(seq_key, markers, now);
-        keys.iter()
-            .filter(|k| self.remove(&mut state, k, now))
-            .count() as u64
+        self.remove_all(&mut state, keys, now)
     }
 
     /// Raises `markers`, then removes every member of `indexes` and empties them; returns how
@@ -329,10 +325,7 @@ impl MemoryStore {
             .collect();
         members.sort_unstable();
         members.dedup();
-        members
-            .iter()
-            .filter(|k| self.remove(&mut state, k, now))
-            .count() as u64
+        self.remove_all(&mut state, &members, now)
     }
 
     /// The members of the path registry that match a glob pattern, sorted.
@@ -387,6 +380,11 @@ impl MemoryStore {
             }
         }
         counted_removed
+    }
+
+    /// Removes keys of any kind; returns how many live ones existed.
+    fn remove_all(&self, state: &mut State, keys: &[String], now: Instant) -> u64 {
+        keys.iter().filter(|k| self.remove(state, k, now)).count() as u64
     }
 
     /// Removes a key of any kind; true if a live one existed.

@@ -162,10 +162,7 @@ impl RedisStore {
 
     /// The deadline of a lookup.
     pub(crate) fn lookup_timeout(&self) -> Duration {
-        self.inner
-            .read
-            .timeout
-            .unwrap_or(crate::config::DEFAULT_LOOKUP_TIMEOUT)
+        self.inner.lookup_timeout()
     }
 
     /// The underlying fred pool, for commands of your own.
@@ -293,29 +290,22 @@ impl RedisStore {
         seq_key: Option<&Arc<str>>,
     ) -> Result<(Option<Bytes>, Option<u64>), FredError> {
         self.gate()?;
-        // Alone (nothing out to batch with), or without a batcher: a GET of its own.
-        let _alone = match self.inner.batcher.as_ref() {
-            Some(batcher) => match batcher.alone() {
-                Some(out) => Some(out),
-                None => {
-                    if let Some(answer) = batcher.submit(&self.inner, key, seq_key) {
-                        // Its own deadline too, should the batch task not be driven.
-                        return match tokio::time::timeout(self.lookup_timeout(), answer).await {
-                            Ok(Ok(reply)) => reply,
-                            Ok(Err(_)) => {
-                                Err(FredError::new(ErrorKind::Canceled, "lookup batch dropped"))
-                            }
-                            Err(_) => Err(FredError::new(
-                                ErrorKind::Timeout,
-                                "lookup batch did not answer in time",
-                            )),
-                        };
-                    }
-                    None
-                }
-            },
-            None => None,
-        };
+        let batcher = self.inner.batcher.as_ref();
+        // Alone (nothing out to batch with): a GET of its own, counted as out meanwhile.
+        let alone = batcher.and_then(crate::batch::Batcher::alone);
+        if let (Some(batcher), None) = (batcher, &alone) {
+            if let Some(answer) = batcher.submit(&self.inner, key, seq_key) {
+                // Its own deadline too, should the batch task not be driven.
+                return match tokio::time::timeout(self.lookup_timeout(), answer).await {
+                    Ok(Ok(reply)) => reply,
+                    Ok(Err(_)) => Err(FredError::new(ErrorKind::Canceled, "lookup batch dropped")),
+                    Err(_) => Err(FredError::new(
+                        ErrorKind::Timeout,
+                        "lookup batch did not answer in time",
+                    )),
+                };
+            }
+        }
         let r = self
             .inner
             .pool
@@ -323,6 +313,7 @@ impl RedisStore {
             .with_options(&self.inner.read)
             .get::<Option<Bytes>, _>(key)
             .await;
+        drop(alone);
         self.observe("get", r).map(|value| (value, None))
     }
 
@@ -354,6 +345,13 @@ impl RedisStore {
 }
 
 impl Inner {
+    /// The deadline of a lookup.
+    pub(crate) fn lookup_timeout(&self) -> Duration {
+        self.read
+            .timeout
+            .unwrap_or(crate::config::DEFAULT_LOOKUP_TIMEOUT)
+    }
+
     /// Feeds a command's outcome to the circuit breaker.
     pub(crate) fn observe<T>(
         &self,

@@ -264,7 +264,7 @@ impl CacheHandle {
         // The invalidation sequence before computing: the result is stored only if no
         // invalidation of its user ran meanwhile (as for responses).
         let seq = store
-            .read_seq(&keyer.seq_key(), store.lookup_timeout())
+            .read_seq(keyer.seq_key(), store.lookup_timeout())
             .await
             .ok();
         let inflight = &self.runtime().inflight;
@@ -349,7 +349,7 @@ impl CacheHandle {
             path: None,
             markers,
             miss_seq,
-            seq_key: keyer.seq_key(),
+            seq_key: keyer.seq_key().to_owned(),
             started,
         };
         let handle = self.clone();
