@@ -181,6 +181,8 @@ where
             Some(BypassReason::Authorization)
         } else if parts.headers.contains_key(COOKIE) {
             Some(BypassReason::Cookie)
+        } else if (shared.settings.credentials.iter()).any(|n| parts.headers.contains_key(n)) {
+            Some(BypassReason::Credential)
         } else if shared.settings.identity.extract(&parts).is_some() {
             Some(BypassReason::Identity)
         } else {
@@ -261,6 +263,23 @@ where
             x_cache,
         ));
     };
+    let authority = if policy.key_headers.contains(&http::header::HOST) {
+        match crate::key::authority(&parts.uri, &parts.headers) {
+            Ok(authority) => authority,
+            Err(_) => {
+                Counters::incr(&shared.runtime.counters.bypassed);
+                tracing::debug!(method = %method, "two authorities on a call keyed on the host; cache bypass");
+                let x_cache = shared.settings.x_cache.clone();
+                return Some(ResponseFuture::bypass(
+                    inner.call(Request::from_parts(parts, body)),
+                    BypassReason::Authority,
+                    x_cache,
+                ));
+            }
+        }
+    } else {
+        None
+    };
     let key = shared.settings.keyer.key_with_body(
         &KeyInput {
             route: Some(&method),
@@ -269,6 +288,7 @@ where
             query: None,
             key_headers: &policy.key_headers,
             headers: &parts.headers,
+            authority,
         },
         Some(&message),
     );
@@ -568,6 +588,7 @@ mod tests {
             query: None,
             key_headers: &[],
             headers: &headers,
+            authority: None,
         };
         let plain = keyer.key(&input);
         assert_eq!(keyer.key_with_body(&input, None), plain);

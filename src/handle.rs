@@ -183,6 +183,8 @@ impl RequestKey {
     }
 
     /// A value of a header the route keys on ([`Policy::key_header`](crate::Policy::key_header)).
+    /// For a route keyed on `Host`, give the authority as `Host` (`shop.example`): it finds
+    /// the entry of that authority whether the request came over HTTP/1.1 or HTTP/2.
     pub fn header(mut self, name: HeaderName, value: HeaderValue) -> Self {
         self.headers.append(name, value);
         self
@@ -271,6 +273,12 @@ impl CacheHandle {
         // An identity given means a per-user entry, whatever the handle's table says (the
         // route may have its policy from a clone of the layer).
         let identity = request.identity.as_deref().map(str::as_bytes);
+        // A keyed Host stands for the authority: the URI's, else the `Host` given.
+        let authority = uri.as_ref().and_then(Uri::authority).map(|a| a.as_str());
+        let authority = authority.or_else(|| {
+            let host = request.headers.get(http::header::HOST)?;
+            host.to_str().ok()
+        });
         let key = self.layer.settings.keyer.key(&KeyInput {
             route,
             identity,
@@ -278,6 +286,7 @@ impl CacheHandle {
             query,
             key_headers: &policy.key_headers,
             headers: &request.headers,
+            authority,
         });
         (key, path.to_owned())
     }

@@ -164,7 +164,36 @@ pub(crate) struct KeyInput<'a> {
     pub(crate) query: Option<&'a str>,
     pub(crate) key_headers: &'a [HeaderName],
     pub(crate) headers: &'a HeaderMap,
+    /// The request's authority (see [`authority`]): what a keyed `Host` stands for.
+    pub(crate) authority: Option<&'a str>,
 }
+
+/// The request's authority, the same whichever protocol carried it: the URI's authority
+/// (HTTP/2's `:authority`, or an HTTP/1.1 request in absolute form), else the `Host` header.
+///
+/// `Err` when the request names two authorities (two `Host` headers, a `Host` that is not
+/// text, or a `Host` that differs from the URI's authority): the handler may read either,
+/// so no key can hold the one it uses, and such a request must not use the cache.
+pub(crate) fn authority<'a>(
+    uri: &'a http::Uri,
+    headers: &'a HeaderMap,
+) -> Result<Option<&'a str>, ConflictingAuthority> {
+    let mut hosts = headers.get_all(header::HOST).iter();
+    let host = match (hosts.next(), hosts.next()) {
+        (None, _) => None,
+        (Some(h), None) => Some(h.to_str().map_err(|_| ConflictingAuthority)?),
+        (Some(_), Some(_)) => return Err(ConflictingAuthority),
+    };
+    match (uri.authority().map(http::uri::Authority::as_str), host) {
+        (Some(a), Some(h)) if !a.eq_ignore_ascii_case(h) => Err(ConflictingAuthority),
+        (Some(a), _) => Ok(Some(a)),
+        (None, h) => Ok(h),
+    }
+}
+
+/// A request that names two different authorities (see [`authority`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ConflictingAuthority;
 
 impl Keyer {
     pub(crate) fn new(namespace: &str) -> Self {
@@ -295,6 +324,22 @@ impl Keyer {
         part(&(input.key_headers.len() as u64).to_le_bytes());
         for name in input.key_headers {
             part(name.as_str().as_bytes());
+            if name == header::HOST {
+                // The authority, however the request carried it (HTTP/2 has no `Host`),
+                // in lower case: the bytes a single `Host` header gave before.
+                match input.authority {
+                    Some(a) => {
+                        part(&1u64.to_le_bytes());
+                        if a.bytes().any(|b| b.is_ascii_uppercase()) {
+                            part(a.to_ascii_lowercase().as_bytes());
+                        } else {
+                            part(a.as_bytes());
+                        }
+                    }
+                    None => part(&0u64.to_le_bytes()),
+                }
+                continue;
+            }
             let values = input.headers.get_all(name);
             part(&(values.iter().count() as u64).to_le_bytes());
             for v in values {
@@ -516,6 +561,7 @@ mod tests {
             query,
             key_headers: &[],
             headers: &HeaderMap::new(),
+            authority: None,
         })
     }
 
@@ -562,6 +608,7 @@ mod tests {
                 query: None,
                 key_headers: &[],
                 headers: &HeaderMap::new(),
+                authority: None,
             }),
             k.key(&KeyInput {
                 route: Some("/item/{id}"),
@@ -570,6 +617,7 @@ mod tests {
                 query: Some("size=1024"),
                 key_headers: &[],
                 headers: &HeaderMap::new(),
+                authority: None,
             }),
             k.key(&KeyInput {
                 route: Some("/user/{id}"),
@@ -578,6 +626,7 @@ mod tests {
                 query: Some("b=2&a=1&&%61=3&c"),
                 key_headers: &names,
                 headers: &headers,
+                authority: None,
             }),
         ];
         assert_eq!(
@@ -626,12 +675,62 @@ mod tests {
             query: None,
             key_headers: &names,
             headers,
+            authority: None,
         };
         let none = HeaderMap::new();
         let keys = [k.key(&input(&en)), k.key(&input(&de)), k.key(&input(&none))];
         assert_ne!(keys[0], keys[1]);
         assert_ne!(keys[0], keys[2]);
         assert_ne!(keys[1], keys[2]);
+    }
+
+    #[test]
+    fn the_authority_is_one_whatever_the_protocol() {
+        let h1: http::Uri = "/tenant".parse().unwrap();
+        let h2: http::Uri = "http://shop.example/tenant".parse().unwrap();
+        let host = |v: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::HOST, HeaderValue::from_static(v));
+            h
+        };
+        let none = HeaderMap::new();
+        assert_eq!(
+            authority(&h1, &host("shop.example")),
+            Ok(Some("shop.example"))
+        );
+        assert_eq!(authority(&h2, &none), Ok(Some("shop.example")));
+        assert_eq!(
+            authority(&h2, &host("SHOP.example")),
+            Ok(Some("shop.example"))
+        );
+        assert_eq!(authority(&h1, &none), Ok(None));
+        // Two authorities: the handler may read either one.
+        assert_eq!(
+            authority(&h2, &host("evil.example")),
+            Err(ConflictingAuthority)
+        );
+        let mut two = host("shop.example");
+        two.append(header::HOST, HeaderValue::from_static("evil.example"));
+        assert_eq!(authority(&h1, &two), Err(ConflictingAuthority));
+
+        // A keyed Host keys the authority: one entry for HTTP/1.1 and HTTP/2, in any case.
+        let k = Keyer::new("ns");
+        let names = [header::HOST];
+        let key = |authority, headers: &HeaderMap| {
+            k.key(&KeyInput {
+                route: None,
+                identity: None,
+                path: "/tenant",
+                query: None,
+                key_headers: &names,
+                headers,
+                authority,
+            })
+        };
+        let shop = key(Some("shop.example"), &none);
+        assert_eq!(shop, key(Some("Shop.Example"), &none));
+        assert_ne!(shop, key(Some("evil.example"), &none));
+        assert_ne!(shop, key(None, &none));
     }
 
     #[test]
@@ -655,6 +754,7 @@ mod tests {
             query: None,
             key_headers: &[],
             headers: &HeaderMap::new(),
+            authority: None,
         };
         let a = Keyer::new("a").key(&input);
         let b = Keyer::new("b").key(&input);
@@ -735,6 +835,7 @@ mod fuzz {
                 query,
                 key_headers: &[],
                 headers: &HeaderMap::new(),
+                authority: None,
             });
             let (a, b) = (key(&p1, q1.as_deref()), key(&p2, q2.as_deref()));
             prop_assert!(a.len() <= 80 && b.len() <= 80);

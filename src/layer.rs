@@ -39,6 +39,8 @@ pub(crate) struct Settings {
     pub(crate) store: Store,
     pub(crate) keyer: Keyer,
     pub(crate) identity: Identity,
+    /// Credential-bearing request headers besides `Authorization` and `Cookie`.
+    pub(crate) credentials: Arc<[HeaderName]>,
     pub(crate) x_cache: Option<HeaderName>,
     pub(crate) invalidate_on_write: bool,
     #[cfg(feature = "near")]
@@ -150,6 +152,7 @@ impl CacheLayer {
                 store: store.into(),
                 keyer: Keyer::new(DEFAULT_NAMESPACE),
                 identity: Identity::default(),
+                credentials: Arc::from(crate::policy::DEFAULT_CREDENTIAL_HEADERS.as_slice()),
                 x_cache: Some(HeaderName::from_static("x-cache")),
                 invalidate_on_write: false,
                 #[cfg(feature = "near")]
@@ -180,6 +183,33 @@ impl CacheLayer {
     /// identity is passed through, like one with `Authorization`.
     pub fn identity(mut self, identity: Identity) -> Self {
         self.settings.identity = identity;
+        self
+    }
+
+    /// Declares a request header as carrying a credential, like `Authorization` and
+    /// `Cookie`: a request with it bypasses strictly shared routes (`BYPASS`, detail
+    /// `credential`), so that a response personalised by it is never served to others.
+    /// Per-user routes and routes declared
+    /// [`shared_for_authenticated`](Policy::shared_for_authenticated) are not affected.
+    ///
+    /// `Proxy-Authorization`, `X-Api-Key`, `X-Auth-Token` and `X-Access-Token` are
+    /// credential headers by default; add the ones your authentication reads:
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use http::HeaderName;
+    /// use tower_redis_cache::{CacheLayer, MemoryStore, Policy};
+    ///
+    /// let cache = CacheLayer::new(MemoryStore::new(1 << 20), Policy::bypass())
+    ///     .credential_header(HeaderName::from_static("x-tenant-token"));
+    /// # let _ = cache;
+    /// ```
+    pub fn credential_header(mut self, name: HeaderName) -> Self {
+        if !self.settings.credentials.contains(&name) {
+            let mut names = self.settings.credentials.to_vec();
+            names.push(name);
+            self.settings.credentials = Arc::from(names);
+        }
         self
     }
 

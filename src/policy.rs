@@ -218,6 +218,22 @@ impl Policy {
     /// Keys entries on the values of a request header as well (for example
     /// `Accept-Language`), so that each value gets its own entry. A response whose `Vary`
     /// names a header that is not keyed is not stored.
+    ///
+    /// `Host` means the request's authority, the same over HTTP/1.1 and HTTP/2 (which has
+    /// no `Host` header: the authority travels in the URI): the URI's authority, else the
+    /// `Host` header, compared without case. A request that names two authorities (two
+    /// `Host` headers, or a `Host` other than the URI's authority) is not cached
+    /// (`BYPASS`, detail `authority`), since the handler could read either one. Key on it
+    /// whenever a handler's response depends on the host: several tenants on one router,
+    /// or absolute links built from the host.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_redis_cache::Policy;
+    ///
+    /// let per_tenant = Policy::shared(Duration::from_secs(60)).key_header(http::header::HOST);
+    /// # let _ = per_tenant;
+    /// ```
     pub fn key_header(mut self, name: HeaderName) -> Self {
         if !self.key_headers.contains(&name) {
             self.key_headers.push(name);
@@ -435,16 +451,35 @@ pub(crate) fn take_tags(headers: &mut HeaderMap, policy: &Policy) -> Vec<String>
     tags
 }
 
-/// Decides whether a GET/HEAD request may use the cache at all.
-pub(crate) fn request_bypass(headers: &HeaderMap, policy: &Policy) -> Option<BypassReason> {
+/// Request headers that carry a credential besides `Authorization` and `Cookie`: a request
+/// with one bypasses shared routes (see [`CacheLayer::credential_header`](crate::CacheLayer::credential_header)).
+pub(crate) const DEFAULT_CREDENTIAL_HEADERS: [HeaderName; 4] = [
+    header::PROXY_AUTHORIZATION,
+    HeaderName::from_static("x-api-key"),
+    HeaderName::from_static("x-auth-token"),
+    HeaderName::from_static("x-access-token"),
+];
+
+/// Decides whether a GET/HEAD request may use the cache at all. `body_empty` is what the
+/// request body says of itself (ended, or an exact size of zero); `credentials` are the
+/// layer's credential-bearing headers other than `Authorization` and `Cookie`.
+pub(crate) fn request_bypass(
+    headers: &HeaderMap,
+    body_empty: bool,
+    policy: &Policy,
+    credentials: &[HeaderName],
+) -> Option<BypassReason> {
     if !policy.enabled {
         return Some(BypassReason::Route);
     }
     if headers.contains_key(header::RANGE) {
         return Some(BypassReason::Range);
     }
-    // The key does not hold the request body: a GET with one is not cached.
-    let has_body = headers.contains_key(header::TRANSFER_ENCODING)
+    // The key does not hold the request body: a GET with one is not cached. The body says
+    // so itself (over HTTP/2 a body comes with neither `Content-Length` nor
+    // `Transfer-Encoding`); the headers say so before it arrives.
+    let has_body = !body_empty
+        || headers.contains_key(header::TRANSFER_ENCODING)
         || headers
             .get(header::CONTENT_LENGTH)
             .is_some_and(|v| v.as_bytes() != b"0");
@@ -458,6 +493,9 @@ pub(crate) fn request_bypass(headers: &HeaderMap, policy: &Policy) -> Option<Byp
         }
         if headers.contains_key(header::COOKIE) {
             return Some(BypassReason::Cookie);
+        }
+        if credentials.iter().any(|name| headers.contains_key(name)) {
+            return Some(BypassReason::Credential);
         }
     }
     None
@@ -902,37 +940,65 @@ mod tests {
         let auth = h(&[("authorization", "Bearer x")]);
         let cookie = h(&[("cookie", "s=1")]);
         assert_eq!(
-            request_bypass(&auth, &shared),
+            request_bypass(&auth, true, &shared, &[]),
             Some(BypassReason::Authorization)
         );
-        assert_eq!(request_bypass(&cookie, &shared), Some(BypassReason::Cookie));
-        let open = shared.clone().shared_for_authenticated();
-        assert_eq!(request_bypass(&auth, &open), None);
-        assert_eq!(request_bypass(&cookie, &open), None);
-        assert_eq!(request_bypass(&auth, &Policy::per_user(TTL)), None);
         assert_eq!(
-            request_bypass(&h(&[("range", "bytes=0-1")]), &Policy::per_user(TTL)),
+            request_bypass(&cookie, true, &shared, &[]),
+            Some(BypassReason::Cookie)
+        );
+        let open = shared.clone().shared_for_authenticated();
+        assert_eq!(request_bypass(&auth, true, &open, &[]), None);
+        assert_eq!(request_bypass(&cookie, true, &open, &[]), None);
+        assert_eq!(
+            request_bypass(&auth, true, &Policy::per_user(TTL), &[]),
+            None
+        );
+        assert_eq!(
+            request_bypass(
+                &h(&[("range", "bytes=0-1")]),
+                true,
+                &Policy::per_user(TTL),
+                &[]
+            ),
             Some(BypassReason::Range)
         );
         assert_eq!(
-            request_bypass(&HeaderMap::new(), &Policy::bypass()),
+            request_bypass(&HeaderMap::new(), true, &Policy::bypass(), &[]),
             Some(BypassReason::Route)
         );
         assert_eq!(
-            request_bypass(&h(&[("content-length", "12")]), &shared),
+            request_bypass(&h(&[("content-length", "12")]), true, &shared, &[]),
             Some(BypassReason::Body)
         );
         assert_eq!(
-            request_bypass(&h(&[("transfer-encoding", "chunked")]), &shared),
+            request_bypass(&h(&[("transfer-encoding", "chunked")]), true, &shared, &[]),
             Some(BypassReason::Body)
         );
         assert_eq!(
-            request_bypass(&h(&[("content-length", "0")]), &shared),
+            request_bypass(&h(&[("content-length", "0")]), true, &shared, &[]),
+            None
+        );
+        // A body that says it is not empty, whatever the headers (HTTP/2).
+        assert_eq!(
+            request_bypass(&HeaderMap::new(), false, &Policy::per_user(TTL), &[]),
+            Some(BypassReason::Body)
+        );
+        // Credential-bearing headers bypass strictly shared routes only.
+        let key = h(&[("x-api-key", "k")]);
+        let creds = DEFAULT_CREDENTIAL_HEADERS;
+        assert_eq!(
+            request_bypass(&key, true, &shared, &creds),
+            Some(BypassReason::Credential)
+        );
+        assert_eq!(request_bypass(&key, true, &open, &creds), None);
+        assert_eq!(
+            request_bypass(&key, true, &Policy::per_user(TTL), &creds),
             None
         );
         // A client's no-cache does not bypass.
         assert_eq!(
-            request_bypass(&h(&[("cache-control", "no-cache")]), &shared),
+            request_bypass(&h(&[("cache-control", "no-cache")]), true, &shared, &[]),
             None
         );
     }

@@ -69,8 +69,9 @@ where
     S::Future: Send + 'static,
     S::Error: Send + 'static,
     ResB: http_body::Body<Data = bytes::Bytes> + Send + 'static,
-    // Opted-in gRPC calls rebuild their request body, of a type found at run time.
-    ReqB: 'static,
+    // Opted-in gRPC calls rebuild their request body, of a type found at run time; a GET
+    // whose body is not empty is not cached (the body says so itself).
+    ReqB: http_body::Body + 'static,
 {
     type Response = Response<ResponseBody<ResB>>;
     type Error = S::Error;
@@ -109,7 +110,9 @@ where
             tracing::debug!(uri = %uri_for_log(&parts), reason = reason.as_str(), "cache bypass");
             (reason, Request::from_parts(parts, body))
         };
-        if let Some(reason) = request_bypass(&parts.headers, policy) {
+        let body_empty = body.is_end_stream() || body.size_hint().exact() == Some(0);
+        let credentials = &shared.settings.credentials;
+        if let Some(reason) = request_bypass(&parts.headers, body_empty, policy, credentials) {
             let (reason, req) = bypass(reason, parts, body);
             return ResponseFuture::bypass(
                 inner.call(req),
@@ -141,6 +144,22 @@ where
             }
             None
         };
+        // The authority only where it is keyed (`Policy::key_header(HOST)`).
+        let authority = if policy.key_headers.contains(&http::header::HOST) {
+            match crate::key::authority(&parts.uri, &parts.headers) {
+                Ok(authority) => authority,
+                Err(_) => {
+                    let (reason, req) = bypass(BypassReason::Authority, parts, body);
+                    return ResponseFuture::bypass(
+                        inner.call(req),
+                        reason,
+                        shared.settings.x_cache.clone(),
+                    );
+                }
+            }
+        } else {
+            None
+        };
         let key = shared.settings.keyer.key(&KeyInput {
             route,
             identity: identity.as_deref(),
@@ -148,6 +167,7 @@ where
             query: parts.uri.query(),
             key_headers: &policy.key_headers,
             headers: &parts.headers,
+            authority,
         });
         let head = parts.method == Method::HEAD;
         let conditional = {

@@ -57,6 +57,12 @@ pub enum BypassReason {
     Identity,
     /// A GET or HEAD request with a body: the key does not hold bodies.
     Body,
+    /// A shared route got a request with a credential-bearing header (see
+    /// [`CacheLayer::credential_header`](crate::CacheLayer::credential_header)).
+    Credential,
+    /// A route that keys on the authority got a request that names two (two `Host`
+    /// headers, or a `Host` other than the URI's authority).
+    Authority,
     /// An opted-in gRPC call whose request is not one message within
     /// [`CacheLayer::grpc_max_request_size`](crate::CacheLayer::grpc_max_request_size)
     /// (or whose body failed).
@@ -76,6 +82,8 @@ impl BypassReason {
             BypassReason::NoIdentity => "no-identity",
             BypassReason::Identity => "identity",
             BypassReason::Body => "body",
+            BypassReason::Credential => "credential",
+            BypassReason::Authority => "authority",
             BypassReason::Message => "grpc-message",
             BypassReason::BodyType => "body-type",
         }

@@ -725,16 +725,16 @@ mod tests {
         use crate::status::BypassReason;
         let p = Policy::http_shared(MAX);
         assert_eq!(
-            super::super::request_bypass(&h(&[("authorization", "x")]), &p),
+            super::super::request_bypass(&h(&[("authorization", "x")]), true, &p, &[]),
             None
         );
         assert_eq!(
-            super::super::request_bypass(&h(&[("cookie", "a=b")]), &p),
+            super::super::request_bypass(&h(&[("cookie", "a=b")]), true, &p, &[]),
             Some(BypassReason::Cookie)
         );
         let open = Policy::http_shared(MAX).shared_for_authenticated();
         assert_eq!(
-            super::super::request_bypass(&h(&[("cookie", "a=b")]), &open),
+            super::super::request_bypass(&h(&[("cookie", "a=b")]), true, &open, &[]),
             None
         );
     }
