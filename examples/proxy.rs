@@ -15,6 +15,10 @@
 //! `REDIS_DB`, `REDIS_SSL` (see `RedisConfig::from_env`), `CACHE_NAMESPACE` (proxy),
 //! `CACHE_MAX_TTL` (86400: the longest any response stays fresh here, in seconds),
 //! `HEALTH_PATH` (/_proxy/health), `RUST_LOG`.
+//!
+//! Entries are keyed on the authority the client asked for, passed to the origin as
+//! `X-Forwarded-Host`; forwarding headers a client sends itself (`Forwarded`,
+//! `X-Forwarded-*`, `X-Real-IP`) are dropped, since this proxy is the first hop.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -32,6 +36,17 @@ use tower_redis_cache::{health_route, CacheLayer, Policy, RedisConfig, RedisStor
 
 /// How long the origin may take to answer before the proxy says 504.
 const ORIGIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Headers through which proxies tell the origin about earlier hops. A client's own are
+/// removed: this proxy is the first hop, and sets the ones it knows.
+const FORWARDING_HEADERS: [&str; 6] = [
+    "forwarded",
+    "x-forwarded-host",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-port",
+    "x-real-ip",
+];
 
 /// What this proxy adds to `Via` (RFC 9110 §7.6.3).
 const VIA: &str = "1.1 tower-redis-cache";
@@ -55,13 +70,29 @@ impl Origin {
             Some(uri) => uri,
             None => return Ok(status(StatusCode::BAD_REQUEST)),
         };
-        let host = parts.headers.remove(header::HOST);
+        // The authority the client asked for: the cache keys on it (see `main`), and the
+        // origin learns it from `X-Forwarded-Host`.
+        let host = parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            .or_else(|| parts.headers.get(header::HOST).cloned());
+        parts.headers.remove(header::HOST);
         remove_hop_by_hop(&mut parts.headers);
+        // This proxy is the edge: what a client says of earlier hops is not forwarded (a
+        // client-sent `X-Forwarded-Host` would change the page without changing the key).
+        for name in FORWARDING_HEADERS {
+            parts.headers.remove(name);
+        }
         if let Some(host) = host {
             parts
                 .headers
                 .insert(HeaderName::from_static("x-forwarded-host"), host);
         }
+        parts.headers.insert(
+            HeaderName::from_static("x-forwarded-proto"),
+            HeaderValue::from_static("http"),
+        );
         if let Some(ip) = client_addr {
             append_list(&mut parts.headers, "x-forwarded-for", &ip.to_string());
         }
@@ -181,10 +212,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let config = RedisConfig::from_env()?;
     tracing::info!(?config, "redis");
     let store = RedisStore::connect(config).await?;
-    // Most origins that compress answer `Vary: Accept-Encoding`: keying on it keeps an entry
-    // per value (gzip, br, none...) instead of one that each value replaces in turn.
-    let policy =
-        Policy::http_shared(Duration::from_secs(max_ttl)).key_header(header::ACCEPT_ENCODING);
+    // The target URI is the primary cache key (RFC 9111 §4): keying on `Host` keys the
+    // authority the client asked for (`:authority` over HTTP/2), which the origin sees as
+    // `X-Forwarded-Host`. Most origins that compress answer `Vary: Accept-Encoding`: keying
+    // on it keeps an entry per value (gzip, br, none...) instead of one that each value
+    // replaces in turn.
+    let policy = Policy::http_shared(Duration::from_secs(max_ttl))
+        .key_header(header::HOST)
+        .key_header(header::ACCEPT_ENCODING);
     let cache = CacheLayer::new(store, policy)
         .namespace(&env_or("CACHE_NAMESPACE", "proxy"))?
         // A successful PUT, PATCH, POST or DELETE removes its path's entries (RFC 9111 §4.4).

@@ -125,7 +125,9 @@ impl Reply {
 fn http(port: u16, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> Reply {
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
+    let own_host = headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("host"));
+    let host = if own_host { "" } else { "Host: localhost\r\n" };
+    let mut req = format!("{method} {path} HTTP/1.1\r\n{host}Connection: close\r\n");
     for (n, v) in headers {
         req.push_str(&format!("{n}: {v}\r\n"));
     }
@@ -439,7 +441,27 @@ fn start_origin() -> (u16, std::sync::Arc<std::sync::atomic::AtomicU64>) {
                     Value::Object(seen).to_string(),
                 )
             });
+            // A public page built for the host the client asked for (as pages with absolute
+            // links are), with the forwarding headers the origin saw.
+            let hosted = axum::routing::get(|headers: http::HeaderMap| async move {
+                let seen = |n: &str| {
+                    headers
+                        .get(n)
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_owned)
+                };
+                (
+                    [("cache-control", "public, max-age=60")],
+                    serde_json::json!({
+                        "host": seen("x-forwarded-host"),
+                        "forwarded": seen("forwarded"),
+                        "for": seen("x-forwarded-for"),
+                    })
+                    .to_string(),
+                )
+            });
             let app = axum::Router::new()
+                .route("/hosted", hosted)
                 .route("/page", answer("public, max-age=60"))
                 .route("/private", answer("private, max-age=60"))
                 .route("/echo", echo);
@@ -521,6 +543,53 @@ fn proxy_caches_what_the_origin_allows() {
         (health.status, health.body["redis"].as_str()),
         (200, Some("connected"))
     );
+}
+
+/// The proxy keys on the authority the client asked for, so a page built for one host is
+/// never served for another, and forwarding headers a client sends itself never reach the
+/// origin (they would change the page without changing the key).
+#[test]
+fn proxy_keys_on_the_authority_and_drops_client_forwarding_headers() {
+    let redis = RedisServer::start();
+    let (origin, _) = start_origin();
+    let proxy = start_proxy(&redis, origin);
+    let p = proxy.port;
+    let as_host = |host: &str, extra: &[(&str, &str)]| {
+        let mut headers = vec![("host", host)];
+        headers.extend_from_slice(extra);
+        http(p, "GET", "/hosted", &headers, "")
+    };
+
+    // An attacker's page for evil.example gets stored...
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let evil = as_host("evil.example", &[]);
+        assert_eq!(evil.body["host"], "evil.example");
+        if evil.header("x-cache") == Some("HIT") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "evil.example never became a hit");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // ...and shop.example's clients still get shop.example's page.
+    let shop = as_host("shop.example", &[]);
+    assert_eq!(
+        (shop.header("x-cache"), &shop.body["host"]),
+        (Some("MISS"), &Value::from("shop.example"))
+    );
+
+    // A client's own forwarding headers are dropped: the origin sees what the proxy knows.
+    let spoofed = as_host(
+        "shop2.example",
+        &[
+            ("x-forwarded-host", "evil.example"),
+            ("forwarded", "host=evil.example;for=6.6.6.6"),
+            ("x-forwarded-for", "6.6.6.6"),
+        ],
+    );
+    assert_eq!(spoofed.body["host"], "shop2.example");
+    assert_eq!(spoofed.body["forwarded"], Value::Null);
+    assert_eq!(spoofed.body["for"], "127.0.0.1");
 }
 
 #[test]
