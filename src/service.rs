@@ -214,7 +214,7 @@ where
             near: near_epoch,
             shared_request: policy
                 .http_shared
-                .then(|| Arc::new(SharedRequest::new(&parts.headers))),
+                .then(|| Arc::new(SharedRequest::for_request(&parts.uri, &parts.headers))),
             ..Ctx::new(Arc::clone(shared), key, Arc::clone(policy), identity)
         };
         ResponseFuture::lookup(ctx, inner, Request::from_parts(parts, body))

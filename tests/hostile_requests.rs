@@ -351,3 +351,32 @@ async fn credential_headers_bypass_shared_routes() {
         ("MISS", "page for anonymous")
     );
 }
+
+/// In shared-cache mode a response's `Vary: Host` holds over HTTP/2 too, where the
+/// authority is in the URI and no `Host` header comes.
+#[tokio::test]
+async fn vary_host_in_shared_cache_mode_holds_over_http2() {
+    let server = RedisServer::start();
+    let cache = layer(&server, Policy::http_shared(TTL)).await;
+    let handle = cache.handle();
+    let app = Router::new()
+        .route(
+            "/tenant",
+            get(|req: AxumRequest| async move {
+                (
+                    [("cache-control", "public, max-age=60"), ("vary", "host")],
+                    format!("page of {}", authority_of(&req)),
+                )
+            }),
+        )
+        .layer(cache);
+    let port = serve(app).await;
+
+    for proto in [Proto::H2c, Proto::Http1] {
+        let a = send(proto, port, get_for(proto, "a.example", "/tenant")).await;
+        assert_eq!(a.body, "page of a.example", "{proto:?}");
+        wait_until("stored", || handle.stats().stored >= 1).await;
+        let b = send(proto, port, get_for(proto, "b.example", "/tenant")).await;
+        assert_eq!(b.body, "page of b.example", "{proto:?}");
+    }
+}

@@ -51,6 +51,20 @@ impl SharedRequest {
         }
     }
 
+    /// The request as a route sees it: over HTTP/2 the authority travels in the URI and
+    /// `Host` is absent, so a response's `Vary: Host` is matched against the URI's
+    /// authority there (the same value HTTP/1.1 sends as `Host`).
+    pub(crate) fn for_request(uri: &http::Uri, headers: &HeaderMap) -> Self {
+        let mut request = Self::new(headers);
+        if !request.headers.contains_key(header::HOST) {
+            let authority = uri.authority().map(|a| HeaderValue::from_str(a.as_str()));
+            if let Some(Ok(value)) = authority {
+                request.headers.insert(header::HOST, value);
+            }
+        }
+        request
+    }
+
     /// Whether this request refuses every stored response (`no-cache`, `max-age=0`, as
     /// browsers send on reload): it need not wait for a concurrent miss's.
     pub(crate) fn refuses_stored(&self) -> bool {
