@@ -18,7 +18,7 @@ use axum::extract::Path;
 use axum::routing::get;
 use axum::Router;
 use common::load::{percentiles, Conn};
-use tower_redis_cache::{CacheLayer, RedisConfig, RedisStore};
+use tower_redis_cache::{CacheLayer, Policy, RedisConfig, RedisStore};
 
 const PHASES: [&str; 5] = ["healthy", "killed", "restarted", "frozen", "thawed"];
 
@@ -69,7 +69,7 @@ fn main() {
         let store = RedisStore::connect(RedisConfig::from_url(&url).unwrap())
             .await
             .unwrap();
-        let cache = CacheLayer::new(store, Duration::from_secs(600));
+        let cache = CacheLayer::new(store, Policy::shared(Duration::from_secs(600)));
         let handle = cache.handle();
         (serve(app()).await, serve(app().layer(cache)).await, handle)
     });

@@ -17,7 +17,7 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use http::{Request, Response};
 use http_body_util::BodyExt;
 use tower::{Service, ServiceExt};
-use tower_redis_cache::{CacheLayer, RedisConfig, RedisStore};
+use tower_redis_cache::{CacheLayer, Policy, RedisConfig, RedisStore};
 
 fn handler(_: Request<Body>) -> std::future::Ready<Result<Response<Body>, Infallible>> {
     std::future::ready(Ok(Response::new(Body::from(Bytes::from_static(
@@ -46,7 +46,7 @@ fn benches(c: &mut Criterion) {
         ))
         .unwrap();
     let pool = store.pool().clone();
-    let cache = CacheLayer::new(store, Duration::from_secs(600));
+    let cache = CacheLayer::new(store, Policy::shared(Duration::from_secs(600)));
     let handle = cache.handle();
     let plain = tower::service_fn(handler);
     let cached = tower::ServiceBuilder::new()

@@ -15,12 +15,12 @@ use crate::status::Stats;
 ///
 /// ```no_run
 /// use std::time::Duration;
-/// use tower_redis_cache::{CacheLayer, RedisConfig, RedisStore, RequestKey};
+/// use tower_redis_cache::{CacheLayer, Policy, RedisConfig, RedisStore, RequestKey};
 ///
 /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
 /// let store = RedisStore::connect(RedisConfig::from_env()?).await?;
-/// let cache = CacheLayer::new(store, Duration::from_secs(60))
-///     .route("/users/{id}/menu", tower_redis_cache::Policy::per_user(Duration::from_secs(900)))?;
+/// let cache = CacheLayer::new(store, Policy::bypass())
+///     .route("/users/{id}/menu", Policy::per_user(Duration::from_secs(900)))?;
 /// let handle = cache.handle();
 /// // After user 42's roles change:
 /// handle.invalidate(&RequestKey::new("/users/42/menu").identity("42")).await?;

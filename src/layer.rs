@@ -134,19 +134,27 @@ impl Routes {
 }
 
 impl CacheLayer {
-    /// A layer over `store` whose routes are cached with `policy` (a `Duration` means
-    /// [`Policy::shared`] with that TTL).
+    /// A layer over `store` whose routes without a policy of their own (see
+    /// [`route`](Self::route)) are cached with `policy`.
+    ///
+    /// The default policy applies to every route the table does not name, so spell it out:
+    /// `Policy::bypass()` and a table of routes is the safe shape; a
+    /// [`Policy::shared`] default shares every unnamed route's responses with every caller
+    /// (requests with `Authorization`, `Cookie`, another
+    /// [credential header](Self::credential_header) or an identity excepted).
     ///
     /// ```no_run
     /// use std::time::Duration;
-    /// use tower_redis_cache::{CacheLayer, RedisConfig, RedisStore};
+    /// use tower_redis_cache::{CacheLayer, Policy, RedisConfig, RedisStore};
     ///
     /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
     /// let store = RedisStore::connect(RedisConfig::from_env()?).await?;
-    /// let cache = CacheLayer::new(store, Duration::from_secs(60)).namespace("backend")?;
+    /// let cache = CacheLayer::new(store, Policy::bypass())
+    ///     .namespace("backend")?
+    ///     .route("/roles", Policy::shared(Duration::from_secs(60)))?;
     /// # Ok(()) }
     /// ```
-    pub fn new(store: impl Into<Store>, policy: impl Into<Policy>) -> Self {
+    pub fn new(store: impl Into<Store>, policy: Policy) -> Self {
         CacheLayer {
             settings: Settings {
                 store: store.into(),
@@ -159,7 +167,7 @@ impl CacheLayer {
                 near_capacity: crate::near::DEFAULT_NEAR_CAPACITY,
             },
             routes: Arc::new(Routes {
-                default: Arc::new(policy.into()),
+                default: Arc::new(policy),
                 by_template: HashMap::new(),
                 matcher: matchit::Router::new(),
                 grpc: crate::grpc::Methods::default(),
@@ -216,8 +224,8 @@ impl CacheLayer {
     /// Replaces the policy of routes that have none in the table. With
     /// `Router::route_layer`, give each route a clone of one layer with its own policy:
     /// they share the store, the counters and the handle.
-    pub fn policy(mut self, policy: impl Into<Policy>) -> Self {
-        Arc::make_mut(&mut self.routes).default = Arc::new(policy.into());
+    pub fn policy(mut self, policy: Policy) -> Self {
+        Arc::make_mut(&mut self.routes).default = Arc::new(policy);
         self
     }
 
@@ -225,7 +233,7 @@ impl CacheLayer {
     /// `/files/{*path}`). Inside an axum router the template is compared with the route's
     /// `MatchedPath`; elsewhere (a layer around the whole router, tonic) the request path is
     /// matched against the templates.
-    pub fn route(mut self, template: &str, policy: impl Into<Policy>) -> Result<Self, ConfigError> {
+    pub fn route(mut self, template: &str, policy: Policy) -> Result<Self, ConfigError> {
         let routes = Arc::make_mut(&mut self.routes);
         if !routes.by_template.contains_key(template) {
             routes
@@ -238,7 +246,7 @@ impl CacheLayer {
         }
         routes
             .by_template
-            .insert(template.to_owned(), Arc::new(policy.into()));
+            .insert(template.to_owned(), Arc::new(policy));
         Ok(self)
     }
 
@@ -282,18 +290,14 @@ impl CacheLayer {
     /// ```
     ///
     /// [`CacheHandle::invalidate_grpc_method`]: crate::CacheHandle::invalidate_grpc_method
-    pub fn grpc_method(
-        mut self,
-        path: &str,
-        policy: impl Into<Policy>,
-    ) -> Result<Self, ConfigError> {
+    pub fn grpc_method(mut self, path: &str, policy: Policy) -> Result<Self, ConfigError> {
         if !crate::grpc::valid_method_path(path) {
             return Err(ConfigError::InvalidRoute {
                 route: path.to_owned(),
                 reason: "a gRPC method is named /package.Service/Method".to_owned(),
             });
         }
-        let policy = crate::grpc::method_policy(policy.into());
+        let policy = crate::grpc::method_policy(policy);
         Arc::make_mut(&mut self.routes)
             .grpc
             .by_path

@@ -381,13 +381,6 @@ impl Policy {
     }
 }
 
-impl From<Duration> for Policy {
-    /// A shared policy with this TTL.
-    fn from(ttl: Duration) -> Self {
-        Policy::shared(ttl)
-    }
-}
-
 /// A per-response instruction from the handler, put in the response extensions.
 ///
 /// ```

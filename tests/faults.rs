@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use axum::routing::get;
 use axum::Router;
 use common::{get as get_req, send, wait_until, RedisServer};
-use tower_redis_cache::{CacheHandle, CacheLayer, RedisConfig, RedisStatus, RedisStore};
+use tower_redis_cache::{CacheHandle, CacheLayer, Policy, RedisConfig, RedisStatus, RedisStore};
 
 /// Far above the 50 ms lookup deadline, far below a stall: a request that takes longer
 /// than this waited on Redis.
@@ -29,7 +29,7 @@ async fn setup(server: &RedisServer) -> (Router, CacheHandle, Arc<AtomicUsize>) 
         "connect took {:?}",
         started.elapsed()
     );
-    let cache = CacheLayer::new(store, Duration::from_secs(60));
+    let cache = CacheLayer::new(store, Policy::shared(Duration::from_secs(60)));
     let handle = cache.handle();
     let calls = Arc::new(AtomicUsize::new(0));
     let c = calls.clone();
@@ -165,7 +165,8 @@ async fn writes_past_the_bound_are_dropped_not_queued() {
         .lookup_timeout(Duration::from_millis(200))
         .command_timeout(Duration::from_secs(10));
     let store = RedisStore::connect(config).await.unwrap();
-    let cache = CacheLayer::new(store, Duration::from_secs(60)).max_pending_writes(1);
+    let cache =
+        CacheLayer::new(store, Policy::shared(Duration::from_secs(60))).max_pending_writes(1);
     let handle = cache.handle();
     // Each response streams what the test sends it, so all five lookups happen while Redis
     // answers and all five writes start while it is frozen.
@@ -341,7 +342,7 @@ async fn steady_load_through_every_fault() {
     let store = RedisStore::connect(RedisConfig::from_url(&server.url()).unwrap())
         .await
         .unwrap();
-    let cache = CacheLayer::new(store, Duration::from_secs(60));
+    let cache = CacheLayer::new(store, Policy::shared(Duration::from_secs(60)));
     let handle = cache.handle();
     let app =
         Router::new()

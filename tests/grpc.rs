@@ -452,7 +452,7 @@ async fn error_statuses_are_never_cached() {
     let redis = RedisServer::start();
     let cache = cache_on(&redis)
         .await
-        .grpc_method("/test.Echo/List", Duration::from_secs(60))
+        .grpc_method("/test.Echo/List", Policy::shared(Duration::from_secs(60)))
         .unwrap();
     let handle = cache.handle();
     let echo = Echo::default();
@@ -771,7 +771,8 @@ async fn grpc_calls_are_not_writes() {
     let store = RedisStore::connect(common::relaxed_config(&redis.url()))
         .await
         .unwrap();
-    let cache = CacheLayer::new(store, Duration::from_secs(60)).invalidate_on_write(true);
+    let cache =
+        CacheLayer::new(store, Policy::shared(Duration::from_secs(60))).invalidate_on_write(true);
     let handle = cache.handle();
     let calls = Arc::new(AtomicU64::new(0));
     let c = calls.clone();

@@ -124,7 +124,7 @@ fn build_app(cache: CacheLayer, calls: Calls) -> Router {
 }
 
 async fn setup(server: &RedisServer) -> (Router, CacheHandle, Calls) {
-    let cache = CacheLayer::new(store(server).await, MIN)
+    let cache = CacheLayer::new(store(server).await, Policy::shared(MIN))
         .namespace("t")
         .unwrap()
         .identity(Identity::extension::<UserId>())
@@ -473,7 +473,7 @@ async fn a_client_that_leaves_early_stores_nothing() {
 #[tokio::test]
 async fn trailers_pass_through_and_are_replayed() {
     let server = RedisServer::start();
-    let cache = CacheLayer::new(store(&server).await, MIN);
+    let cache = CacheLayer::new(store(&server).await, Policy::shared(MIN));
     let handle = cache.handle();
     let mut trailers = HeaderMap::new();
     trailers.insert("x-checksum", HeaderValue::from_static("abc"));
@@ -530,10 +530,18 @@ async fn per_route_ttl_with_route_layer_and_method_router_layer() {
     let handle = cache.handle();
     let app = Router::new()
         .route("/a", get(|| async { "a" }))
-        .route_layer(cache.clone().policy(Duration::from_secs(11)))
+        .route_layer(
+            cache
+                .clone()
+                .policy(Policy::shared(Duration::from_secs(11))),
+        )
         .route(
             "/b",
-            get(|| async { "b" }).layer(cache.clone().policy(Duration::from_secs(22))),
+            get(|| async { "b" }).layer(
+                cache
+                    .clone()
+                    .policy(Policy::shared(Duration::from_secs(22))),
+            ),
         )
         .route("/c", get(|| async { "c" }).layer(cache.clone()));
     send(&app, get_req("/a")).await;
@@ -557,7 +565,7 @@ async fn per_route_ttl_with_route_layer_and_method_router_layer() {
 async fn layer_around_a_whole_router_matches_its_own_templates() {
     let server = RedisServer::start();
     let cache = CacheLayer::new(store(&server).await, Policy::bypass())
-        .route("/items/{id}", Duration::from_secs(30))
+        .route("/items/{id}", Policy::shared(Duration::from_secs(30)))
         .unwrap();
     let handle = cache.handle();
     let router = Router::new()
@@ -625,7 +633,7 @@ async fn undecodable_entries_are_misses_and_replaced() {
 #[tokio::test]
 async fn status_extension_for_outer_layers() {
     let server = RedisServer::start();
-    let cache = CacheLayer::new(store(&server).await, MIN).no_status_header();
+    let cache = CacheLayer::new(store(&server).await, Policy::shared(MIN)).no_status_header();
     let handle = cache.handle();
     let svc = tower::ServiceBuilder::new()
         .layer(cache)
@@ -681,7 +689,7 @@ fn service_and_future_are_send_sync_static() {
 #[tokio::test]
 async fn a_body_that_errors_is_not_stored() {
     let server = RedisServer::start();
-    let cache = CacheLayer::new(store(&server).await, MIN);
+    let cache = CacheLayer::new(store(&server).await, Policy::shared(MIN));
     let handle = cache.handle();
     let app = Router::new()
         .route(
@@ -714,7 +722,7 @@ async fn a_body_that_errors_is_not_stored() {
 async fn hits_have_an_exact_size_hint() {
     use http_body::Body as _;
     let server = RedisServer::start();
-    let cache = CacheLayer::new(store(&server).await, MIN);
+    let cache = CacheLayer::new(store(&server).await, Policy::shared(MIN));
     let handle = cache.handle();
     let svc = tower::ServiceBuilder::new()
         .layer(cache)
@@ -775,7 +783,7 @@ async fn shared_routes_pass_identified_and_bodied_requests_through() {
 #[tokio::test]
 async fn a_body_shorter_than_its_content_length_is_not_stored() {
     let server = RedisServer::start();
-    let cache = CacheLayer::new(store(&server).await, MIN);
+    let cache = CacheLayer::new(store(&server).await, Policy::shared(MIN));
     let handle = cache.handle();
     let svc = tower::ServiceBuilder::new()
         .layer(cache)
@@ -805,7 +813,7 @@ fn command_calls(server: &RedisServer, command: &str) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_lookups_share_mgets_and_each_gets_its_own_entry() {
     let server = RedisServer::start();
-    let cache = CacheLayer::new(store(&server).await, MIN);
+    let cache = CacheLayer::new(store(&server).await, Policy::shared(MIN));
     let handle = cache.handle();
     let app = Router::new()
         .route(
@@ -843,7 +851,10 @@ async fn concurrent_lookups_share_mgets_and_each_gets_its_own_entry() {
 async fn lookups_can_go_one_by_one() {
     let server = RedisServer::start();
     let config = common::relaxed_config(&server.url()).batch_lookups(false);
-    let cache = CacheLayer::new(RedisStore::connect(config).await.unwrap(), MIN);
+    let cache = CacheLayer::new(
+        RedisStore::connect(config).await.unwrap(),
+        Policy::shared(MIN),
+    );
     let handle = cache.handle();
     let app = Router::new()
         .route("/one", get(|| async { "one" }))
@@ -863,7 +874,7 @@ async fn lookups_can_go_one_by_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batched_misses_read_the_invalidation_sequence_in_their_lookup() {
     let server = RedisServer::start();
-    let cache = CacheLayer::new(store(&server).await, MIN);
+    let cache = CacheLayer::new(store(&server).await, Policy::shared(MIN));
     // Never stored (Set-Cookie), so the only commands are the lookup's.
     let app = Router::new()
         .route(

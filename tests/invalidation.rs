@@ -258,7 +258,7 @@ async fn successful_writes_invalidate_their_path_when_asked(kind: Kind) {
         let server = &server;
         async move {
             let store = server.store().await;
-            let cache = CacheLayer::new(store, Duration::from_secs(60))
+            let cache = CacheLayer::new(store, Policy::shared(Duration::from_secs(60)))
                 .namespace(ns)
                 .unwrap()
                 .invalidate_on_write(on);

@@ -11,7 +11,7 @@ use axum::routing::get;
 use axum::Router;
 use common::failover::{until_caching_resumes, SteadyLoad};
 use common::{get as get_req, send, wait_until, RedisServer};
-use tower_redis_cache::{CacheLayer, RedisStore};
+use tower_redis_cache::{CacheLayer, Policy, RedisStore};
 
 fn cli(port: u16, args: &[&str]) -> String {
     let out = Command::new("redis-cli")
@@ -66,7 +66,7 @@ async fn sentinel_caches_and_survives_a_failover() {
     // waits 1 s" rule during the failover.
     let config = common::relaxed_config(&url).lookup_timeout(Duration::from_millis(200));
     let store = RedisStore::connect(config).await.unwrap();
-    let cache = CacheLayer::new(store, Duration::from_secs(60));
+    let cache = CacheLayer::new(store, Policy::shared(Duration::from_secs(60)));
     let handle = cache.handle();
     let app = Router::new()
         .route("/data", get(|| async { "data" }))

@@ -47,7 +47,10 @@ async fn stored(handle: &CacheHandle, n: u64) {
 
 async fn entries_expire_with_their_ttl(kind: Kind) {
     let backing = Backing::start(kind);
-    let cache = CacheLayer::new(backing.store().await, Duration::from_secs(1));
+    let cache = CacheLayer::new(
+        backing.store().await,
+        Policy::shared(Duration::from_secs(1)),
+    );
     let handle = cache.handle();
     let (app, calls) = counting_app(cache, 0);
     assert_eq!(send(&app, get_req("/n/1")).await.x_cache(), "MISS");
@@ -75,7 +78,10 @@ async fn entries_expire_with_their_ttl(kind: Kind) {
 
 async fn head_is_answered_from_the_get_entry(kind: Kind) {
     let backing = Backing::start(kind);
-    let cache = CacheLayer::new(backing.store().await, Duration::from_secs(60));
+    let cache = CacheLayer::new(
+        backing.store().await,
+        Policy::shared(Duration::from_secs(60)),
+    );
     let handle = cache.handle();
     let (app, calls) = counting_app(cache, 10);
     let head = || {
@@ -132,8 +138,11 @@ async fn the_memory_bound_is_honoured(kind: Kind) {
     const BOUND: u64 = 8 << 20;
     const SIZE: usize = 128 << 10;
     let backing = Backing::bounded(kind, BOUND);
-    let cache =
-        CacheLayer::new(backing.store().await, Duration::from_secs(60)).max_pending_writes(4);
+    let cache = CacheLayer::new(
+        backing.store().await,
+        Policy::shared(Duration::from_secs(60)),
+    )
+    .max_pending_writes(4);
     let handle = cache.handle();
     let (app, _) = counting_app(cache, SIZE);
     for n in 0..120u64 {

@@ -10,7 +10,7 @@ use std::time::Duration;
 use axum::routing::get;
 use axum::Router;
 use common::{get as get_req, send, wait_until, RedisServer};
-use tower_redis_cache::{CacheLayer, ConfigError, RedisConfig, RedisStore};
+use tower_redis_cache::{CacheLayer, ConfigError, Policy, RedisConfig, RedisStore};
 
 fn openssl(dir: &Path, args: &[&str]) {
     let status = Command::new("openssl")
@@ -127,7 +127,7 @@ async fn tls_with_a_custom_ca_and_a_password_caches() {
         .ca_cert(certs.join("ca.crt"))
         .unwrap();
     let store = RedisStore::connect(config).await.unwrap();
-    let cache = CacheLayer::new(store, Duration::from_secs(60));
+    let cache = CacheLayer::new(store, Policy::shared(Duration::from_secs(60)));
     let handle = cache.handle();
     handle.check().await.unwrap();
     let app = Router::new()
@@ -148,7 +148,7 @@ async fn tls_with_a_custom_ca_and_a_password_caches() {
     };
     let config = tower_redis_cache::RedisConfig::from_env_with(env).unwrap();
     let store = RedisStore::connect(config).await.unwrap();
-    let handle = CacheLayer::new(store, Duration::from_secs(60)).handle();
+    let handle = CacheLayer::new(store, Policy::shared(Duration::from_secs(60))).handle();
     assert_eq!(
         handle.health().await.redis,
         tower_redis_cache::RedisStatus::Connected
