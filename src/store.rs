@@ -448,6 +448,10 @@ fn answered(e: &FredError) -> bool {
 /// instances with skewed clocks agree), never lowering a member's score (variants of one path
 /// may have different TTLs), prunes expired members and keeps the index alive at least as
 /// long as its newest member. ARGV: member, TTL in ms, the index's TTL in ms.
+///
+/// Pruning removes at most 128 expired members per call (the lowest ranks: scores are
+/// expiries), so that a write never pays for a whole index expiring at once; each write adds
+/// one member, so pruning keeps up.
 static ADD_TO_INDEX: Lua = Lua::new(
     r#"
 local t = redis.call('TIME')
@@ -455,7 +459,8 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local score = now + tonumber(ARGV[2])
 local cur = redis.call('ZSCORE', KEYS[1], ARGV[1])
 if (not cur) or tonumber(cur) < score then redis.call('ZADD', KEYS[1], score, ARGV[1]) end
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local expired = redis.call('ZCOUNT', KEYS[1], '-inf', now)
+if expired > 0 then redis.call('ZREMRANGEBYRANK', KEYS[1], 0, math.min(expired, 128) - 1) end
 local ttl = redis.call('PTTL', KEYS[1])
 if ttl < tonumber(ARGV[3]) then redis.call('PEXPIRE', KEYS[1], ARGV[3]) end
 return 1"#,
@@ -463,17 +468,24 @@ return 1"#,
 
 /// Removes members from an index only if their score is still the one read (a member
 /// re-added meanwhile by a fresh write has a new score and stays). ARGV: member, score, ...
+/// Two commands whatever the number of members (ZMSCORE, ZREM), so that a slice of an
+/// index costs Redis little more than the members it removes. Not `allow-oom`: neither
+/// command is refused when Redis is full.
 static REMOVE_IF_SCORE: Lua = Lua::new(
     r#"
-local n = 0
+local members, read = {}, {}
 for i = 1, #ARGV, 2 do
-  local cur = redis.call('ZSCORE', KEYS[1], ARGV[i])
-  if cur and cur == ARGV[i + 1] then
-    redis.call('ZREM', KEYS[1], ARGV[i])
-    n = n + 1
-  end
+  members[#members + 1] = ARGV[i]
+  read[#read + 1] = tonumber(ARGV[i + 1])
 end
-return n"#,
+if #members == 0 then return 0 end
+local now = redis.call('ZMSCORE', KEYS[1], unpack(members))
+local gone = {}
+for i = 1, #members do
+  if now[i] and tonumber(now[i]) == read[i] then gone[#gone + 1] = members[i] end
+end
+if #gone == 0 then return 0 end
+return redis.call('ZREM', KEYS[1], unpack(gone))"#,
 );
 
 /// Moves a pending value (KEYS[1], see `pending_key`) to its key (KEYS[2], same slot) and flips
@@ -752,35 +764,56 @@ impl RedisStore {
     /// Unlinks keys, grouped by hash slot so that it works on a cluster; returns how many
     /// existed.
     pub(crate) async fn unlink(&self, keys: Vec<String>) -> Result<u64, FredError> {
+        let mut removed = 0;
+        self.unlink_counted(keys, &mut removed).await?;
+        Ok(removed)
+    }
+
+    /// Unlinks keys in commands of at most [`SLICE`] keys of one hash slot, at most
+    /// [`IN_FLIGHT`] of them out at once, adding to `removed` how many existed as they are
+    /// answered (so that a failure part-way still counts what was removed before it).
+    async fn unlink_counted(&self, keys: Vec<String>, removed: &mut u64) -> Result<(), FredError> {
+        use futures_util::StreamExt;
         if keys.is_empty() {
-            return Ok(0);
+            return Ok(());
         }
         let pool = self
             .inner
             .pool
             .next_connected()
             .with_options(&self.inner.write);
-        let batches: Vec<Vec<fred::types::Key>> = if self.inner.pool.is_clustered() {
+        let slices: Vec<Vec<fred::types::Key>> = if self.inner.pool.is_clustered() {
             fred::util::group_by_hash_slot(keys)?
                 .into_values()
                 .flat_map(|group| {
                     Vec::from(group)
-                        .chunks(500)
+                        .chunks(SLICE)
                         .map(<[_]>::to_vec)
                         .collect::<Vec<_>>()
                 })
                 .collect()
         } else {
-            keys.chunks(500)
+            keys.chunks(SLICE)
                 .map(|c| c.iter().map(|k| k.as_str().into()).collect())
                 .collect()
         };
-        let calls = batches.into_iter().map(|b| pool.unlink::<u64, _>(b));
-        let mut removed = 0;
-        for r in futures_util::future::join_all(calls).await {
-            removed += self.observe("unlink", r)?;
+        // Futures made up front: a stream's closure over borrowed state is not `Send` enough
+        // for the handle's spawned tasks.
+        let calls: Vec<_> = slices
+            .into_iter()
+            .map(|slice| pool.unlink::<u64, _>(slice))
+            .collect();
+        let mut calls = futures_util::stream::iter(calls).buffer_unordered(IN_FLIGHT);
+        let mut failed = None;
+        while let Some(r) = calls.next().await {
+            match self.observe("unlink", r) {
+                Ok(n) => *removed += n,
+                Err(e) => {
+                    failed.get_or_insert(e);
+                }
+            }
         }
-        Ok(removed)
+        failed.map_or(Ok(()), Err)
     }
 
     /// Invalidates exact keys, after setting `markers`.
@@ -804,52 +837,110 @@ impl RedisStore {
         removed
     }
 
-    /// Invalidates every member of `indexes`, after setting `markers`. Members are removed
-    /// from their index one by one (never the whole index), so that an entry stored
-    /// meanwhile by a fresh request stays indexed.
+    /// Invalidates every member of `indexes`, after setting `markers`; returns how many
+    /// entries existed. Members whose name starts with `uncounted` (the index's own
+    /// bookkeeping, such as variant sets) are removed too but not counted.
+    ///
+    /// Each index is read a page at a time (ZSCAN), and a page's keys are unlinked before its
+    /// members leave the index, only if their score is unchanged (an entry stored meanwhile
+    /// by a fresh request has a new score and stays indexed). No command carries more than
+    /// [`SLICE`] keys or members, whatever the size of the index, and at most
+    /// [`INDEXES_AT_ONCE`] indexes are read at once. A failure part-way keeps what was done:
+    /// the error says how many entries were removed, and the others are still indexed, so a
+    /// retry removes them.
     pub(crate) async fn invalidate_indexes(
         &self,
         seq_key: &str,
         markers: &[String],
         indexes: &[String],
-    ) -> Result<u64, FredError> {
-        self.mark(seq_key, markers).await?;
-        let pool = self
-            .inner
-            .pool
-            .next_connected()
-            .with_options(&self.inner.write);
-        // Members with their scores (a flat list: member, score, member, score...).
-        let reads = indexes.iter().map(|i| {
-            pool.zrange::<Vec<String>, _, _, _>(i.as_str(), 0, -1, None, false, None, true)
-        });
-        let mut members = Vec::with_capacity(indexes.len());
-        for r in futures_util::future::join_all(reads).await {
-            members.push(self.observe("zrange", r)?);
-        }
-        let keys: Vec<String> = {
-            let mut all: Vec<String> = members
-                .iter()
-                .flat_map(|m| m.iter().step_by(2))
-                .cloned()
-                .collect();
-            all.sort_unstable();
-            all.dedup();
-            all
-        };
-        let removed = self.unlink_with_pending(keys).await?;
-        let cleanups = indexes
+        uncounted: &str,
+    ) -> Result<u64, Incomplete> {
+        use futures_util::StreamExt;
+        self.mark(seq_key, markers)
+            .await
+            .map_err(|error| Incomplete { removed: 0, error })?;
+        let drains: Vec<_> = indexes
             .iter()
-            .zip(members)
-            .filter(|(_, m)| !m.is_empty())
-            .map(|(i, m)| self.script::<i64, _, _>(&pool, &REMOVE_IF_SCORE, i.as_str(), m));
-        for r in futures_util::future::join_all(cleanups).await {
-            self.observe("zrem", r)?;
+            .map(|index| self.drain_index(index, uncounted))
+            .collect();
+        let mut drains = futures_util::stream::iter(drains).buffer_unordered(INDEXES_AT_ONCE);
+        let mut removed = 0;
+        let mut failed = None;
+        while let Some((n, r)) = drains.next().await {
+            removed += n;
+            if let Err(e) = r {
+                failed.get_or_insert(e);
+            }
         }
-        Ok(removed)
+        match failed {
+            None => Ok(removed),
+            Some(error) => Err(Incomplete { removed, error }),
+        }
     }
 
-    /// The cached paths matching a glob pattern (ZSCAN of the path registry).
+    /// Removes every member of one index, page by page: how many entries it removed, and the
+    /// error it stopped at, if any.
+    async fn drain_index(&self, index: &str, uncounted: &str) -> (u64, Result<(), FredError>) {
+        use fred::types::scan::Scanner;
+        use futures_util::StreamExt;
+        let client = self.inner.pool.next_connected();
+        let pool = client.with_options(&self.inner.write);
+        let mut removed = 0;
+        let mut pages = std::pin::pin!(client.zscan(index, "*", Some(SLICE as u32)));
+        while let Some(page) = pages.next().await {
+            let mut page = match self.observe("zscan", page) {
+                Ok(page) => page,
+                Err(e) => return (removed, Err(e)),
+            };
+            let mut members: Vec<(String, f64)> = page
+                .take_results()
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(|(m, score)| Some((m.into_string()?, score)))
+                .collect();
+            // The next page is read while this one is removed (SCAN allows removals).
+            page.next();
+            // A page may repeat members of an earlier one (ZSCAN while the set is resized).
+            members.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+            members.dedup_by(|a, b| a.0 == b.0);
+            let (own, entries): (Vec<&str>, Vec<&str>) = members
+                .iter()
+                .map(|(m, _)| m.as_str())
+                .partition(|m| !uncounted.is_empty() && m.starts_with(uncounted));
+            let others: Vec<String> = entries
+                .iter()
+                .map(|k| pending_key(k))
+                .chain(own.iter().map(|k| (*k).to_owned()))
+                .collect();
+            let entries: Vec<String> = entries.iter().map(|k| (*k).to_owned()).collect();
+            let mut ignored = 0;
+            let (counted, others) = futures_util::future::join(
+                self.unlink_counted(entries, &mut removed),
+                self.unlink_counted(others, &mut ignored),
+            )
+            .await;
+            if let Err(e) = counted.and(others) {
+                // The page's members stay indexed: a retry finds them again.
+                return (removed, Err(e));
+            }
+            for slice in members.chunks(SLICE) {
+                let args: Vec<String> = slice
+                    .iter()
+                    .flat_map(|(m, score)| [m.clone(), score.to_string()])
+                    .collect();
+                let r = self
+                    .script::<i64, _, _>(&pool, &REMOVE_IF_SCORE, index, args)
+                    .await;
+                if let Err(e) = self.observe("zrem", r) {
+                    return (removed, Err(e));
+                }
+            }
+        }
+        (removed, Ok(()))
+    }
+
+    /// The cached paths matching a glob pattern (ZSCAN of the path registry, a page of
+    /// at most about 1,000 members per command).
     pub(crate) async fn matching_paths(
         &self,
         paths_key: &str,
@@ -874,16 +965,18 @@ impl RedisStore {
     }
 
     /// Deletes every key matching the patterns on every primary (SCAN, never KEYS), in
-    /// batches with UNLINK; returns how many keys matched `count_pattern_index`'s pattern.
+    /// pages with UNLINK; returns how many keys matched pattern number `counted`.
     pub(crate) async fn scan_unlink(
         &self,
         patterns: &[String],
         counted: usize,
-    ) -> Result<u64, FredError> {
+    ) -> Result<u64, Incomplete> {
         use fred::types::scan::Scanner;
         use futures_util::StreamExt;
         let client = self.inner.pool.next_connected();
         let mut counted_removed = 0;
+        let mut ignored = 0;
+        let incomplete = |removed, error| Incomplete { removed, error };
         for (i, pattern) in patterns.iter().enumerate() {
             let mut pages = if self.inner.pool.is_clustered() {
                 client
@@ -893,20 +986,52 @@ impl RedisStore {
                 client.scan(pattern.as_str(), Some(1000), None).boxed()
             };
             while let Some(page) = pages.next().await {
-                let mut page = self.observe("scan", page)?;
+                let mut page = self
+                    .observe("scan", page)
+                    .map_err(|e| incomplete(counted_removed, e))?;
                 let keys: Vec<String> = page
                     .take_results()
                     .unwrap_or_default()
                     .into_iter()
                     .filter_map(|k| k.into_string())
                     .collect();
-                let removed = self.unlink(keys).await?;
-                if i == counted {
-                    counted_removed += removed;
+                let into = if i == counted {
+                    &mut counted_removed
+                } else {
+                    &mut ignored
+                };
+                if let Err(e) = self.unlink_counted(keys, into).await {
+                    return Err(incomplete(counted_removed, e));
                 }
             }
         }
         Ok(counted_removed)
+    }
+}
+
+/// The most keys (UNLINK) or index members (ZSCAN's page, the conditional removal from an
+/// index) that one command of an invalidation carries: Redis is never busy with one of
+/// them for long, whatever the size of the index.
+const SLICE: usize = 500;
+
+/// Commands of one unlink out at once (a page's keys on a cluster are one command per hash
+/// slot).
+const IN_FLIGHT: usize = 8;
+
+/// Indexes drained at once by one invalidation (a pattern may match many paths).
+const INDEXES_AT_ONCE: usize = 4;
+
+/// An invalidation that failed part-way: how many entries it removed before it stopped
+/// (they stay removed), and why it stopped.
+#[derive(Debug)]
+pub(crate) struct Incomplete {
+    pub(crate) removed: u64,
+    pub(crate) error: FredError,
+}
+
+impl From<FredError> for Incomplete {
+    fn from(error: FredError) -> Self {
+        Incomplete { removed: 0, error }
     }
 }
 
