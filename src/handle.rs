@@ -318,7 +318,12 @@ impl CacheHandle {
         let keyer = self.keyer();
         let markers: Vec<String> = indexes.iter().map(|i| keyer.marker_of(i)).collect();
         self.store()
-            .invalidate_indexes(keyer.seq_key(), &markers, &indexes, "")
+            .invalidate_indexes(
+                keyer.seq_key(),
+                &markers,
+                &indexes,
+                &keyer.bookkeeping_prefix(),
+            )
             .await
             .map_err(CacheError::from)
     }
@@ -423,7 +428,7 @@ impl CacheHandle {
         let mut removed = 0;
         for chunk in indexes.chunks(100) {
             match store
-                .invalidate_indexes(keyer.seq_key(), &[], chunk, "")
+                .invalidate_indexes(keyer.seq_key(), &[], chunk, &keyer.bookkeeping_prefix())
                 .await
             {
                 Ok(n) => removed += n,

@@ -444,20 +444,44 @@ fn answered(e: &FredError) -> bool {
     ) || ANSWERS.contains(&first)
 }
 
-/// Adds a member to an index (a sorted set scored by expiry, in Redis's own clock so that
+/// Adds members to an index (a sorted set scored by expiry, in Redis's own clock so that
 /// instances with skewed clocks agree), never lowering a member's score (variants of one path
 /// may have different TTLs), prunes expired members and keeps the index alive at least as
-/// long as its newest member. ARGV: member, TTL in ms, the index's TTL in ms.
+/// long as its newest member. ARGV: TTL in ms, the index's TTL in ms, then the members.
 ///
 /// Pruning removes at most 128 expired members per call (the lowest ranks: scores are
 /// expiries), so that a write never pays for a whole index expiring at once; each write adds
-/// one member, so pruning keeps up.
+/// a member or two, so pruning keeps up.
 static ADD_TO_INDEX: Lua = Lua::new(
+    r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local score = now + tonumber(ARGV[1])
+for i = 3, #ARGV do
+  local cur = redis.call('ZSCORE', KEYS[1], ARGV[i])
+  if (not cur) or tonumber(cur) < score then redis.call('ZADD', KEYS[1], score, ARGV[i]) end
+end
+local expired = redis.call('ZCOUNT', KEYS[1], '-inf', now)
+if expired > 0 then redis.call('ZREMRANGEBYRANK', KEYS[1], 0, math.min(expired, 128) - 1) end
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl < tonumber(ARGV[2]) then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 1"#,
+);
+
+/// Admits a variant (ARGV[1], an entry key) into the set of its path's variants (KEYS[1],
+/// scored by expiry like an index): a variant already there is always admitted (its score
+/// raised), a new one only while fewer than ARGV[4] live variants are. Returns 1 if
+/// admitted, 0 if not. ARGV: member, TTL in ms, the set's TTL in ms, the bound. One key, so
+/// one hash slot.
+static ADMIT_VARIANT: Lua = Lua::new(
     r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local score = now + tonumber(ARGV[2])
 local cur = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if (not cur) or tonumber(cur) <= now then
+  if redis.call('ZCOUNT', KEYS[1], '(' .. now, '+inf') >= tonumber(ARGV[4]) then return 0 end
+end
 if (not cur) or tonumber(cur) < score then redis.call('ZADD', KEYS[1], score, ARGV[1]) end
 local expired = redis.call('ZCOUNT', KEYS[1], '-inf', now)
 if expired > 0 then redis.call('ZREMRANGEBYRANK', KEYS[1], 0, math.min(expired, 128) - 1) end
@@ -532,14 +556,15 @@ return cur"#,
 /// is never stored, so a marker always outlives the writes it must stop.
 pub(crate) const MARKER_TTL: Duration = Duration::from_secs(600);
 
-/// The arguments of `ADD_TO_INDEX` for `member`, kept for `ttl_ms`.
-fn index_args(member: &str, ttl_ms: i64) -> Vec<String> {
-    vec![
-        member.to_owned(),
+/// The arguments of `ADD_TO_INDEX` for `members`, kept for `ttl_ms`.
+fn index_args(ttl_ms: i64, members: &[&str]) -> Vec<String> {
+    let mut args = vec![
         ttl_ms.to_string(),
         // Indexes outlive their newest member a little, so pruning sees it expire.
         ttl_ms.saturating_add(1000).to_string(),
-    ]
+    ];
+    args.extend(members.iter().map(|m| (*m).to_owned()));
+    args
 }
 
 /// One entry to write, with what it must be registered under and checked against.
@@ -561,6 +586,15 @@ pub(crate) struct Write {
     pub(crate) seq_key: String,
     /// When the miss began: past the marker TTL a race can no longer be detected.
     pub(crate) started: std::time::Instant,
+    /// The set of the variants of the entry's path for its caller and route, and how many it
+    /// may hold (responses only): a new variant past the bound is not written.
+    pub(crate) variants: Option<Variants>,
+}
+
+/// Where a write's variant is counted, and the bound (`Policy::max_variants`).
+pub(crate) struct Variants {
+    pub(crate) key: String,
+    pub(crate) max: u32,
 }
 
 /// What became of a write.
@@ -570,6 +604,9 @@ pub(crate) enum Written {
     Stored,
     /// An invalidation ran while the response was computed: withdrawn.
     Refused,
+    /// Its path already has as many variants for its caller as the route allows: not
+    /// written.
+    TooManyVariants,
 }
 
 fn ms(d: Duration) -> i64 {
@@ -609,22 +646,41 @@ impl RedisStore {
             .next_connected()
             .with_options(&self.inner.write);
         let ttl_ms = ms(w.ttl);
+        if let Some(v) = &w.variants {
+            let args = vec![
+                w.key.clone(),
+                ttl_ms.to_string(),
+                ttl_ms.saturating_add(1000).to_string(),
+                v.max.to_string(),
+            ];
+            let r = self
+                .script::<i64, _, _>(&pool, &ADMIT_VARIANT, v.key.as_str(), args)
+                .await;
+            if self.observe("variants", r)? == 0 {
+                return Ok(Written::TooManyVariants);
+            }
+        }
         let pending = pending_key(&w.key);
         let r = pool
             .set::<(), _, _>(&pending, w.value, Some(Expiration::PX(ttl_ms)), None, false)
             .await;
         self.observe("set", r)?;
+        // The entry, and its variant set (so that invalidating an index resets the bound).
+        let members: Vec<&str> = std::iter::once(w.key.as_str())
+            .chain(w.variants.as_ref().map(|v| v.key.as_str()))
+            .collect();
+        let path: Vec<&str> = w.path.iter().map(|(_, p)| p.as_str()).collect();
         let registrations = w
             .indexes
             .iter()
-            .map(|index| (index.as_str(), w.key.as_str()))
+            .map(|index| (index.as_str(), &members[..]))
             .chain(
                 w.path
                     .iter()
-                    .map(|(registry, path)| (registry.as_str(), path.as_str())),
+                    .map(|(registry, _)| (registry.as_str(), &path[..])),
             )
-            .map(|(index, member)| {
-                self.script::<i64, _, _>(&pool, &ADD_TO_INDEX, index, index_args(member, ttl_ms))
+            .map(|(index, members)| {
+                self.script::<i64, _, _>(&pool, &ADD_TO_INDEX, index, index_args(ttl_ms, members))
             });
         for r in futures_util::future::join_all(registrations).await {
             self.observe("index", r)?;
@@ -753,7 +809,7 @@ impl RedisStore {
             .await;
         self.observe("set", r)?;
         let adds = indexes.iter().map(|index| {
-            self.script::<i64, _, _>(&pool, &ADD_TO_INDEX, index, index_args(key, ttl_ms))
+            self.script::<i64, _, _>(&pool, &ADD_TO_INDEX, index, index_args(ttl_ms, &[key]))
         });
         for r in futures_util::future::join_all(adds).await {
             self.observe("index", r)?;
@@ -1070,8 +1126,13 @@ impl RedisStore {
             pool.get::<Option<Bytes>, _>(&key).await?;
             pool.mget::<Vec<Option<Bytes>>, _>(vec![key.as_str()])
                 .await?;
-            self.script::<i64, _, _>(&pool, &ADD_TO_INDEX, index.as_str(), index_args(&key, 5000))
-                .await?;
+            self.script::<i64, _, _>(
+                &pool,
+                &ADD_TO_INDEX,
+                index.as_str(),
+                index_args(5000, &[&key]),
+            )
+            .await?;
             let pending = pending_key(&key);
             pool.set::<(), _, _>(
                 &pending,
