@@ -210,7 +210,7 @@ impl Store {
                     .await
             }
             #[cfg(feature = "memory")]
-            Backend::Memory(s) => Ok(s.invalidate_indexes(seq_key, markers, indexes)),
+            Backend::Memory(s) => Ok(s.invalidate_indexes(seq_key, markers, indexes, uncounted)),
         }
     }
 

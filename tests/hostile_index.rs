@@ -11,8 +11,13 @@ use std::time::Duration;
 use axum::routing::get;
 use axum::Router;
 use common::index::{cli, clone_entry, slowlog, slowlog_from, zcard};
-use common::{get as get_req, send, wait_until, RedisServer};
-use tower_redis_cache::{CacheHandle, CacheLayer, PathPattern, Policy, RedisStore, RequestKey};
+use common::stores::{Backing, Kind};
+use common::{get as get_req, get_with, send, wait_until, RedisServer};
+use tower_redis_cache::{
+    CacheHandle, CacheLayer, Identity, PathPattern, Policy, RedisStore, RequestKey,
+};
+
+on_both_stores!(the_variant_bound_refuses_new_variants_until_the_path_is_invalidated);
 
 /// What 200,000 unauthenticated `?q=N` requests leave behind.
 const MEMBERS: usize = 200_000;
@@ -44,7 +49,12 @@ async fn layer(server: &RedisServer) -> CacheLayer {
     CacheLayer::new(store, Policy::bypass())
         .namespace("hx")
         .unwrap()
-        .route("/items", Policy::shared(TTL).tag("roles"))
+        // A bound above the test's variants: what the layer stores then (variants past the
+        // default bound are not stored).
+        .route(
+            "/items",
+            Policy::shared(TTL).tag("roles").max_variants(300_000),
+        )
         .unwrap()
         .route("/other", Policy::shared(TTL))
         .unwrap()
@@ -237,4 +247,80 @@ async fn a_failed_invalidation_says_what_it_removed_and_a_retry_finishes() {
     assert_eq!(rest, left);
     assert!(server.keys("hx:v1:*").is_empty());
     assert_eq!(send(&app, get_req("/items?q=real")).await.x_cache(), "MISS");
+}
+
+/// `Policy::max_variants`: past the bound a path's new variants are answered but not stored,
+/// and counted; stored variants are rewritten as usual; other paths and other callers have
+/// bounds of their own; invalidating the path resets it (and counts only entries).
+async fn the_variant_bound_refuses_new_variants_until_the_path_is_invalidated(kind: Kind) {
+    let backing = Backing::start(kind);
+    let cache = CacheLayer::new(backing.store().await, Policy::bypass())
+        .namespace("cap")
+        .unwrap()
+        .identity(Identity::header(http::HeaderName::from_static("x-user")))
+        .route("/s/{k}", Policy::shared(TTL).max_variants(3))
+        .unwrap()
+        .route("/menu", Policy::per_user(TTL).max_variants(1))
+        .unwrap();
+    let handle = cache.handle();
+    let app = Router::new()
+        .route("/s/{k}", get(|| async { "s" }))
+        .route("/menu", get(|| async { "menu" }))
+        .layer(cache);
+    let stats = || handle.stats();
+    let get = |uri: &str| send(&app, get_req(uri));
+
+    for q in 1..=3 {
+        assert_eq!(get(&format!("/s/a?q={q}")).await.x_cache(), "MISS");
+    }
+    wait_until("stored", || stats().stored == 3).await;
+    // The fourth variant of /s/a: answered, not stored, counted (twice: asked twice).
+    for expected in 1..=2 {
+        let r = get("/s/a?q=4").await;
+        assert_eq!((r.status.as_u16(), r.x_cache()), (200, "MISS"));
+        wait_until("refused", || stats().variants_refused == expected).await;
+    }
+    assert_eq!(stats().stored, 3);
+    assert_eq!(get("/s/a?q=1").await.x_cache(), "HIT");
+    // A stored variant is rewritten as usual (here after its entry alone was removed).
+    assert_eq!(
+        handle
+            .invalidate(&RequestKey::new("/s/a?q=2"))
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(get("/s/a?q=2").await.x_cache(), "MISS");
+    wait_until("rewritten", || stats().stored == 4).await;
+    assert_eq!(get("/s/a?q=2").await.x_cache(), "HIT");
+    // Another path of the route has a bound of its own.
+    assert_eq!(get("/s/b?q=4").await.x_cache(), "MISS");
+    wait_until("other path", || stats().stored == 5).await;
+    // So does every caller of a per-user route.
+    let menu =
+        |user: &str, v: u32| send(&app, get_with(&format!("/menu?v={v}"), &[("x-user", user)]));
+    menu("ann", 1).await;
+    wait_until("ann's first", || stats().stored == 6).await;
+    menu("ann", 2).await;
+    wait_until("ann's second refused", || stats().variants_refused == 3).await;
+    menu("bob", 2).await;
+    wait_until("bob's first", || stats().stored == 7).await;
+    assert_eq!(stats().variants_refused, 3);
+
+    // Invalidating the path removes its three entries (the variant set is not an entry)
+    // and resets the bound.
+    assert_eq!(handle.invalidate_path("/s/a").await.unwrap(), 3);
+    assert_eq!(get("/s/a?q=4").await.x_cache(), "MISS");
+    wait_until("stored after the reset", || stats().stored == 8).await;
+    assert_eq!(get("/s/a?q=4").await.x_cache(), "HIT");
+    // So does invalidating the user, for their own bound only.
+    assert_eq!(handle.invalidate_user("ann").await.unwrap(), 1);
+    menu("ann", 2).await;
+    wait_until("ann's second stored", || stats().stored == 9).await;
+    assert_eq!(stats().variants_refused, 3);
+    assert!(
+        backing.keys("cap:ix:v:*").len() >= 3,
+        "{:?}",
+        backing.keys("cap:*")
+    );
 }
