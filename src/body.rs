@@ -504,6 +504,10 @@ impl Recorder {
                     Counters::incr(&counters.refused);
                     tracing::debug!(key = %key, "invalidated while computed; not stored");
                 }
+                Ok(Written::Paused) => {
+                    Counters::incr(&counters.writes_paused);
+                    tracing::debug!(key = %key, "redis is nearly full; not stored");
+                }
                 Ok(Written::TooManyVariants) => {
                     Counters::incr(&counters.variants_refused);
                     tracing::debug!(key = %key, "path has as many variants as the route allows; not stored");

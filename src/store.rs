@@ -1,7 +1,7 @@
 //! The Redis store on a fred `Pool`. Every Redis command of the crate lives here.
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -30,6 +30,9 @@ pub(crate) struct Lua {
     text: &'static str,
     /// The same on every server: SHA-1 of the text.
     sha: OnceLock<fred::bytes_utils::Str>,
+    /// The same script without its `#!lua` flags line, for servers older than Redis 7.0
+    /// (which do not know it).
+    compat: Option<&'static Lua>,
 }
 
 impl Lua {
@@ -37,6 +40,17 @@ impl Lua {
         Lua {
             text,
             sha: OnceLock::new(),
+            compat: None,
+        }
+    }
+
+    /// A script with flags (`#!lua flags=...` then `compat`'s text), and `compat` for servers
+    /// that reject the flags line.
+    const fn flagged(text: &'static str, compat: &'static Lua) -> Self {
+        Lua {
+            text,
+            sha: OnceLock::new(),
+            compat: Some(compat),
         }
     }
 }
@@ -72,6 +86,10 @@ pub(crate) struct Inner {
     pub(crate) batcher: Option<crate::batch::Batcher>,
     /// Set when Redis refuses SCRIPT LOAD for good (ACL): scripts go as text (EVAL).
     eval_only: AtomicBool,
+    /// Set when Redis does not know script flags (older than 7.0): scripts go without.
+    no_flags: AtomicBool,
+    /// Whether entry writes are paused because Redis is (nearly) out of memory.
+    pub(crate) memory: MemoryGuard,
 }
 
 impl fmt::Debug for RedisStore {
@@ -147,6 +165,8 @@ impl RedisStore {
                 breaker: Breaker::new(),
                 batcher: batch.then(crate::batch::Batcher::default),
                 eval_only: AtomicBool::new(false),
+                no_flags: AtomicBool::new(false),
+                memory: MemoryGuard::new(),
             }),
         };
         match tokio::time::timeout(connect_timeout, store.inner.pool.wait_for_connect()).await {
@@ -236,6 +256,31 @@ impl RedisStore {
     {
         let keys: MultipleKeys = keys.into();
         let args: MultipleValues = args.try_into().map_err(Into::into)?;
+        let lua = match lua.compat {
+            Some(compat) if self.inner.no_flags.load(Ordering::Relaxed) => compat,
+            _ => lua,
+        };
+        let r = self
+            .run_script(client, lua, keys.clone(), args.clone())
+            .await;
+        match (r, lua.compat) {
+            // Redis before 7.0 reads the flags line as Lua, and fails to compile it.
+            (Err(e), Some(compat)) if e.details().contains("Error compiling script") => {
+                tracing::debug!(error = %e.details(), "script flags unknown to this Redis; sent without");
+                self.inner.no_flags.store(true, Ordering::Relaxed);
+                self.run_script(client, compat, keys, args).await
+            }
+            (r, _) => r,
+        }
+    }
+
+    async fn run_script<R: FromValue>(
+        &self,
+        client: &WithOptions<Client>,
+        lua: &'static Lua,
+        keys: MultipleKeys,
+        args: MultipleValues,
+    ) -> Result<R, FredError> {
         if let Some(sha) = self.sha(client, lua).await {
             match client
                 .evalsha::<R, _, _, _>(sha, keys.clone(), args.clone())
@@ -365,6 +410,9 @@ impl Inner {
             Err(e) if answered(e) => {
                 self.breaker.success();
                 tracing::debug!(op, error = %e.details(), "redis refused a command");
+                if e.details().starts_with("OOM") {
+                    self.memory.out_of_memory();
+                }
             }
             Err(e) => self.breaker.failure(op, e.details()),
         }
@@ -541,16 +589,40 @@ end
 return 0"#,
 );
 
-/// Raises a marker to a sequence number, never lowers it (invalidations may land out of
-/// order on different connections), and keeps it alive for the marker TTL.
-static RAISE_MARKER: Lua = Lua::new(
-    r#"
+// Script bodies used twice (with flags and without), as literals for `concat!`.
+macro_rules! raise_marker {
+    () => {
+        r#"
 local cur = tonumber(redis.call('GET', KEYS[1]) or '0') or 0
 local seq = tonumber(ARGV[1])
 if seq > cur then cur = seq end
 redis.call('SET', KEYS[1], cur, 'PX', ARGV[2])
-return cur"#,
+return cur"#
+    };
+}
+macro_rules! next_seq {
+    () => {
+        "return redis.call('INCR', KEYS[1])"
+    };
+}
+
+/// Raises a marker to a sequence number, never lowers it (invalidations may land out of
+/// order on different connections), and keeps it alive for the marker TTL. `allow-oom`: an
+/// invalidation must succeed when Redis is full (a marker is a few bytes; without the flag
+/// its SET is refused with OOM, and the entries it protects stay cached).
+static RAISE_MARKER: Lua = Lua::flagged(
+    concat!("#!lua flags=allow-oom\n", raise_marker!()),
+    &RAISE_MARKER_COMPAT,
 );
+static RAISE_MARKER_COMPAT: Lua = Lua::new(raise_marker!());
+
+/// Takes the next invalidation sequence number (INCR), also when Redis is full
+/// (`allow-oom`, see `RAISE_MARKER`).
+static NEXT_SEQ: Lua = Lua::flagged(
+    concat!("#!lua flags=allow-oom\n", next_seq!()),
+    &NEXT_SEQ_COMPAT,
+);
+static NEXT_SEQ_COMPAT: Lua = Lua::new(next_seq!());
 
 /// How long an invalidation marker lives. A response whose miss began longer ago than this
 /// is never stored, so a marker always outlives the writes it must stop.
@@ -607,6 +679,8 @@ pub(crate) enum Written {
     /// Its path already has as many variants for its caller as the route allows: not
     /// written.
     TooManyVariants,
+    /// Redis is (nearly) out of memory: entry writes are paused (see `MemoryGuard`).
+    Paused,
 }
 
 fn ms(d: Duration) -> i64 {
@@ -640,6 +714,15 @@ impl RedisStore {
     /// confirm (or withdraw if an invalidation ran since the miss began).
     pub(crate) async fn write(&self, w: Write) -> Result<Written, FredError> {
         self.gate()?;
+        if self.writes_paused().await {
+            return Ok(Written::Paused);
+        }
+        // The value, and its key in each index, its variant set and beside (pending).
+        self.inner.memory.wrote(
+            w.value.len()
+                + (w.indexes.len() + 2) * (w.key.len() + 64)
+                + w.path.as_ref().map_or(0, |(_, p)| p.len() + 64),
+        );
         let pool = self
             .inner
             .pool
@@ -743,7 +826,10 @@ impl RedisStore {
             .pool
             .next_connected()
             .with_options(&self.inner.write);
-        let seq = self.observe("incr", pool.incr::<u64, _>(seq_key).await)?;
+        let seq = self
+            .script::<u64, _, _>(&pool, &NEXT_SEQ, seq_key, Vec::<String>::new())
+            .await;
+        let seq = self.observe("incr", seq)?;
         let sets = markers.iter().map(|m| {
             self.script::<i64, _, _>(
                 &pool,
@@ -1088,6 +1174,205 @@ pub(crate) struct Incomplete {
 impl From<FredError> for Incomplete {
     fn from(error: FredError) -> Self {
         Incomplete { removed: 0, error }
+    }
+}
+
+/// Pauses entry writes while Redis is (nearly) out of memory and cannot evict, so that the
+/// cache never fills it: with `maxmemory-policy noeviction`, a full Redis refuses every
+/// write (OOM), and the entries a caller meant to invalidate would stay. Two signals:
+/// - `INFO memory`, asked by a write at most once a second: with `noeviction`, writes pause
+///   while `used_memory` is at [`PAUSE_ABOVE`] of `maxmemory` or more (on a cluster, the
+///   fullest primary's). Between looks, the bytes this process writes are added to the last
+///   reading, and a write that would take the estimate past the threshold looks again
+///   first (at most every 20 ms), so a burst of writes cannot fill Redis between two looks;
+/// - any command answered with OOM pauses writes for [`OOM_PAUSE`], whatever the policy.
+///
+/// Invalidations are never paused, and their writes (the sequence and markers) run with
+/// `allow-oom`; deletes are allowed under OOM anyway.
+pub(crate) struct MemoryGuard {
+    epoch: Instant,
+    /// Writes are paused until then (ms since `epoch`), after an OOM answer.
+    paused_until: AtomicU64,
+    /// When the last look was claimed (ms since `epoch`; `u64::MAX`: never).
+    last_look: AtomicU64,
+    /// The last look's `used_memory` and pause threshold in bytes (0: no threshold, Redis
+    /// evicts or is unbounded).
+    used: AtomicU64,
+    limit: AtomicU64,
+    /// Bytes this process wrote since the last look (estimated).
+    since: AtomicU64,
+    /// Whether writes were paused for memory at the last look (for one log line per change).
+    full: AtomicBool,
+    /// Set when Redis refuses INFO (ACL): only OOM answers pause writes.
+    no_info: AtomicBool,
+}
+
+/// The share of `maxmemory` past which entry writes pause under `noeviction`.
+pub(crate) const PAUSE_ABOVE: f64 = 0.9;
+/// How often a write looks at Redis's memory.
+const LOOK_EVERY: Duration = Duration::from_secs(1);
+/// How often at most, when this process's own writes near the threshold.
+const LOOK_AT_MOST_EVERY: Duration = Duration::from_millis(20);
+/// How long writes pause after an OOM answer.
+pub(crate) const OOM_PAUSE: Duration = Duration::from_secs(2);
+
+impl MemoryGuard {
+    fn new() -> Self {
+        MemoryGuard {
+            epoch: Instant::now(),
+            paused_until: AtomicU64::new(0),
+            last_look: AtomicU64::new(u64::MAX),
+            used: AtomicU64::new(0),
+            limit: AtomicU64::new(0),
+            since: AtomicU64::new(0),
+            full: AtomicBool::new(false),
+            no_info: AtomicBool::new(false),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Redis answered a command with OOM.
+    pub(crate) fn out_of_memory(&self) {
+        let now = self.now_ms();
+        if now >= self.paused_until.load(Ordering::Acquire) {
+            tracing::warn!(
+                pause_ms = OOM_PAUSE.as_millis() as u64,
+                "redis is out of memory; cache writes paused (invalidations still run)"
+            );
+        }
+        self.paused_until.fetch_max(
+            now.saturating_add(OOM_PAUSE.as_millis() as u64),
+            Ordering::AcqRel,
+        );
+    }
+
+    /// Whether the estimate (last reading plus this process's writes since) is past the
+    /// threshold.
+    fn over(&self) -> bool {
+        let limit = self.limit.load(Ordering::Acquire);
+        limit > 0
+            && self
+                .used
+                .load(Ordering::Acquire)
+                .saturating_add(self.since.load(Ordering::Acquire))
+                >= limit
+    }
+
+    fn paused(&self) -> bool {
+        self.now_ms() < self.paused_until.load(Ordering::Acquire) || self.over()
+    }
+
+    /// True for the one caller that should look at Redis's memory now: a second after the
+    /// last look, or sooner when the estimate is past the threshold.
+    fn claim_look(&self) -> bool {
+        if self.no_info.load(Ordering::Relaxed) {
+            return false;
+        }
+        let now = self.now_ms();
+        let last = self.last_look.load(Ordering::Acquire);
+        let due = last == u64::MAX
+            || now.saturating_sub(last) >= LOOK_EVERY.as_millis() as u64
+            || (self.over() && now.saturating_sub(last) >= LOOK_AT_MOST_EVERY.as_millis() as u64);
+        due && self
+            .last_look
+            .compare_exchange(last, now, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    /// What a look found: the fullest server's `used_memory` and `maxmemory` under
+    /// `noeviction` (`None`: no server is bounded and non-evicting).
+    fn looked(&self, fullest: Option<(u64, u64)>) {
+        let (used, max) = fullest.unwrap_or((0, 0));
+        let limit = (max as f64 * PAUSE_ABOVE) as u64;
+        self.used.store(used, Ordering::Release);
+        self.limit.store(limit, Ordering::Release);
+        self.since.store(0, Ordering::Release);
+        let full = limit > 0 && used >= limit;
+        if self.full.swap(full, Ordering::AcqRel) != full {
+            if full {
+                tracing::warn!(
+                    used_memory = used,
+                    maxmemory = max,
+                    "redis is nearly full and does not evict (noeviction); cache writes paused"
+                );
+            } else {
+                tracing::info!("redis has room again; cache writes resume");
+            }
+        }
+    }
+
+    /// A write of about `bytes` goes to Redis.
+    fn wrote(&self, bytes: usize) {
+        self.since
+            .fetch_add(u64::try_from(bytes).unwrap_or(u64::MAX), Ordering::AcqRel);
+    }
+}
+
+/// `used_memory` and `maxmemory` from an `INFO memory` reply, if `maxmemory` is set and
+/// the policy is `noeviction` (other policies make room by evicting).
+fn memory_use(info: &str) -> Option<(u64, u64)> {
+    let field = |name: &str| {
+        info.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+            .map(str::trim)
+    };
+    let used: u64 = field("used_memory")?.parse().ok()?;
+    let max: u64 = field("maxmemory")?.parse().ok()?;
+    (max > 0 && field("maxmemory_policy")? == "noeviction").then_some((used, max))
+}
+
+impl RedisStore {
+    /// Whether entry writes are paused now (looking at Redis's memory first when a look is
+    /// due; see `MemoryGuard`).
+    async fn writes_paused(&self) -> bool {
+        let guard = &self.inner.memory;
+        if guard.claim_look() {
+            match self.fullest().await {
+                Ok(fullest) => guard.looked(fullest),
+                Err(e) if refused_for_good(&e) => {
+                    tracing::debug!(error = %e.details(), "INFO refused; only out-of-memory answers pause writes");
+                    guard.no_info.store(true, Ordering::Relaxed);
+                }
+                // Unreachable or slow: the write itself will tell.
+                Err(_) => {}
+            }
+        }
+        guard.paused()
+    }
+
+    /// The fullest primary's memory use under `noeviction` (`INFO memory` of each): its
+    /// `used_memory` and `maxmemory`.
+    async fn fullest(&self) -> Result<Option<(u64, u64)>, FredError> {
+        use fred::types::InfoKind;
+        let client = self.inner.pool.next_connected();
+        // On a cluster the pool's connections are to the primaries.
+        let servers: Vec<Option<fred::types::config::Server>> = if self.inner.pool.is_clustered() {
+            client.active_connections().into_iter().map(Some).collect()
+        } else {
+            vec![None]
+        };
+        let mut fullest: Option<(u64, u64)> = None;
+        for server in servers {
+            let options = Options {
+                cluster_node: server,
+                ..self.inner.write.clone()
+            };
+            let info = client
+                .with_options(&options)
+                .info::<String>(Some(InfoKind::Memory))
+                .await;
+            if let Some((used, max)) = memory_use(&self.observe("info", info)?) {
+                // The fullest is the one with the least room left before its threshold.
+                let room = |(u, m): (u64, u64)| (m as f64 * PAUSE_ABOVE) as i128 - i128::from(u);
+                if fullest.map_or(true, |f| room((used, max)) < room(f)) {
+                    fullest = Some((used, max));
+                }
+            }
+        }
+        Ok(fullest)
     }
 }
 

@@ -367,6 +367,9 @@ impl CacheHandle {
                 Ok(crate::store::Written::TooManyVariants) => {
                     crate::status::Counters::incr(&counters.variants_refused)
                 }
+                Ok(crate::store::Written::Paused) => {
+                    crate::status::Counters::incr(&counters.writes_paused)
+                }
                 Err(e) => {
                     crate::status::Counters::incr(&counters.write_errors);
                     tracing::debug!(error = %e.details(), "value not cached");

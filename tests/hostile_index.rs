@@ -324,3 +324,115 @@ async fn the_variant_bound_refuses_new_variants_until_the_path_is_invalidated(ki
         backing.keys("cap:*")
     );
 }
+
+/// `maxmemory-policy noeviction` with unique query strings: the cache stops writing well
+/// before Redis is full (paused writes counted, clients never see an error, the handler
+/// answers), and once Redis is full (filled by someone else) an invalidation still succeeds
+/// and the stale entry is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_redis_stops_cache_writes_and_still_invalidates() {
+    let max: u64 = 8 << 20;
+    let server = RedisServer::start_with(
+        &[
+            "--maxmemory".into(),
+            max.to_string(),
+            "--maxmemory-policy".into(),
+            "noeviction".into(),
+        ],
+        false,
+    );
+    let store = RedisStore::connect(common::relaxed_config(&server.url()))
+        .await
+        .unwrap();
+    let cache = CacheLayer::new(store, Policy::bypass())
+        .namespace("oom")
+        .unwrap()
+        .route("/data", Policy::shared(TTL).tag("data"))
+        .unwrap()
+        .route("/fill", Policy::shared(TTL).max_variants(1_000_000))
+        .unwrap();
+    let handle = cache.handle();
+    let version = Arc::new(AtomicU64::new(1));
+    let v = version.clone();
+    let app = Router::new()
+        .route(
+            "/data",
+            get(move || {
+                let v = v.load(Ordering::SeqCst);
+                async move { format!("data v{v}") }
+            }),
+        )
+        .route("/fill", get(|| async { "f".repeat(4096) }))
+        .layer(cache);
+    let used = || {
+        server
+            .info("memory")
+            .lines()
+            .find_map(|l| l.strip_prefix("used_memory:"))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .expect("used_memory")
+    };
+
+    assert_eq!(send(&app, get_req("/data")).await.x_cache(), "MISS");
+    wait_until("stored", || handle.stats().stored == 1).await;
+    assert_eq!(send(&app, get_req("/data")).await.text(), "data v1");
+
+    // Unique query strings, 50 at a time, until the cache stops writing.
+    let mut q = 0;
+    while handle.stats().writes_paused == 0 {
+        assert!(q < 20_000, "writes never paused; used {} of {max}", used());
+        for _ in 0..50 {
+            q += 1;
+            let r = send(&app, get_req(&format!("/fill?q={q}"))).await;
+            assert_eq!((r.status.as_u16(), r.body.len()), (200, 4096));
+        }
+        // Every write answered (`/data`'s too) before the next 50.
+        wait_until("writes settled", || {
+            let s = handle.stats();
+            s.stored + s.writes_paused + s.write_errors > q
+        })
+        .await;
+    }
+    let stats = handle.stats();
+    assert_eq!(
+        stats.write_errors, 0,
+        "the cache stopped before Redis refused: {stats:?}"
+    );
+    assert!(used() < max, "{} of {max}", used());
+    // Writes stay paused while Redis is that full.
+    let stored = handle.stats().stored;
+    for _ in 0..100 {
+        q += 1;
+        let r = send(&app, get_req(&format!("/fill?q={q}"))).await;
+        assert_eq!((r.status.as_u16(), r.x_cache()), (200, "MISS"));
+    }
+    wait_until("paused", || {
+        let s = handle.stats();
+        s.stored + s.writes_paused + s.write_errors > q
+    })
+    .await;
+    assert_eq!(handle.stats().stored, stored);
+
+    // Someone else fills Redis to the brim.
+    let filler = "x".repeat(64 * 1024);
+    let mut full = false;
+    for i in 0..1000 {
+        if cli(&server, &["SET", &format!("filler:{i}"), &filler]).starts_with("OOM") {
+            full = true;
+            break;
+        }
+    }
+    assert!(full, "Redis never refused a write");
+
+    // The data changes: the invalidation succeeds on a full Redis, the stale entry is gone.
+    version.store(2, Ordering::SeqCst);
+    assert_eq!(handle.invalidate_tag("data").await.unwrap(), 1);
+    let r = send(&app, get_req("/data")).await;
+    assert_eq!((r.x_cache(), r.text().as_str()), ("MISS", "data v2"));
+    assert_eq!(handle.invalidate_path("/data").await.unwrap(), 0);
+    // Requests are still answered, none stored.
+    for i in 0..20 {
+        let r = send(&app, get_req(&format!("/fill?q=full{i}"))).await;
+        assert_eq!(r.status, 200);
+    }
+}
