@@ -540,13 +540,17 @@ impl CacheHandle {
                 result
             }
         };
-        spawn_detached(work).await
+        spawn_detached(Box::pin(work)).await
     }
 }
 
-async fn spawn_detached<T: Send + 'static>(
-    work: impl std::future::Future<Output = Result<T, CacheError>> + Send + 'static,
-) -> Result<T, CacheError> {
+/// The work as a boxed trait object: the futures of an invalidation nest deep enough
+/// (handle, store, scripts) to pass the compiler's query depth in release builds of the
+/// futures that await an invalidation.
+type Work<T> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, CacheError>> + Send + 'static>>;
+
+async fn spawn_detached<T: Send + 'static>(work: Work<T>) -> Result<T, CacheError> {
     match tokio::runtime::Handle::try_current() {
         Ok(rt) => rt.spawn(work).await.unwrap_or_else(|e| {
             Err(fred::error::Error::new(
