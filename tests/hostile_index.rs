@@ -22,10 +22,10 @@ on_both_stores!(the_variant_bound_refuses_new_variants_until_the_path_is_invalid
 /// What 200,000 unauthenticated `?q=N` requests leave behind.
 const MEMBERS: usize = 200_000;
 
-/// No command may carry more than this many arguments: a slice of at most 500 members (a
+/// No command may carry more than this many arguments: a slice of at most 250 members (a
 /// member and its score each) and the command's own. The commands this replaces carried the
 /// whole index (400,000 arguments for 200,000 members).
-const MOST_ARGS: usize = 2 * 500 + 4;
+const MOST_ARGS: usize = 2 * 250 + 4;
 
 /// Nor keep Redis busy longer than this. Bounded commands take a few milliseconds (see
 /// RELIABILITY.md); Redis's clock also counts the time its process waits for a core on a
