@@ -11,7 +11,7 @@ use crate::breaker::BreakerState;
 use crate::config::ConfigError;
 #[cfg(feature = "memory")]
 use crate::memory::MemoryStore;
-use crate::store::{RedisStore, Write, Written};
+use crate::store::{Incomplete, RedisStore, Write, Written};
 
 /// Where a [`CacheLayer`](crate::CacheLayer) keeps its entries: a [`RedisStore`] (shared by
 /// every instance of a service) or, with the `memory` feature, a `MemoryStore` (this
@@ -195,16 +195,22 @@ impl Store {
         }
     }
 
+    /// Removes every member of `indexes` after raising `markers`; members starting with
+    /// `uncounted` (bookkeeping, not entries) are removed but not counted.
     pub(crate) async fn invalidate_indexes(
         &self,
         seq_key: &str,
         markers: &[String],
         indexes: &[String],
-    ) -> Result<u64, FredError> {
+        uncounted: &str,
+    ) -> Result<u64, Incomplete> {
         match &self.0 {
-            Backend::Redis(s) => s.invalidate_indexes(seq_key, markers, indexes).await,
+            Backend::Redis(s) => {
+                s.invalidate_indexes(seq_key, markers, indexes, uncounted)
+                    .await
+            }
             #[cfg(feature = "memory")]
-            Backend::Memory(s) => Ok(s.invalidate_indexes(seq_key, markers, indexes)),
+            Backend::Memory(s) => Ok(s.invalidate_indexes(seq_key, markers, indexes, uncounted)),
         }
     }
 
@@ -224,7 +230,7 @@ impl Store {
         &self,
         patterns: &[String],
         counted: usize,
-    ) -> Result<u64, FredError> {
+    ) -> Result<u64, Incomplete> {
         match &self.0 {
             Backend::Redis(s) => s.scan_unlink(patterns, counted).await,
             #[cfg(feature = "memory")]

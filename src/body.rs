@@ -314,6 +314,8 @@ pub(crate) struct Recorder {
     age: Duration,
     /// A gRPC response: stored only if its trailers say `grpc-status: 0`.
     grpc: bool,
+    /// `Policy::max_variants` of the route.
+    max_variants: u32,
 }
 
 impl Recorder {
@@ -348,6 +350,7 @@ impl Recorder {
             finished: false,
             age: Duration::ZERO,
             grpc: ctx.grpc,
+            max_variants: ctx.policy.max_variants,
         }
     }
 
@@ -479,6 +482,14 @@ impl Recorder {
             miss_seq: self.miss_seq,
             seq_key: keyer.seq_key().to_owned(),
             started: self.started,
+            variants: Some(crate::store::Variants {
+                key: keyer.variants_key(
+                    self.route.as_deref(),
+                    self.identity.as_deref(),
+                    &self.path,
+                ),
+                max: self.max_variants,
+            }),
         };
         let task_shared = Arc::clone(&shared);
         rt.spawn(async move {
@@ -492,6 +503,14 @@ impl Recorder {
                 Ok(Written::Refused) => {
                     Counters::incr(&counters.refused);
                     tracing::debug!(key = %key, "invalidated while computed; not stored");
+                }
+                Ok(Written::Paused) => {
+                    Counters::incr(&counters.writes_paused);
+                    tracing::debug!(key = %key, "redis is nearly full; not stored");
+                }
+                Ok(Written::TooManyVariants) => {
+                    Counters::incr(&counters.variants_refused);
+                    tracing::debug!(key = %key, "path has as many variants as the route allows; not stored");
                 }
                 Err(e) => {
                     Counters::incr(&counters.write_errors);

@@ -96,19 +96,31 @@ impl Health {
 
 /// A Redis operation of the handle failed (Redis down, too slow, or refusing the command),
 /// or a value could not be serialized.
+///
+/// An invalidation that fails part-way keeps what it did: [`removed`](Self::removed) says how
+/// many entries it removed before it stopped, and the others are still cached (and still
+/// indexed, so calling it again removes them).
 #[derive(Debug)]
 pub struct CacheError {
     source: fred::error::Error,
+    /// Entries an invalidation removed before it failed.
+    removed: Option<u64>,
 }
 
 impl CacheError {
     pub(crate) fn serialize(e: serde_json::Error) -> Self {
-        CacheError {
-            source: fred::error::Error::new(
-                fred::error::ErrorKind::Parse,
-                format!("value does not serialize to JSON: {e}"),
-            ),
-        }
+        fred::error::Error::new(
+            fred::error::ErrorKind::Parse,
+            format!("value does not serialize to JSON: {e}"),
+        )
+        .into()
+    }
+
+    /// For an invalidation that failed part-way, how many entries it removed before it
+    /// stopped (`None` when it removed none, or for other operations). Those stay removed;
+    /// the rest are still cached until the invalidation is run again.
+    pub fn removed(&self) -> Option<u64> {
+        self.removed
     }
 
     /// Whether the command ran out of time (or was not sent because Redis is unreachable).
@@ -122,7 +134,15 @@ impl CacheError {
 
 impl fmt::Display for CacheError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "cache operation failed: {}", self.source.details())
+        match self.removed {
+            Some(n) => write!(
+                f,
+                "invalidation incomplete: {n} entries removed, the others are still cached \
+                 (run it again to remove them): {}",
+                self.source.details()
+            ),
+            None => write!(f, "cache operation failed: {}", self.source.details()),
+        }
     }
 }
 
@@ -307,7 +327,12 @@ impl CacheHandle {
         let keyer = self.keyer();
         let markers: Vec<String> = indexes.iter().map(|i| keyer.marker_of(i)).collect();
         self.store()
-            .invalidate_indexes(keyer.seq_key(), &markers, &indexes)
+            .invalidate_indexes(
+                keyer.seq_key(),
+                &markers,
+                &indexes,
+                &keyer.bookkeeping_prefix(),
+            )
             .await
             .map_err(CacheError::from)
     }
@@ -411,9 +436,16 @@ impl CacheHandle {
         let indexes: Vec<String> = paths.iter().map(|p| keyer.path_index(p)).collect();
         let mut removed = 0;
         for chunk in indexes.chunks(100) {
-            removed += store
-                .invalidate_indexes(keyer.seq_key(), &[], chunk)
-                .await?;
+            match store
+                .invalidate_indexes(keyer.seq_key(), &[], chunk, &keyer.bookkeeping_prefix())
+                .await
+            {
+                Ok(n) => removed += n,
+                Err(mut e) => {
+                    e.removed += removed;
+                    return Err(e.into());
+                }
+            }
         }
         Ok(removed)
     }
@@ -517,21 +549,24 @@ impl CacheHandle {
                 result
             }
         };
-        spawn_detached(work).await
+        spawn_detached(Box::pin(work)).await
     }
 }
 
-async fn spawn_detached<T: Send + 'static>(
-    work: impl std::future::Future<Output = Result<T, CacheError>> + Send + 'static,
-) -> Result<T, CacheError> {
+/// The work as a boxed trait object: the futures of an invalidation nest deep enough
+/// (handle, store, scripts) to pass the compiler's query depth in release builds of the
+/// futures that await an invalidation.
+type Work<T> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, CacheError>> + Send + 'static>>;
+
+async fn spawn_detached<T: Send + 'static>(work: Work<T>) -> Result<T, CacheError> {
     match tokio::runtime::Handle::try_current() {
         Ok(rt) => rt.spawn(work).await.unwrap_or_else(|e| {
-            Err(CacheError {
-                source: fred::error::Error::new(
-                    fred::error::ErrorKind::Unknown,
-                    format!("invalidation task failed: {e}"),
-                ),
-            })
+            Err(fred::error::Error::new(
+                fred::error::ErrorKind::Unknown,
+                format!("invalidation task failed: {e}"),
+            )
+            .into())
         }),
         Err(_) => work.await,
     }
@@ -539,7 +574,19 @@ async fn spawn_detached<T: Send + 'static>(
 
 impl From<fred::error::Error> for CacheError {
     fn from(source: fred::error::Error) -> Self {
-        CacheError { source }
+        CacheError {
+            source,
+            removed: None,
+        }
+    }
+}
+
+impl From<crate::store::Incomplete> for CacheError {
+    fn from(e: crate::store::Incomplete) -> Self {
+        CacheError {
+            source: e.error,
+            removed: (e.removed > 0).then_some(e.removed),
+        }
     }
 }
 

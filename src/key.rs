@@ -241,6 +241,31 @@ impl Keyer {
         self.index("t", &named_hash("tag", tag.as_bytes()))
     }
 
+    /// The variants of one path stored for one caller on one route (a sorted set of their
+    /// keys scored by expiry, bounded by `Policy::max_variants`). Registered in the entry's
+    /// indexes so that invalidating them resets it; an index key, so never counted as an
+    /// entry (see [`bookkeeping_prefix`](Self::bookkeeping_prefix)).
+    pub(crate) fn variants_key(
+        &self,
+        route: Option<&str>,
+        identity: Option<&[u8]>,
+        path: &str,
+    ) -> String {
+        let scope = identity.map_or_else(|| "s".to_owned(), |id| self.identity_hash(id));
+        let mut h = RequestHash::new();
+        h.part(route.unwrap_or("").as_bytes());
+        h.part(&[u8::from(route.is_some())]);
+        h.part(scope.as_bytes());
+        h.part(indexed_path(path).as_bytes());
+        self.index("v", &hex(&h.finalize().as_bytes()[..16]))
+    }
+
+    /// The start of every index key: members of indexes that start with it are the
+    /// store's bookkeeping (variant sets), removed with the entries but not counted.
+    pub(crate) fn bookkeeping_prefix(&self) -> String {
+        format!("{}:ix:", self.namespace)
+    }
+
     /// The invalidation marker of an index: the sequence number of its last invalidation.
     pub(crate) fn marker_of(&self, index: &str) -> String {
         index.replacen(":ix:", ":inv:", 1)

@@ -205,8 +205,8 @@ pub use layer::{CacheLayer, DEFAULT_MAX_PENDING_WRITES, DEFAULT_NAMESPACE};
 #[cfg(feature = "memory")]
 pub use memory::MemoryStore;
 pub use policy::{
-    CacheOverride, Policy, DEFAULT_COALESCE_WAIT, DEFAULT_MAX_BODY_SIZE, TAG_HEADERS,
-    TTL_OVERRIDE_HEADER,
+    CacheOverride, Policy, DEFAULT_COALESCE_WAIT, DEFAULT_MAX_BODY_SIZE, DEFAULT_MAX_VARIANTS,
+    TAG_HEADERS, TTL_OVERRIDE_HEADER,
 };
 pub use service::CacheService;
 pub use status::{BypassReason, CacheStatus, Stats, CACHE_NAME, CACHE_STATUS};

@@ -211,20 +211,29 @@ impl MemoryStore {
         let now = Instant::now();
         let mut state = self.lock();
         state.sweep(now);
+        let ttl = w.ttl.max(Duration::from_millis(1));
+        let expires = deadline(now, ttl);
+        if let Some(v) = &w.variants {
+            if !state.admit_variant(&v.key, &w.key, expires, v.max, now) {
+                return Written::TooManyVariants;
+            }
+        }
         let moved = state.counter(&w.seq_key, now) < w.miss_seq
             || w.markers.iter().any(|m| state.counter(m, now) > w.miss_seq)
             || w.started.elapsed() + Duration::from_secs(10) >= MARKER_TTL;
         if moved {
             return Written::Refused;
         }
-        let ttl = w.ttl.max(Duration::from_millis(1));
-        let expires = deadline(now, ttl);
         let value = confirmed(&w.value);
         self.inner
             .strings
             .insert(w.key.clone(), Slot { value, expires });
         for index in &w.indexes {
             state.add(index, &w.key, expires, now);
+            // Its variant set too, so that invalidating the index resets the bound.
+            if let Some(v) = &w.variants {
+                state.add(index, &v.key, expires, now);
+            }
         }
         if let Some((registry, path)) = &w.path {
             state.add(registry, path, expires, now);
@@ -304,12 +313,13 @@ impl MemoryStore {
     }
 
     /// Raises `markers`, then removes every member of `indexes` and empties them; returns how
-    /// many members existed.
+    /// many members existed, but those starting with `uncounted` (variant sets).
     pub(crate) fn invalidate_indexes(
         &self,
         seq_key: &str,
         markers: &[String],
         indexes: &[String],
+        uncounted: &str,
     ) -> u64 {
         let now = Instant::now();
         let mut state = self.lock();
@@ -325,7 +335,11 @@ impl MemoryStore {
             .collect();
         members.sort_unstable();
         members.dedup();
-        self.remove_all(&mut state, &members, now)
+        let (own, entries): (Vec<String>, Vec<String>) = members
+            .into_iter()
+            .partition(|m| !uncounted.is_empty() && m.starts_with(uncounted));
+        self.remove_all(&mut state, &own, now);
+        self.remove_all(&mut state, &entries, now)
     }
 
     /// The members of the path registry that match a glob pattern, sorted.
@@ -448,6 +462,28 @@ impl State {
         let e = set.members.entry(member.to_owned()).or_insert(expires);
         *e = (*e).max(expires);
         set.expires = set.expires.max(deadline(expires, Duration::from_secs(1)));
+    }
+
+    /// Admits `member` into the variant set `set` until `expires`: always if it is there
+    /// (live), else only while the set has fewer than `max` live members. The Redis store's
+    /// `ADMIT_VARIANT`.
+    fn admit_variant(
+        &mut self,
+        set: &str,
+        member: &str,
+        expires: Instant,
+        max: u32,
+        now: Instant,
+    ) -> bool {
+        let full = self.sets.get(set).is_some_and(|s| {
+            s.expires > now
+                && !s.members.get(member).is_some_and(|e| *e > now)
+                && s.members.values().filter(|e| **e > now).count() >= max as usize
+        });
+        if !full {
+            self.add(set, member, expires, now);
+        }
+        !full
     }
 
     /// Once a second: drops expired sets, members and markers.
@@ -645,7 +681,7 @@ mod tests {
         assert!(store.try_lock("l", Duration::MAX));
         assert!(!store.try_lock("l", Duration::MAX));
         assert_eq!(
-            store.invalidate_indexes("seq", &["m".into()], &["ix".into()]),
+            store.invalidate_indexes("seq", &["m".into()], &["ix".into()], ""),
             1
         );
     }
@@ -688,7 +724,7 @@ mod tests {
         let _ = now;
         std::thread::sleep(Duration::from_millis(60));
         // `a` expired: only `b` is counted.
-        assert_eq!(store.invalidate_indexes("seq", &[], &["ix".into()]), 1);
+        assert_eq!(store.invalidate_indexes("seq", &[], &["ix".into()], ""), 1);
         assert!(store.keys("*").iter().all(|k| k == "seq"));
     }
 }

@@ -15,6 +15,10 @@ pub const DEFAULT_COALESCE_WAIT: Duration = Duration::from_secs(5);
 /// The default limit on a cached body: 1 MiB.
 pub const DEFAULT_MAX_BODY_SIZE: usize = 1024 * 1024;
 
+/// The default bound on the variants of one path kept for one caller: 1,000 (see
+/// [`Policy::max_variants`]).
+pub const DEFAULT_MAX_VARIANTS: u32 = 1000;
+
 /// The response header through which a handler changes the TTL of one response, or skips
 /// caching it. The layer strips it before the response leaves.
 ///
@@ -56,6 +60,8 @@ pub struct Policy {
     pub(crate) key_headers: Vec<HeaderName>,
     pub(crate) status_ttls: Vec<(StatusCode, Duration)>,
     pub(crate) max_body_size: usize,
+    /// Entries kept at once per route, caller and path (query strings, keyed headers).
+    pub(crate) max_variants: u32,
     pub(crate) tags: Vec<String>,
     /// When set, the response's own freshness sets the TTL, clamped to this range.
     pub(crate) ttl_from_response: Option<(Duration, Duration)>,
@@ -86,6 +92,7 @@ impl Policy {
             key_headers: Vec::new(),
             status_ttls: Vec::new(),
             max_body_size: DEFAULT_MAX_BODY_SIZE,
+            max_variants: DEFAULT_MAX_VARIANTS,
             tags: Vec::new(),
             ttl_from_response: None,
             etag: true,
@@ -253,6 +260,21 @@ impl Policy {
     /// the client untouched and is not stored.
     pub fn max_body_size(mut self, bytes: usize) -> Self {
         self.max_body_size = bytes;
+        self
+    }
+
+    /// The most entries kept at once for one path of the route and one caller (default
+    /// [`DEFAULT_MAX_VARIANTS`]): its query strings times its keyed-header variants (times
+    /// its request messages, for gRPC). Every unique query string is an entry, so without a
+    /// bound a client sending `?q=1`, `?q=2`... grows the store and its indexes without end.
+    ///
+    /// Past the bound, responses of new variants are served but not stored (counted in
+    /// [`Stats::variants_refused`](crate::Stats::variants_refused)) until variants expire or
+    /// the path is invalidated; variants already stored are refreshed as usual. Shared
+    /// routes count one caller (everybody), per-user routes one per identity. `0` counts as
+    /// `1`.
+    pub fn max_variants(mut self, n: u32) -> Self {
+        self.max_variants = n.max(1);
         self
     }
 

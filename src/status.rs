@@ -231,6 +231,12 @@ pub struct Stats {
     pub write_errors: u64,
     /// Responses not stored because an invalidation of theirs ran while they were computed.
     pub refused: u64,
+    /// Responses not stored because their path already has as many variants stored for that
+    /// caller as the route allows ([`Policy::max_variants`](crate::Policy::max_variants)).
+    pub variants_refused: u64,
+    /// Responses not stored because Redis is nearly full and cannot evict (`noeviction`),
+    /// or answered a write with out-of-memory: writes pause so that invalidations still run.
+    pub writes_paused: u64,
     /// Stored values that could not be decoded (corrupt, foreign or another format version).
     pub undecodable: u64,
     /// How many times the circuit breaker has opened.
@@ -254,6 +260,8 @@ pub(crate) struct Counters {
     pub(crate) writes_dropped: AtomicU64,
     pub(crate) write_errors: AtomicU64,
     pub(crate) refused: AtomicU64,
+    pub(crate) variants_refused: AtomicU64,
+    pub(crate) writes_paused: AtomicU64,
     pub(crate) undecodable: AtomicU64,
 }
 
@@ -280,6 +288,8 @@ impl Counters {
             writes_dropped: r(&self.writes_dropped),
             write_errors: r(&self.write_errors),
             refused: r(&self.refused),
+            variants_refused: r(&self.variants_refused),
+            writes_paused: r(&self.writes_paused),
             undecodable: r(&self.undecodable),
             breaker_opened: 0,
             near_hits: 0,

@@ -1,7 +1,7 @@
 //! The Redis store on a fred `Pool`. Every Redis command of the crate lives here.
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -30,6 +30,9 @@ pub(crate) struct Lua {
     text: &'static str,
     /// The same on every server: SHA-1 of the text.
     sha: OnceLock<fred::bytes_utils::Str>,
+    /// The same script without its `#!lua` flags line, for servers older than Redis 7.0
+    /// (which do not know it).
+    compat: Option<&'static Lua>,
 }
 
 impl Lua {
@@ -37,6 +40,17 @@ impl Lua {
         Lua {
             text,
             sha: OnceLock::new(),
+            compat: None,
+        }
+    }
+
+    /// A script with flags (`#!lua flags=...` then `compat`'s text), and `compat` for servers
+    /// that reject the flags line.
+    const fn flagged(text: &'static str, compat: &'static Lua) -> Self {
+        Lua {
+            text,
+            sha: OnceLock::new(),
+            compat: Some(compat),
         }
     }
 }
@@ -72,6 +86,10 @@ pub(crate) struct Inner {
     pub(crate) batcher: Option<crate::batch::Batcher>,
     /// Set when Redis refuses SCRIPT LOAD for good (ACL): scripts go as text (EVAL).
     eval_only: AtomicBool,
+    /// Set when Redis does not know script flags (older than 7.0): scripts go without.
+    no_flags: AtomicBool,
+    /// Whether entry writes are paused because Redis is (nearly) out of memory.
+    pub(crate) memory: MemoryGuard,
 }
 
 impl fmt::Debug for RedisStore {
@@ -147,6 +165,8 @@ impl RedisStore {
                 breaker: Breaker::new(),
                 batcher: batch.then(crate::batch::Batcher::default),
                 eval_only: AtomicBool::new(false),
+                no_flags: AtomicBool::new(false),
+                memory: MemoryGuard::new(),
             }),
         };
         match tokio::time::timeout(connect_timeout, store.inner.pool.wait_for_connect()).await {
@@ -236,6 +256,31 @@ impl RedisStore {
     {
         let keys: MultipleKeys = keys.into();
         let args: MultipleValues = args.try_into().map_err(Into::into)?;
+        let lua = match lua.compat {
+            Some(compat) if self.inner.no_flags.load(Ordering::Relaxed) => compat,
+            _ => lua,
+        };
+        let r = self
+            .run_script(client, lua, keys.clone(), args.clone())
+            .await;
+        match (r, lua.compat) {
+            // Redis before 7.0 reads the flags line as Lua, and fails to compile it.
+            (Err(e), Some(compat)) if e.details().contains("Error compiling script") => {
+                tracing::debug!(error = %e.details(), "script flags unknown to this Redis; sent without");
+                self.inner.no_flags.store(true, Ordering::Relaxed);
+                self.run_script(client, compat, keys, args).await
+            }
+            (r, _) => r,
+        }
+    }
+
+    async fn run_script<R: FromValue>(
+        &self,
+        client: &WithOptions<Client>,
+        lua: &'static Lua,
+        keys: MultipleKeys,
+        args: MultipleValues,
+    ) -> Result<R, FredError> {
         if let Some(sha) = self.sha(client, lua).await {
             match client
                 .evalsha::<R, _, _, _>(sha, keys.clone(), args.clone())
@@ -365,6 +410,9 @@ impl Inner {
             Err(e) if answered(e) => {
                 self.breaker.success();
                 tracing::debug!(op, error = %e.details(), "redis refused a command");
+                if e.details().starts_with("OOM") {
+                    self.memory.out_of_memory();
+                }
             }
             Err(e) => self.breaker.failure(op, e.details()),
         }
@@ -444,18 +492,47 @@ fn answered(e: &FredError) -> bool {
     ) || ANSWERS.contains(&first)
 }
 
-/// Adds a member to an index (a sorted set scored by expiry, in Redis's own clock so that
+/// Adds members to an index (a sorted set scored by expiry, in Redis's own clock so that
 /// instances with skewed clocks agree), never lowering a member's score (variants of one path
 /// may have different TTLs), prunes expired members and keeps the index alive at least as
-/// long as its newest member. ARGV: member, TTL in ms, the index's TTL in ms.
+/// long as its newest member. ARGV: TTL in ms, the index's TTL in ms, then the members.
+///
+/// Pruning removes at most 128 expired members per call (the lowest ranks: scores are
+/// expiries), so that a write never pays for a whole index expiring at once; each write adds
+/// a member or two, so pruning keeps up.
 static ADD_TO_INDEX: Lua = Lua::new(
+    r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local score = now + tonumber(ARGV[1])
+for i = 3, #ARGV do
+  local cur = redis.call('ZSCORE', KEYS[1], ARGV[i])
+  if (not cur) or tonumber(cur) < score then redis.call('ZADD', KEYS[1], score, ARGV[i]) end
+end
+local expired = redis.call('ZCOUNT', KEYS[1], '-inf', now)
+if expired > 0 then redis.call('ZREMRANGEBYRANK', KEYS[1], 0, math.min(expired, 128) - 1) end
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl < tonumber(ARGV[2]) then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 1"#,
+);
+
+/// Admits a variant (ARGV[1], an entry key) into the set of its path's variants (KEYS[1],
+/// scored by expiry like an index): a variant already there is always admitted (its score
+/// raised), a new one only while fewer than ARGV[4] live variants are. Returns 1 if
+/// admitted, 0 if not. ARGV: member, TTL in ms, the set's TTL in ms, the bound. One key, so
+/// one hash slot.
+static ADMIT_VARIANT: Lua = Lua::new(
     r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local score = now + tonumber(ARGV[2])
 local cur = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if (not cur) or tonumber(cur) <= now then
+  if redis.call('ZCOUNT', KEYS[1], '(' .. now, '+inf') >= tonumber(ARGV[4]) then return 0 end
+end
 if (not cur) or tonumber(cur) < score then redis.call('ZADD', KEYS[1], score, ARGV[1]) end
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local expired = redis.call('ZCOUNT', KEYS[1], '-inf', now)
+if expired > 0 then redis.call('ZREMRANGEBYRANK', KEYS[1], 0, math.min(expired, 128) - 1) end
 local ttl = redis.call('PTTL', KEYS[1])
 if ttl < tonumber(ARGV[3]) then redis.call('PEXPIRE', KEYS[1], ARGV[3]) end
 return 1"#,
@@ -463,17 +540,24 @@ return 1"#,
 
 /// Removes members from an index only if their score is still the one read (a member
 /// re-added meanwhile by a fresh write has a new score and stays). ARGV: member, score, ...
+/// Two commands whatever the number of members (ZMSCORE, ZREM), so that a slice of an
+/// index costs Redis little more than the members it removes. Not `allow-oom`: neither
+/// command is refused when Redis is full.
 static REMOVE_IF_SCORE: Lua = Lua::new(
     r#"
-local n = 0
+local members, read = {}, {}
 for i = 1, #ARGV, 2 do
-  local cur = redis.call('ZSCORE', KEYS[1], ARGV[i])
-  if cur and cur == ARGV[i + 1] then
-    redis.call('ZREM', KEYS[1], ARGV[i])
-    n = n + 1
-  end
+  members[#members + 1] = ARGV[i]
+  read[#read + 1] = tonumber(ARGV[i + 1])
 end
-return n"#,
+if #members == 0 then return 0 end
+local now = redis.call('ZMSCORE', KEYS[1], unpack(members))
+local gone = {}
+for i = 1, #members do
+  if now[i] and tonumber(now[i]) == read[i] then gone[#gone + 1] = members[i] end
+end
+if #gone == 0 then return 0 end
+return redis.call('ZREM', KEYS[1], unpack(gone))"#,
 );
 
 /// Moves a pending value (KEYS[1], see `pending_key`) to its key (KEYS[2], same slot) and flips
@@ -505,29 +589,54 @@ end
 return 0"#,
 );
 
-/// Raises a marker to a sequence number, never lowers it (invalidations may land out of
-/// order on different connections), and keeps it alive for the marker TTL.
-static RAISE_MARKER: Lua = Lua::new(
-    r#"
+// Script bodies used twice (with flags and without), as literals for `concat!`.
+macro_rules! raise_marker {
+    () => {
+        r#"
 local cur = tonumber(redis.call('GET', KEYS[1]) or '0') or 0
 local seq = tonumber(ARGV[1])
 if seq > cur then cur = seq end
 redis.call('SET', KEYS[1], cur, 'PX', ARGV[2])
-return cur"#,
+return cur"#
+    };
+}
+macro_rules! next_seq {
+    () => {
+        "return redis.call('INCR', KEYS[1])"
+    };
+}
+
+/// Raises a marker to a sequence number, never lowers it (invalidations may land out of
+/// order on different connections), and keeps it alive for the marker TTL. `allow-oom`: an
+/// invalidation must succeed when Redis is full (a marker is a few bytes; without the flag
+/// its SET is refused with OOM, and the entries it protects stay cached).
+static RAISE_MARKER: Lua = Lua::flagged(
+    concat!("#!lua flags=allow-oom\n", raise_marker!()),
+    &RAISE_MARKER_COMPAT,
 );
+static RAISE_MARKER_COMPAT: Lua = Lua::new(raise_marker!());
+
+/// Takes the next invalidation sequence number (INCR), also when Redis is full
+/// (`allow-oom`, see `RAISE_MARKER`).
+static NEXT_SEQ: Lua = Lua::flagged(
+    concat!("#!lua flags=allow-oom\n", next_seq!()),
+    &NEXT_SEQ_COMPAT,
+);
+static NEXT_SEQ_COMPAT: Lua = Lua::new(next_seq!());
 
 /// How long an invalidation marker lives. A response whose miss began longer ago than this
 /// is never stored, so a marker always outlives the writes it must stop.
 pub(crate) const MARKER_TTL: Duration = Duration::from_secs(600);
 
-/// The arguments of `ADD_TO_INDEX` for `member`, kept for `ttl_ms`.
-fn index_args(member: &str, ttl_ms: i64) -> Vec<String> {
-    vec![
-        member.to_owned(),
+/// The arguments of `ADD_TO_INDEX` for `members`, kept for `ttl_ms`.
+fn index_args(ttl_ms: i64, members: &[&str]) -> Vec<String> {
+    let mut args = vec![
         ttl_ms.to_string(),
         // Indexes outlive their newest member a little, so pruning sees it expire.
         ttl_ms.saturating_add(1000).to_string(),
-    ]
+    ];
+    args.extend(members.iter().map(|m| (*m).to_owned()));
+    args
 }
 
 /// One entry to write, with what it must be registered under and checked against.
@@ -549,6 +658,15 @@ pub(crate) struct Write {
     pub(crate) seq_key: String,
     /// When the miss began: past the marker TTL a race can no longer be detected.
     pub(crate) started: std::time::Instant,
+    /// The set of the variants of the entry's path for its caller and route, and how many it
+    /// may hold (responses only): a new variant past the bound is not written.
+    pub(crate) variants: Option<Variants>,
+}
+
+/// Where a write's variant is counted, and the bound (`Policy::max_variants`).
+pub(crate) struct Variants {
+    pub(crate) key: String,
+    pub(crate) max: u32,
 }
 
 /// What became of a write.
@@ -558,6 +676,11 @@ pub(crate) enum Written {
     Stored,
     /// An invalidation ran while the response was computed: withdrawn.
     Refused,
+    /// Its path already has as many variants for its caller as the route allows: not
+    /// written.
+    TooManyVariants,
+    /// Redis is (nearly) out of memory: entry writes are paused (see `MemoryGuard`).
+    Paused,
 }
 
 fn ms(d: Duration) -> i64 {
@@ -591,28 +714,56 @@ impl RedisStore {
     /// confirm (or withdraw if an invalidation ran since the miss began).
     pub(crate) async fn write(&self, w: Write) -> Result<Written, FredError> {
         self.gate()?;
+        if self.writes_paused().await {
+            return Ok(Written::Paused);
+        }
+        // The value, and its key in each index, its variant set and beside (pending).
+        self.inner.memory.wrote(
+            w.value.len()
+                + (w.indexes.len() + 2) * (w.key.len() + 64)
+                + w.path.as_ref().map_or(0, |(_, p)| p.len() + 64),
+        );
         let pool = self
             .inner
             .pool
             .next_connected()
             .with_options(&self.inner.write);
         let ttl_ms = ms(w.ttl);
+        if let Some(v) = &w.variants {
+            let args = vec![
+                w.key.clone(),
+                ttl_ms.to_string(),
+                ttl_ms.saturating_add(1000).to_string(),
+                v.max.to_string(),
+            ];
+            let r = self
+                .script::<i64, _, _>(&pool, &ADMIT_VARIANT, v.key.as_str(), args)
+                .await;
+            if self.observe("variants", r)? == 0 {
+                return Ok(Written::TooManyVariants);
+            }
+        }
         let pending = pending_key(&w.key);
         let r = pool
             .set::<(), _, _>(&pending, w.value, Some(Expiration::PX(ttl_ms)), None, false)
             .await;
         self.observe("set", r)?;
+        // The entry, and its variant set (so that invalidating an index resets the bound).
+        let members: Vec<&str> = std::iter::once(w.key.as_str())
+            .chain(w.variants.as_ref().map(|v| v.key.as_str()))
+            .collect();
+        let path: Vec<&str> = w.path.iter().map(|(_, p)| p.as_str()).collect();
         let registrations = w
             .indexes
             .iter()
-            .map(|index| (index.as_str(), w.key.as_str()))
+            .map(|index| (index.as_str(), &members[..]))
             .chain(
                 w.path
                     .iter()
-                    .map(|(registry, path)| (registry.as_str(), path.as_str())),
+                    .map(|(registry, _)| (registry.as_str(), &path[..])),
             )
-            .map(|(index, member)| {
-                self.script::<i64, _, _>(&pool, &ADD_TO_INDEX, index, index_args(member, ttl_ms))
+            .map(|(index, members)| {
+                self.script::<i64, _, _>(&pool, &ADD_TO_INDEX, index, index_args(ttl_ms, members))
             });
         for r in futures_util::future::join_all(registrations).await {
             self.observe("index", r)?;
@@ -675,7 +826,10 @@ impl RedisStore {
             .pool
             .next_connected()
             .with_options(&self.inner.write);
-        let seq = self.observe("incr", pool.incr::<u64, _>(seq_key).await)?;
+        let seq = self
+            .script::<u64, _, _>(&pool, &NEXT_SEQ, seq_key, Vec::<String>::new())
+            .await;
+        let seq = self.observe("incr", seq)?;
         let sets = markers.iter().map(|m| {
             self.script::<i64, _, _>(
                 &pool,
@@ -741,7 +895,7 @@ impl RedisStore {
             .await;
         self.observe("set", r)?;
         let adds = indexes.iter().map(|index| {
-            self.script::<i64, _, _>(&pool, &ADD_TO_INDEX, index, index_args(key, ttl_ms))
+            self.script::<i64, _, _>(&pool, &ADD_TO_INDEX, index, index_args(ttl_ms, &[key]))
         });
         for r in futures_util::future::join_all(adds).await {
             self.observe("index", r)?;
@@ -752,35 +906,58 @@ impl RedisStore {
     /// Unlinks keys, grouped by hash slot so that it works on a cluster; returns how many
     /// existed.
     pub(crate) async fn unlink(&self, keys: Vec<String>) -> Result<u64, FredError> {
+        let mut removed = 0;
+        self.unlink_counted(self.inner.pool.next_connected(), keys, &mut removed)
+            .await?;
+        Ok(removed)
+    }
+
+    /// Unlinks keys in commands of at most [`SLICE`] keys of one hash slot, at most
+    /// [`IN_FLIGHT`] of them out at once, adding to `removed` how many existed as they are
+    /// answered (so that a failure part-way still counts what was removed before it).
+    async fn unlink_counted(
+        &self,
+        client: &Client,
+        keys: Vec<String>,
+        removed: &mut u64,
+    ) -> Result<(), FredError> {
+        use futures_util::StreamExt;
         if keys.is_empty() {
-            return Ok(0);
+            return Ok(());
         }
-        let pool = self
-            .inner
-            .pool
-            .next_connected()
-            .with_options(&self.inner.write);
-        let batches: Vec<Vec<fred::types::Key>> = if self.inner.pool.is_clustered() {
+        let pool = client.with_options(&self.inner.write);
+        let slices: Vec<Vec<fred::types::Key>> = if self.inner.pool.is_clustered() {
             fred::util::group_by_hash_slot(keys)?
                 .into_values()
                 .flat_map(|group| {
                     Vec::from(group)
-                        .chunks(500)
+                        .chunks(SLICE)
                         .map(<[_]>::to_vec)
                         .collect::<Vec<_>>()
                 })
                 .collect()
         } else {
-            keys.chunks(500)
+            keys.chunks(SLICE)
                 .map(|c| c.iter().map(|k| k.as_str().into()).collect())
                 .collect()
         };
-        let calls = batches.into_iter().map(|b| pool.unlink::<u64, _>(b));
-        let mut removed = 0;
-        for r in futures_util::future::join_all(calls).await {
-            removed += self.observe("unlink", r)?;
+        // Futures made up front: a stream's closure over borrowed state is not `Send` enough
+        // for the handle's spawned tasks.
+        let calls: Vec<_> = slices
+            .into_iter()
+            .map(|slice| pool.unlink::<u64, _>(slice))
+            .collect();
+        let mut calls = futures_util::stream::iter(calls).buffer_unordered(IN_FLIGHT);
+        let mut failed = None;
+        while let Some(r) = calls.next().await {
+            match self.observe("unlink", r) {
+                Ok(n) => *removed += n,
+                Err(e) => {
+                    failed.get_or_insert(e);
+                }
+            }
         }
-        Ok(removed)
+        failed.map_or(Ok(()), Err)
     }
 
     /// Invalidates exact keys, after setting `markers`.
@@ -804,52 +981,117 @@ impl RedisStore {
         removed
     }
 
-    /// Invalidates every member of `indexes`, after setting `markers`. Members are removed
-    /// from their index one by one (never the whole index), so that an entry stored
-    /// meanwhile by a fresh request stays indexed.
+    /// Invalidates every member of `indexes`, after setting `markers`; returns how many
+    /// entries existed. Members whose name starts with `uncounted` (the index's own
+    /// bookkeeping, such as variant sets) are removed too but not counted.
+    ///
+    /// Each index is read a page at a time (ZSCAN), and a page's keys are unlinked before its
+    /// members leave the index, only if their score is unchanged (an entry stored meanwhile
+    /// by a fresh request has a new score and stays indexed). No command carries more than
+    /// [`SLICE`] keys or members, whatever the size of the index, and at most
+    /// [`INDEXES_AT_ONCE`] indexes are read at once. A failure part-way keeps what was done:
+    /// the error says how many entries were removed, and the others are still indexed, so a
+    /// retry removes them.
     pub(crate) async fn invalidate_indexes(
         &self,
         seq_key: &str,
         markers: &[String],
         indexes: &[String],
-    ) -> Result<u64, FredError> {
-        self.mark(seq_key, markers).await?;
-        let pool = self
-            .inner
-            .pool
-            .next_connected()
-            .with_options(&self.inner.write);
-        // Members with their scores (a flat list: member, score, member, score...).
-        let reads = indexes.iter().map(|i| {
-            pool.zrange::<Vec<String>, _, _, _>(i.as_str(), 0, -1, None, false, None, true)
-        });
-        let mut members = Vec::with_capacity(indexes.len());
-        for r in futures_util::future::join_all(reads).await {
-            members.push(self.observe("zrange", r)?);
-        }
-        let keys: Vec<String> = {
-            let mut all: Vec<String> = members
-                .iter()
-                .flat_map(|m| m.iter().step_by(2))
-                .cloned()
-                .collect();
-            all.sort_unstable();
-            all.dedup();
-            all
-        };
-        let removed = self.unlink_with_pending(keys).await?;
-        let cleanups = indexes
+        uncounted: &str,
+    ) -> Result<u64, Incomplete> {
+        use futures_util::StreamExt;
+        self.mark(seq_key, markers)
+            .await
+            .map_err(|error| Incomplete { removed: 0, error })?;
+        // One connection of the pool for the whole invalidation: the others serve lookups
+        // without queueing behind its commands.
+        let client = self.inner.pool.next_connected();
+        let drains: Vec<_> = indexes
             .iter()
-            .zip(members)
-            .filter(|(_, m)| !m.is_empty())
-            .map(|(i, m)| self.script::<i64, _, _>(&pool, &REMOVE_IF_SCORE, i.as_str(), m));
-        for r in futures_util::future::join_all(cleanups).await {
-            self.observe("zrem", r)?;
+            .map(|index| self.drain_index(client, index, uncounted))
+            .collect();
+        let mut drains = futures_util::stream::iter(drains).buffer_unordered(INDEXES_AT_ONCE);
+        let mut removed = 0;
+        let mut failed = None;
+        while let Some((n, r)) = drains.next().await {
+            removed += n;
+            if let Err(e) = r {
+                failed.get_or_insert(e);
+            }
         }
-        Ok(removed)
+        match failed {
+            None => Ok(removed),
+            Some(error) => Err(Incomplete { removed, error }),
+        }
     }
 
-    /// The cached paths matching a glob pattern (ZSCAN of the path registry).
+    /// Removes every member of one index, page by page: how many entries it removed, and the
+    /// error it stopped at, if any.
+    async fn drain_index(
+        &self,
+        client: &Client,
+        index: &str,
+        uncounted: &str,
+    ) -> (u64, Result<(), FredError>) {
+        use fred::types::scan::Scanner;
+        use futures_util::StreamExt;
+        let pool = client.with_options(&self.inner.write);
+        let mut removed = 0;
+        let mut pages = std::pin::pin!(client.zscan(index, "*", Some(SLICE as u32)));
+        while let Some(page) = pages.next().await {
+            let mut page = match self.observe("zscan", page) {
+                Ok(page) => page,
+                Err(e) => return (removed, Err(e)),
+            };
+            let mut members: Vec<(String, f64)> = page
+                .take_results()
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(|(m, score)| Some((m.into_string()?, score)))
+                .collect();
+            // The next page is read while this one is removed (SCAN allows removals).
+            page.next();
+            // A page may repeat members of an earlier one (ZSCAN while the set is resized).
+            members.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+            members.dedup_by(|a, b| a.0 == b.0);
+            let (own, entries): (Vec<&str>, Vec<&str>) = members
+                .iter()
+                .map(|(m, _)| m.as_str())
+                .partition(|m| !uncounted.is_empty() && m.starts_with(uncounted));
+            let others: Vec<String> = entries
+                .iter()
+                .map(|k| pending_key(k))
+                .chain(own.iter().map(|k| (*k).to_owned()))
+                .collect();
+            let entries: Vec<String> = entries.iter().map(|k| (*k).to_owned()).collect();
+            let mut ignored = 0;
+            let (counted, others) = futures_util::future::join(
+                self.unlink_counted(client, entries, &mut removed),
+                self.unlink_counted(client, others, &mut ignored),
+            )
+            .await;
+            if let Err(e) = counted.and(others) {
+                // The page's members stay indexed: a retry finds them again.
+                return (removed, Err(e));
+            }
+            for slice in members.chunks(SLICE) {
+                let args: Vec<String> = slice
+                    .iter()
+                    .flat_map(|(m, score)| [m.clone(), score.to_string()])
+                    .collect();
+                let r = self
+                    .script::<i64, _, _>(&pool, &REMOVE_IF_SCORE, index, args)
+                    .await;
+                if let Err(e) = self.observe("zrem", r) {
+                    return (removed, Err(e));
+                }
+            }
+        }
+        (removed, Ok(()))
+    }
+
+    /// The cached paths matching a glob pattern (ZSCAN of the path registry, a page of
+    /// at most about 1,000 members per command).
     pub(crate) async fn matching_paths(
         &self,
         paths_key: &str,
@@ -874,16 +1116,18 @@ impl RedisStore {
     }
 
     /// Deletes every key matching the patterns on every primary (SCAN, never KEYS), in
-    /// batches with UNLINK; returns how many keys matched `count_pattern_index`'s pattern.
+    /// pages with UNLINK; returns how many keys matched pattern number `counted`.
     pub(crate) async fn scan_unlink(
         &self,
         patterns: &[String],
         counted: usize,
-    ) -> Result<u64, FredError> {
+    ) -> Result<u64, Incomplete> {
         use fred::types::scan::Scanner;
         use futures_util::StreamExt;
         let client = self.inner.pool.next_connected();
         let mut counted_removed = 0;
+        let mut ignored = 0;
+        let incomplete = |removed, error| Incomplete { removed, error };
         for (i, pattern) in patterns.iter().enumerate() {
             let mut pages = if self.inner.pool.is_clustered() {
                 client
@@ -893,20 +1137,253 @@ impl RedisStore {
                 client.scan(pattern.as_str(), Some(1000), None).boxed()
             };
             while let Some(page) = pages.next().await {
-                let mut page = self.observe("scan", page)?;
+                let mut page = self
+                    .observe("scan", page)
+                    .map_err(|e| incomplete(counted_removed, e))?;
                 let keys: Vec<String> = page
                     .take_results()
                     .unwrap_or_default()
                     .into_iter()
                     .filter_map(|k| k.into_string())
                     .collect();
-                let removed = self.unlink(keys).await?;
-                if i == counted {
-                    counted_removed += removed;
+                let into = if i == counted {
+                    &mut counted_removed
+                } else {
+                    &mut ignored
+                };
+                if let Err(e) = self.unlink_counted(client, keys, into).await {
+                    return Err(incomplete(counted_removed, e));
                 }
             }
         }
         Ok(counted_removed)
+    }
+}
+
+/// The most keys (UNLINK) or index members (ZSCAN's page, the conditional removal from an
+/// index) that one command of an invalidation carries: Redis is never busy with one of
+/// them for long, whatever the size of the index (about 0.4 ms each at the median on a
+/// loaded 2-core machine, `cargo bench --bench hostile`; 500 took twice that for the same
+/// total time and a longer tail for the hits around them).
+const SLICE: usize = 250;
+
+/// Commands of one unlink out at once (a page's keys on a cluster are one command per hash
+/// slot).
+const IN_FLIGHT: usize = 8;
+
+/// Indexes drained at once by one invalidation (a pattern may match many paths).
+const INDEXES_AT_ONCE: usize = 4;
+
+/// An invalidation that failed part-way: how many entries it removed before it stopped
+/// (they stay removed), and why it stopped.
+#[derive(Debug)]
+pub(crate) struct Incomplete {
+    pub(crate) removed: u64,
+    pub(crate) error: FredError,
+}
+
+impl From<FredError> for Incomplete {
+    fn from(error: FredError) -> Self {
+        Incomplete { removed: 0, error }
+    }
+}
+
+/// Pauses entry writes while Redis is (nearly) out of memory and cannot evict, so that the
+/// cache never fills it: with `maxmemory-policy noeviction`, a full Redis refuses every
+/// write (OOM), and the entries a caller meant to invalidate would stay. Two signals:
+/// - `INFO memory`, asked by a write at most once a second: with `noeviction`, writes pause
+///   while `used_memory` is at [`PAUSE_ABOVE`] of `maxmemory` or more (on a cluster, the
+///   fullest primary's). Between looks, the bytes this process writes are added to the last
+///   reading, and a write that would take the estimate past the threshold looks again
+///   first (at most every 20 ms), so a burst of writes cannot fill Redis between two looks;
+/// - any command answered with OOM pauses writes for [`OOM_PAUSE`], whatever the policy.
+///
+/// Invalidations are never paused, and their writes (the sequence and markers) run with
+/// `allow-oom`; deletes are allowed under OOM anyway.
+pub(crate) struct MemoryGuard {
+    epoch: Instant,
+    /// Writes are paused until then (ms since `epoch`), after an OOM answer.
+    paused_until: AtomicU64,
+    /// When the last look was claimed (ms since `epoch`; `u64::MAX`: never).
+    last_look: AtomicU64,
+    /// The last look's `used_memory` and pause threshold in bytes (0: no threshold, Redis
+    /// evicts or is unbounded).
+    used: AtomicU64,
+    limit: AtomicU64,
+    /// Bytes this process wrote since the last look (estimated).
+    since: AtomicU64,
+    /// Whether writes were paused for memory at the last look (for one log line per change).
+    full: AtomicBool,
+    /// Set when Redis refuses INFO (ACL): only OOM answers pause writes.
+    no_info: AtomicBool,
+}
+
+/// The share of `maxmemory` past which entry writes pause under `noeviction`.
+pub(crate) const PAUSE_ABOVE: f64 = 0.9;
+/// How often a write looks at Redis's memory.
+const LOOK_EVERY: Duration = Duration::from_secs(1);
+/// How often at most, when this process's own writes near the threshold.
+const LOOK_AT_MOST_EVERY: Duration = Duration::from_millis(20);
+/// How long writes pause after an OOM answer.
+pub(crate) const OOM_PAUSE: Duration = Duration::from_secs(2);
+
+impl MemoryGuard {
+    fn new() -> Self {
+        MemoryGuard {
+            epoch: Instant::now(),
+            paused_until: AtomicU64::new(0),
+            last_look: AtomicU64::new(u64::MAX),
+            used: AtomicU64::new(0),
+            limit: AtomicU64::new(0),
+            since: AtomicU64::new(0),
+            full: AtomicBool::new(false),
+            no_info: AtomicBool::new(false),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Redis answered a command with OOM.
+    pub(crate) fn out_of_memory(&self) {
+        let now = self.now_ms();
+        if now >= self.paused_until.load(Ordering::Acquire) {
+            tracing::warn!(
+                pause_ms = OOM_PAUSE.as_millis() as u64,
+                "redis is out of memory; cache writes paused (invalidations still run)"
+            );
+        }
+        self.paused_until.fetch_max(
+            now.saturating_add(OOM_PAUSE.as_millis() as u64),
+            Ordering::AcqRel,
+        );
+    }
+
+    /// Whether the estimate (last reading plus this process's writes since) is past the
+    /// threshold.
+    fn over(&self) -> bool {
+        let limit = self.limit.load(Ordering::Acquire);
+        limit > 0
+            && self
+                .used
+                .load(Ordering::Acquire)
+                .saturating_add(self.since.load(Ordering::Acquire))
+                >= limit
+    }
+
+    fn paused(&self) -> bool {
+        self.now_ms() < self.paused_until.load(Ordering::Acquire) || self.over()
+    }
+
+    /// True for the one caller that should look at Redis's memory now: a second after the
+    /// last look, or sooner when the estimate is past the threshold.
+    fn claim_look(&self) -> bool {
+        if self.no_info.load(Ordering::Relaxed) {
+            return false;
+        }
+        let now = self.now_ms();
+        let last = self.last_look.load(Ordering::Acquire);
+        let due = last == u64::MAX
+            || now.saturating_sub(last) >= LOOK_EVERY.as_millis() as u64
+            || (self.over() && now.saturating_sub(last) >= LOOK_AT_MOST_EVERY.as_millis() as u64);
+        due && self
+            .last_look
+            .compare_exchange(last, now, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    /// What a look found: the fullest server's `used_memory` and `maxmemory` under
+    /// `noeviction` (`None`: no server is bounded and non-evicting).
+    fn looked(&self, fullest: Option<(u64, u64)>) {
+        let (used, max) = fullest.unwrap_or((0, 0));
+        let limit = (max as f64 * PAUSE_ABOVE) as u64;
+        self.used.store(used, Ordering::Release);
+        self.limit.store(limit, Ordering::Release);
+        self.since.store(0, Ordering::Release);
+        let full = limit > 0 && used >= limit;
+        if self.full.swap(full, Ordering::AcqRel) != full {
+            if full {
+                tracing::warn!(
+                    used_memory = used,
+                    maxmemory = max,
+                    "redis is nearly full and does not evict (noeviction); cache writes paused"
+                );
+            } else {
+                tracing::info!("redis has room again; cache writes resume");
+            }
+        }
+    }
+
+    /// A write of about `bytes` goes to Redis.
+    fn wrote(&self, bytes: usize) {
+        self.since
+            .fetch_add(u64::try_from(bytes).unwrap_or(u64::MAX), Ordering::AcqRel);
+    }
+}
+
+/// `used_memory` and `maxmemory` from an `INFO memory` reply, if `maxmemory` is set and
+/// the policy is `noeviction` (other policies make room by evicting).
+fn memory_use(info: &str) -> Option<(u64, u64)> {
+    let field = |name: &str| {
+        info.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+            .map(str::trim)
+    };
+    let used: u64 = field("used_memory")?.parse().ok()?;
+    let max: u64 = field("maxmemory")?.parse().ok()?;
+    (max > 0 && field("maxmemory_policy")? == "noeviction").then_some((used, max))
+}
+
+impl RedisStore {
+    /// Whether entry writes are paused now (looking at Redis's memory first when a look is
+    /// due; see `MemoryGuard`).
+    async fn writes_paused(&self) -> bool {
+        let guard = &self.inner.memory;
+        if guard.claim_look() {
+            match self.fullest().await {
+                Ok(fullest) => guard.looked(fullest),
+                Err(e) if refused_for_good(&e) => {
+                    tracing::debug!(error = %e.details(), "INFO refused; only out-of-memory answers pause writes");
+                    guard.no_info.store(true, Ordering::Relaxed);
+                }
+                // Unreachable or slow: the write itself will tell.
+                Err(_) => {}
+            }
+        }
+        guard.paused()
+    }
+
+    /// The fullest primary's memory use under `noeviction` (`INFO memory` of each): its
+    /// `used_memory` and `maxmemory`.
+    async fn fullest(&self) -> Result<Option<(u64, u64)>, FredError> {
+        use fred::types::InfoKind;
+        let client = self.inner.pool.next_connected();
+        // On a cluster the pool's connections are to the primaries.
+        let servers: Vec<Option<fred::types::config::Server>> = if self.inner.pool.is_clustered() {
+            client.active_connections().into_iter().map(Some).collect()
+        } else {
+            vec![None]
+        };
+        let mut fullest: Option<(u64, u64)> = None;
+        for server in servers {
+            let options = Options {
+                cluster_node: server,
+                ..self.inner.write.clone()
+            };
+            let info = client
+                .with_options(&options)
+                .info::<String>(Some(InfoKind::Memory))
+                .await;
+            if let Some((used, max)) = memory_use(&self.observe("info", info)?) {
+                // The fullest is the one with the least room left before its threshold.
+                let room = |(u, m): (u64, u64)| (m as f64 * PAUSE_ABOVE) as i128 - i128::from(u);
+                if fullest.map_or(true, |f| room((used, max)) < room(f)) {
+                    fullest = Some((used, max));
+                }
+            }
+        }
+        Ok(fullest)
     }
 }
 
@@ -945,8 +1422,13 @@ impl RedisStore {
             pool.get::<Option<Bytes>, _>(&key).await?;
             pool.mget::<Vec<Option<Bytes>>, _>(vec![key.as_str()])
                 .await?;
-            self.script::<i64, _, _>(&pool, &ADD_TO_INDEX, index.as_str(), index_args(&key, 5000))
-                .await?;
+            self.script::<i64, _, _>(
+                &pool,
+                &ADD_TO_INDEX,
+                index.as_str(),
+                index_args(5000, &[&key]),
+            )
+            .await?;
             let pending = pending_key(&key);
             pool.set::<(), _, _>(
                 &pending,

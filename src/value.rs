@@ -351,6 +351,7 @@ impl CacheHandle {
             miss_seq,
             seq_key: keyer.seq_key().to_owned(),
             started,
+            variants: None,
         };
         let handle = self.clone();
         rt.spawn(async move {
@@ -361,6 +362,13 @@ impl CacheHandle {
                 }
                 Ok(crate::store::Written::Refused) => {
                     crate::status::Counters::incr(&counters.refused)
+                }
+                // Values are not bounded by variants.
+                Ok(crate::store::Written::TooManyVariants) => {
+                    crate::status::Counters::incr(&counters.variants_refused)
+                }
+                Ok(crate::store::Written::Paused) => {
+                    crate::status::Counters::incr(&counters.writes_paused)
                 }
                 Err(e) => {
                     crate::status::Counters::incr(&counters.write_errors);

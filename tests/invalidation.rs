@@ -210,9 +210,10 @@ async fn indexes_expire_with_their_entries(kind: Kind) {
         send(&app, get_with(&format!("/{n}"), &[("x-user", "u")])).await;
     }
     wait_until("stored", || handle.stats().stored == 5).await;
-    // Path, user, route and tag indexes, and the path registry.
+    // Path, user, route and tag indexes, a variant set per path, and the path registry.
     let indexes = server.keys("exp:ix:*");
-    assert_eq!(indexes.len(), 5 + 1 + 1 + 1, "{indexes:?}");
+    assert_eq!(indexes.len(), 5 + 1 + 1 + 1 + 5, "{indexes:?}");
+    assert_eq!(server.keys("exp:ix:v:*").len(), 5);
     assert_eq!(server.keys("exp:paths").len(), 1);
     let deadline = Instant::now() + Duration::from_secs(10);
     while !(server.keys("exp:*").is_empty()) {

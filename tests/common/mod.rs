@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod failover;
+pub mod index;
 pub mod load;
 pub mod scenario;
 pub mod stores;
