@@ -204,7 +204,7 @@ impl Store {
         match &self.0 {
             Backend::Redis(s) => s.invalidate_indexes(seq_key, markers, indexes).await,
             #[cfg(feature = "memory")]
-            Backend::Memory(s) => Ok(s.invalidate_indexes(seq_key, markers, indexes)),
+            Backend::Memory(s) => Ok(s.invalidate_indexes(seq_key, markers, indexes).await),
         }
     }
 
@@ -228,7 +228,7 @@ impl Store {
         match &self.0 {
             Backend::Redis(s) => s.scan_unlink(patterns, counted).await,
             #[cfg(feature = "memory")]
-            Backend::Memory(s) => Ok(s.scan_unlink(patterns, counted)),
+            Backend::Memory(s) => Ok(s.scan_unlink(patterns, counted).await),
         }
     }
 
