@@ -58,7 +58,7 @@ const RELEASES_PER_WRITE: usize = 8;
 const MARKERS_PER_WRITE: usize = 8;
 
 /// Strings an invalidation removes under one hold of the lock.
-const SLICE: usize = 256;
+const SLICE: usize = 64;
 
 /// An in-process store: the cache in this process's memory, bounded in bytes, for a service
 /// that runs as one instance or for the tests of an application (no Redis needed).
@@ -413,8 +413,8 @@ impl MemoryStore {
     /// many members existed.
     ///
     /// The sets are taken out with the markers raised, under one hold of the lock; their
-    /// strings are removed in slices of [`SLICE`], the lock released (and the task yielding)
-    /// between slices.
+    /// strings are removed [`SLICE`] at a time, the lock released (and the task yielding)
+    /// between slices. If the task is dropped halfway, the rest is removed at once.
     pub(crate) async fn invalidate_indexes(
         &self,
         seq_key: &str,
@@ -433,40 +433,23 @@ impl MemoryStore {
         };
         // Outside the lock: what the sets held (their memory is freed here too).
         let now = Instant::now();
-        let doomed: Vec<(Arc<str>, u64)> = taken
+        let members = taken
             .into_iter()
             .filter(|set| set.expires > now)
             .flat_map(|set| set.members.into_iter())
             .filter(|(_, m)| m.expires > now)
             .map(|(member, m)| (member, m.id))
             .collect();
-        let mut removed = 0;
-        let mut slices = doomed.chunks(SLICE).peekable();
-        while let Some(slice) = slices.next() {
-            {
-                let mut state = self.lock();
-                let now = Instant::now();
-                for (key, id) in slice {
-                    // Only the string that held this membership: one stored since is newer.
-                    match self.inner.strings.get(&**key) {
-                        Some(slot) if slot.holds(*id) => {
-                            self.inner.strings.invalidate(&**key);
-                            removed += u64::from(slot.live(now));
-                        }
-                        _ => {}
-                    }
-                }
-                state.release_gone(slice.len() + RELEASES_PER_WRITE);
-                #[cfg(test)]
-                {
-                    state.work.largest_hold = state.work.largest_hold.max(slice.len());
-                }
-            }
-            if slices.peek().is_some() {
-                tokio::task::yield_now().await;
-            }
+        let mut doomed = Doomed {
+            store: self,
+            members,
+            next: 0,
+            removed: 0,
+        };
+        while doomed.slice() {
+            tokio::task::yield_now().await;
         }
-        removed
+        doomed.removed
     }
 
     /// The members of the path registry that match a glob pattern, sorted.
@@ -499,52 +482,51 @@ impl MemoryStore {
 
     /// Removes every key matching the patterns, in their order (every key of a pattern is
     /// gone before the next pattern is looked at); returns how many live keys matched pattern
-    /// number `counted`. Keys are removed in slices, the lock released between slices.
+    /// number `counted`. Keys are removed [`SLICE`] at a time, the lock released (and the
+    /// task yielding) between slices. If the task is dropped halfway, the rest is removed at
+    /// once.
     pub(crate) async fn scan_unlink(&self, patterns: &[String], counted: usize) -> u64 {
-        let mut counted_removed = 0;
-        for (i, pattern) in patterns.iter().enumerate() {
-            let pattern = pattern.as_bytes();
-            // moka is read without the state lock: every string present from now until its
-            // slice is visited.
-            let mut names: Vec<Arc<str>> = self
-                .inner
-                .strings
-                .iter()
-                .filter(|(k, _)| glob_match(pattern, k.as_bytes()))
-                .map(|(k, _)| Arc::from(k.as_str()))
-                .collect();
-            let others: Vec<Arc<str>> = {
-                let state = self.lock();
-                state
-                    .sets
-                    .keys()
-                    .chain(state.counters.keys())
-                    .cloned()
-                    .collect()
-            };
-            names.extend(
-                others
-                    .into_iter()
-                    .filter(|k| glob_match(pattern, k.as_bytes())),
-            );
-            let mut slices = names.chunks(SLICE).peekable();
-            while let Some(slice) = slices.next() {
-                {
-                    let mut state = self.lock();
-                    let now = Instant::now();
-                    for name in slice {
-                        if self.remove(&mut state, name, now) && i == counted {
-                            counted_removed += 1;
-                        }
-                    }
-                    state.release_gone(slice.len() + RELEASES_PER_WRITE);
-                }
-                if slices.peek().is_some() {
-                    tokio::task::yield_now().await;
-                }
-            }
+        let mut unlinking = Unlinking {
+            store: self,
+            patterns,
+            counted,
+            pattern: 0,
+            names: Vec::new(),
+            next: 0,
+            removed: 0,
+        };
+        while unlinking.slice() {
+            tokio::task::yield_now().await;
         }
-        counted_removed
+        unlinking.removed
+    }
+
+    /// The names of every key (string, set or counter) matching a glob pattern. moka is read
+    /// without the state lock: every string present from now until it is removed is seen.
+    fn matching_names(&self, pattern: &[u8]) -> Vec<Arc<str>> {
+        let mut names: Vec<Arc<str>> = self
+            .inner
+            .strings
+            .iter()
+            .filter(|(k, _)| glob_match(pattern, k.as_bytes()))
+            .map(|(k, _)| Arc::from(k.as_str()))
+            .collect();
+        // Under the lock, only a copy of the names (shared, no matching).
+        let others: Vec<Arc<str>> = {
+            let state = self.lock();
+            state
+                .sets
+                .keys()
+                .chain(state.counters.keys())
+                .cloned()
+                .collect()
+        };
+        names.extend(
+            others
+                .into_iter()
+                .filter(|k| glob_match(pattern, k.as_bytes())),
+        );
+        names
     }
 
     /// Removes keys of any kind; returns how many live ones existed.
@@ -567,6 +549,110 @@ impl MemoryStore {
             .remove(key)
             .is_some_and(|c| c.expires.map_or(true, |e| e > now));
         string || set || counter
+    }
+}
+
+/// The strings of the sets an invalidation took out, removed a slice at a time.
+struct Doomed<'a> {
+    store: &'a MemoryStore,
+    /// Each member with the incarnation the set held.
+    members: Vec<(Arc<str>, u64)>,
+    next: usize,
+    /// Live strings removed.
+    removed: u64,
+}
+
+impl Doomed<'_> {
+    /// Removes the next slice under one hold of the lock; true if some are left.
+    fn slice(&mut self) -> bool {
+        if self.next == self.members.len() {
+            return false;
+        }
+        let store = self.store;
+        let end = (self.next + SLICE).min(self.members.len());
+        let slice = &self.members[self.next..end];
+        let mut state = store.lock();
+        let now = Instant::now();
+        for (key, id) in slice {
+            // Only the string that held this membership: one stored since is newer.
+            match store.inner.strings.get(&**key) {
+                Some(slot) if slot.holds(*id) => {
+                    store.inner.strings.invalidate(&**key);
+                    self.removed += u64::from(slot.live(now));
+                }
+                _ => {}
+            }
+        }
+        state.release_gone(slice.len() + RELEASES_PER_WRITE);
+        #[cfg(test)]
+        {
+            state.work.largest_hold = state.work.largest_hold.max(slice.len());
+        }
+        self.next = end;
+        self.next < self.members.len()
+    }
+}
+
+impl Drop for Doomed<'_> {
+    /// Strings out of their indexes must not outlive the invalidation: a task dropped
+    /// between slices (its runtime shut down) removes the rest now.
+    fn drop(&mut self) {
+        while self.slice() {}
+    }
+}
+
+/// The keys `scan_unlink` removes, pattern after pattern, a slice at a time.
+struct Unlinking<'a> {
+    store: &'a MemoryStore,
+    patterns: &'a [String],
+    counted: usize,
+    /// The pattern whose keys are being removed.
+    pattern: usize,
+    /// Its keys, found when the previous pattern's were all removed.
+    names: Vec<Arc<str>>,
+    next: usize,
+    /// Live keys of pattern `counted` removed.
+    removed: u64,
+}
+
+impl Unlinking<'_> {
+    /// Removes the next slice under one hold of the lock; true if some are left.
+    fn slice(&mut self) -> bool {
+        let store = self.store;
+        while self.next == self.names.len() {
+            let Some(pattern) = self.patterns.get(self.pattern) else {
+                return false;
+            };
+            if self.next > 0 {
+                // The previous pattern is done.
+                self.pattern += 1;
+                self.names.clear();
+                self.next = 0;
+                continue;
+            }
+            self.names = store.matching_names(pattern.as_bytes());
+            if self.names.is_empty() {
+                self.pattern += 1;
+            }
+        }
+        let end = (self.next + SLICE).min(self.names.len());
+        let mut state = store.lock();
+        let now = Instant::now();
+        for name in &self.names[self.next..end] {
+            if store.remove(&mut state, name, now) && self.pattern == self.counted {
+                self.removed += 1;
+            }
+        }
+        state.release_gone(end - self.next + RELEASES_PER_WRITE);
+        self.next = end;
+        true
+    }
+}
+
+impl Drop for Unlinking<'_> {
+    /// Finishes what a dropped task began (see `Doomed`).
+    fn drop(&mut self) {
+        while self.slice() {}
     }
 }
 
@@ -1128,6 +1214,40 @@ mod tests {
             }
         };
         assert_eq!(removed, n as u64 + 1);
+    }
+
+    #[test]
+    fn a_dropped_invalidation_still_removes_what_it_took_out() {
+        use std::future::Future;
+        let store = MemoryStore::new(1 << 30);
+        let ttl = Duration::from_secs(600);
+        for i in 0..1_000 {
+            let w = entry(
+                &format!("ns:v1:{i}"),
+                Bytes::from_static(b"v"),
+                ttl,
+                &[PATH_IX],
+                "/items",
+            );
+            store.write(w);
+        }
+        let indexes = [PATH_IX.to_string()];
+        let mut invalidation = Box::pin(store.invalidate_indexes("ns:seq", &[], &indexes));
+        let mut cx = std::task::Context::from_waker(futures_util::task::noop_waker_ref());
+        assert!(invalidation.as_mut().poll(&mut cx).is_pending());
+        assert_eq!(store.keys("ns:v1:*").len(), 1_000 - SLICE);
+        // Its task is dropped between slices (a runtime shutting down): no entry is left
+        // behind out of its index.
+        drop(invalidation);
+        assert!(store.keys("ns:v1:*").is_empty());
+        let patterns = ["ns:ix:*".to_string(), "ns:*".to_string()];
+        let mut clear = Box::pin(store.scan_unlink(&patterns, 1));
+        for i in 0..1_000 {
+            store.set_value(&format!("ns:val:{i}"), Bytes::from_static(b"v"), ttl, &[]);
+        }
+        assert!(clear.as_mut().poll(&mut cx).is_pending());
+        drop(clear);
+        assert!(store.keys("ns:*").is_empty());
     }
 
     #[tokio::test]
