@@ -210,7 +210,9 @@ impl Store {
                     .await
             }
             #[cfg(feature = "memory")]
-            Backend::Memory(s) => Ok(s.invalidate_indexes(seq_key, markers, indexes, uncounted)),
+            Backend::Memory(s) => Ok(s
+                .invalidate_indexes(seq_key, markers, indexes, uncounted)
+                .await),
         }
     }
 
@@ -234,7 +236,7 @@ impl Store {
         match &self.0 {
             Backend::Redis(s) => s.scan_unlink(patterns, counted).await,
             #[cfg(feature = "memory")]
-            Backend::Memory(s) => Ok(s.scan_unlink(patterns, counted)),
+            Backend::Memory(s) => Ok(s.scan_unlink(patterns, counted).await),
         }
     }
 
