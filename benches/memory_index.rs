@@ -15,7 +15,8 @@
 //! - `invalidation`: the time to invalidate a path holding `BIG` (100,000) entries and the
 //!   slowest of the misses of another path served meanwhile (printed).
 //! - `flood`: `FLOOD` (100,000) unique queries of one path through a store bounded to 8 MiB:
-//!   the store's counted bytes and the heap the flood left allocated (printed).
+//!   the store's counted bytes and the heap the flood left allocated, with the layer and by
+//!   the store alone (printed).
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::convert::Infallible;
@@ -295,7 +296,7 @@ fn invalidation() {
 
 /// `FLOOD` unique queries of one path through a store bounded to 8 MiB: prints the store's
 /// counted bytes and the heap the flood left allocated (live bytes, counted by the global
-/// allocator).
+/// allocator), with the layer and once the layer is dropped (the store alone).
 fn flood() {
     if !part("flood") {
         return;
@@ -304,23 +305,30 @@ fn flood() {
     let n = env("FLOOD", 100_000);
     let rt = rt_one();
     rt.block_on(async {
+        let mib = |bytes: usize| bytes as f64 / (1 << 20) as f64;
+        let before = LIVE.load(Ordering::Relaxed);
         let store = MemoryStore::new(BOUND);
         // 4 KiB answers: the bound holds about 2,000 of them.
         let (svc, handle) = service(store.clone(), 4096);
-        let before = LIVE.load(Ordering::Relaxed);
         let started = writes(&handle);
         for q in 0..n {
             get(svc.clone(), format!("/flood?q={q}")).await;
             written(&handle, started + q as u64 + 1).await;
         }
         let held = store.used_bytes();
-        let after = LIVE.load(Ordering::Relaxed);
+        let all = LIVE.load(Ordering::Relaxed).saturating_sub(before);
+        // The layer gone (its coalescing table, counters, tasks), what the store alone holds.
+        drop((svc, handle));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let alone = LIVE.load(Ordering::Relaxed).saturating_sub(before);
         println!(
-            "flood: {n} unique queries through a {} MiB store: {:.1} MiB counted by the bound, heap +{:.1} MiB",
+            "flood: {n} unique queries through a {} MiB store: {:.1} MiB counted by the bound; heap +{:.1} MiB with the layer, +{:.1} MiB the store alone",
             BOUND >> 20,
             held as f64 / (1 << 20) as f64,
-            after.saturating_sub(before) as f64 / (1 << 20) as f64
+            mib(all),
+            mib(alone),
         );
+        drop(store);
     });
 }
 

@@ -32,8 +32,9 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{channel, Receiver};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -86,6 +87,8 @@ pub struct MemoryStore {
 struct Inner {
     strings: Cache<String, Slot>,
     state: Mutex<State>,
+    /// Callers waiting for `state`.
+    waiting: AtomicUsize,
     capacity: u64,
 }
 
@@ -240,6 +243,7 @@ impl MemoryStore {
             inner: Arc::new(Inner {
                 strings,
                 state: Mutex::new(State::new(gone)),
+                waiting: AtomicUsize::new(0),
                 capacity: max_bytes,
             }),
         }
@@ -286,7 +290,31 @@ impl MemoryStore {
     fn lock(&self) -> MutexGuard<'_, State> {
         // The state is consistent after every statement that could panic (none can): a
         // poisoned lock is taken over.
-        self.inner.state.lock().unwrap_or_else(|e| e.into_inner())
+        match self.inner.state.try_lock() {
+            Ok(state) => state,
+            Err(TryLockError::Poisoned(e)) => e.into_inner(),
+            Err(TryLockError::WouldBlock) => {
+                // Counted while waiting, so that a long removal lets this caller in between
+                // two of its slices (see `let_waiters_in`).
+                self.inner.waiting.fetch_add(1, Ordering::Relaxed);
+                let state = self.inner.state.lock().unwrap_or_else(|e| e.into_inner());
+                self.inner.waiting.fetch_sub(1, Ordering::Relaxed);
+                state
+            }
+        }
+    }
+
+    /// Between two slices of a long removal, with the lock released: waits (a millisecond at
+    /// most) until whoever was waiting for the lock has taken it. std's mutex is not fair: the
+    /// releasing thread would take it back at once, again and again, while the requests
+    /// waiting for it stall for the whole removal.
+    fn let_waiters_in(&self) {
+        let since = Instant::now();
+        while self.inner.waiting.load(Ordering::Relaxed) > 0
+            && since.elapsed() < Duration::from_millis(1)
+        {
+            std::thread::yield_now();
+        }
     }
 
     /// A string, if held and not expired.
@@ -602,8 +630,13 @@ impl Doomed<'_> {
         {
             state.work.largest_hold = state.work.largest_hold.max(slice.len());
         }
+        drop(state);
         self.next = end;
-        self.next < self.members.len()
+        let more = self.next < self.members.len();
+        if more {
+            store.let_waiters_in();
+        }
+        more
     }
 }
 
@@ -658,7 +691,9 @@ impl Unlinking<'_> {
             }
         }
         state.release_gone(end - self.next + RELEASES_PER_WRITE);
+        drop(state);
         self.next = end;
+        store.let_waiters_in();
         true
     }
 }
