@@ -18,8 +18,8 @@ use crate::coalesce::{Outcome, Role};
 use crate::entry::{storable_map, Entry};
 use crate::layer::CacheLayer;
 use crate::policy::{
-    handler_override, storage, take_tags, Policy, SharedRequest, TAG_HEADERS, TTL_OVERRIDE_HEADER,
-    VARY_FINGERPRINT,
+    cache_control, handler_override, storage, take_tags, Policy, SharedRequest, TAG_HEADERS,
+    TTL_OVERRIDE_HEADER, VARY_FINGERPRINT,
 };
 use crate::status::{set_headers, with_number, BypassReason, CacheStatus, Counters, NotStored};
 
@@ -40,6 +40,9 @@ pub(crate) enum Found {
         flight: Option<crate::coalesce::FlightGuard>,
         /// An entry past its freshness but within the stale-if-error window.
         stale: Option<Entry>,
+        /// An entry of this key past its freshness but still within a stale window was
+        /// found: a refusal of this miss removes it (see `Ctx::replaces`).
+        replaces: bool,
     },
     /// The entry of a concurrent miss of the same key (coalescing).
     Collapsed(Entry),
@@ -185,6 +188,9 @@ pub(crate) struct Ctx {
     pub(crate) flight: Option<crate::coalesce::FlightGuard>,
     /// A stale entry to answer with if the inner service fails (stale-if-error).
     pub(crate) stale: Option<Entry>,
+    /// This response replaces an entry that may still be served (a refresh, or a miss that
+    /// found a stale entry): if the handler refuses it (see `refusal`), the entry is removed.
+    pub(crate) replaces: bool,
     /// For routes with a near-cache: its epoch before the lookup, and the route's bound.
     pub(crate) near: Option<(u64, Duration)>,
     /// Shared-cache mode: what decides reuse and storage for this request.
@@ -216,6 +222,7 @@ impl Ctx {
             conditional: None,
             flight: None,
             stale: None,
+            replaces: false,
             near: None,
             shared_request: None,
             grpc: false,
@@ -374,10 +381,16 @@ where
                             };
                             return Poll::Ready(Ok(hit_as(entry, ctx, status)));
                         }
-                        Found::Miss { seq, flight, stale } => {
+                        Found::Miss {
+                            seq,
+                            flight,
+                            stale,
+                            replaces,
+                        } => {
                             ctx.miss_seq = seq;
                             ctx.flight = flight;
                             ctx.stale = stale;
+                            ctx.replaces = replaces;
                         }
                         Found::Unavailable => ctx.status = CacheStatus::Unavailable,
                     }
@@ -539,6 +552,7 @@ fn refresh_ctx(ctx: &Ctx, seq: u64, guard: crate::coalesce::FlightGuard) -> Ctx 
         conditional: None,
         flight: Some(guard),
         stale: None,
+        replaces: true,
         near: None,
         shared_request: ctx.shared_request.clone(),
         grpc: ctx.grpc,
@@ -621,6 +635,7 @@ async fn look_up(shared: Arc<CacheLayer>, key: String, ask: Ask) -> Found {
     let counters = &shared.runtime.counters;
     let started = Instant::now();
     let mut stale = None;
+    let mut replaces = false;
     let usable = |entry: &Entry| usable(shared_request.as_deref(), entry);
     let (raw, seq) = match store
         .lookup(&key, shared.settings.keyer.seq_key_shared())
@@ -682,6 +697,7 @@ async fn look_up(shared: Arc<CacheLayer>, key: String, ask: Ask) -> Found {
             }
             Ok(entry) if entry.confirmed => {
                 tracing::debug!(key = %key, "stale entry; cache miss");
+                replaces = within(&entry, entry.swr_ms.max(entry.sie_ms));
                 if within(&entry, entry.sie_ms) {
                     stale = Some(entry);
                 }
@@ -703,6 +719,7 @@ async fn look_up(shared: Arc<CacheLayer>, key: String, ask: Ask) -> Found {
         seq,
         started,
         stale,
+        replaces,
     };
     Box::pin(after_miss(shared, missed, coalesce, lock, shared_request)).await
 }
@@ -716,6 +733,8 @@ struct Missed {
     started: Instant,
     /// A stale entry that may answer if the inner service fails.
     stale: Option<Entry>,
+    /// A stale entry that may still be served was found (see `Found::Miss`).
+    replaces: bool,
 }
 
 /// Shared-cache mode: whether an entry may answer this request (Vary, Authorization,
@@ -741,6 +760,7 @@ async fn after_miss(
         seq,
         started,
         stale,
+        replaces,
     } = missed;
     let usable = |entry: &Entry| usable(shared_request.as_deref(), entry);
     let store = &shared.settings.store;
@@ -762,6 +782,7 @@ async fn after_miss(
             seq,
             flight: None,
             stale,
+            replaces,
         };
     };
     match shared.runtime.flights.join(&key, seq, started) {
@@ -779,6 +800,7 @@ async fn after_miss(
                 seq,
                 flight: Some(guard),
                 stale,
+                replaces,
             }
         }
         Role::Follower(mut rx) => {
@@ -817,6 +839,7 @@ async fn after_miss(
                 seq,
                 flight: None,
                 stale,
+                replaces,
             }
         }
     }
@@ -1059,13 +1082,10 @@ where
     let tags = take_tags(&mut parts.headers, &ctx.policy);
 
     let counters = &ctx.shared.runtime.counters;
-    let body = if ctx.head {
-        ResponseBody::passthrough(body)
-    } else if ctx.miss_seq.is_none() {
-        tracing::debug!(key = %ctx.key, "redis unavailable at lookup; response not stored");
-        ResponseBody::passthrough(body)
-    } else {
-        match storage(
+    // Decided for a response that may be stored, and for one that would replace an entry
+    // still served (HEAD included): refused, that entry goes.
+    let decided = ((ctx.miss_seq.is_some() && !ctx.head) || ctx.replaces).then(|| {
+        storage(
             parts.status,
             &parts.headers,
             over,
@@ -1073,8 +1093,23 @@ where
             ctx.shared_request.as_deref(),
             SystemTime::now(),
             ctx.started.elapsed(),
-        ) {
-            Err(why) => {
+        )
+    });
+    if let Some(Err(why)) = decided {
+        if ctx.replaces && refusal(why, parts.status, &parts.headers, &ctx.policy) {
+            remove_refused(ctx, why);
+        }
+    }
+    let body = if ctx.head {
+        ResponseBody::passthrough(body)
+    } else if ctx.miss_seq.is_none() {
+        tracing::debug!(key = %ctx.key, "redis unavailable at lookup; response not stored");
+        ResponseBody::passthrough(body)
+    } else {
+        match decided {
+            // Always decided here (a GET with a sequence).
+            None => ResponseBody::passthrough(body),
+            Some(Err(why)) => {
                 if why == NotStored::Vary {
                     Counters::incr(&counters.vary_refused);
                     let route = ctx.route.as_deref().unwrap_or(&ctx.path);
@@ -1099,15 +1134,15 @@ where
                 tracing::debug!(key = %ctx.key, reason = why.as_str(), "response not stored");
                 ResponseBody::passthrough(body)
             }
-            Ok(_) if ctx.grpc && !crate::grpc::storable_head(&parts.headers) => {
+            Some(Ok(_)) if ctx.grpc && !crate::grpc::storable_head(&parts.headers) => {
                 tracing::debug!(key = %ctx.key, "gRPC trailers-only or compressed response; not stored");
                 ResponseBody::passthrough(body)
             }
-            Ok(_) if !storable_map(&parts.headers) => {
+            Some(Ok(_)) if !storable_map(&parts.headers) => {
                 tracing::debug!(key = %ctx.key, reason = NotStored::Headers.as_str(), "response not stored");
                 ResponseBody::passthrough(body)
             }
-            Ok(stored) => {
+            Some(Ok(stored)) => {
                 let limit = ctx.policy.max_body_size;
                 if http_body::Body::size_hint(&body).lower() > limit as u64 {
                     Counters::incr(&counters.abandoned);
@@ -1131,6 +1166,72 @@ where
     );
     parts.extensions.insert(ctx.status);
     Response::from_parts(parts, body)
+}
+
+/// Whether a response that may not be stored (for reason `why`) is the handler refusing the
+/// request (a 3xx or 4xx other than 408, `no-store`, `private` where not allowed,
+/// `Set-Cookie`, a skip...), as opposed to an error (5xx, 408: stale-if-error may answer
+/// those) or something about this request alone (shared-cache mode: its own `no-store`, its
+/// `Authorization`).
+fn refusal(
+    why: NotStored,
+    status: http::StatusCode,
+    headers: &http::HeaderMap,
+    policy: &Policy,
+) -> bool {
+    match why {
+        NotStored::Status => {
+            !(status.is_server_error() || status == http::StatusCode::REQUEST_TIMEOUT)
+        }
+        NotStored::NoStore => {
+            let cc = cache_control(headers);
+            !policy.http_shared || cc.no_store || cc.no_cache
+        }
+        NotStored::Authorization => false,
+        NotStored::Handler
+        | NotStored::SetCookie
+        | NotStored::Private
+        | NotStored::Vary
+        | NotStored::Headers
+        | NotStored::Stale => true,
+    }
+}
+
+/// Removes the entry that a refused response would have replaced (the handler no longer
+/// gives it: it must not be served stale, nor answer the next error), off the response path,
+/// under the bound on pending writes. Race-safe like an invalidation: it takes the next
+/// sequence number and raises the marker of the entry's user (or, on a route without
+/// identities, its path), so that a write of the old data still in flight is refused.
+fn remove_refused(ctx: &Ctx, why: NotStored) {
+    let shared = Arc::clone(&ctx.shared);
+    let keyer = &shared.settings.keyer;
+    let index = match &ctx.identity {
+        Some(id) => keyer.user_index(id),
+        None => keyer.path_index(&ctx.path),
+    };
+    let marker = keyer.marker_of(&index);
+    let key = ctx.key.clone();
+    let Ok(permit) = Arc::clone(&shared.runtime.writes).try_acquire_owned() else {
+        Counters::incr(&shared.runtime.counters.writes_dropped);
+        tracing::debug!(key = %key, "too many pending cache writes; refused entry not removed");
+        return;
+    };
+    let Ok(rt) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    rt.spawn(async move {
+        let keyer = &shared.settings.keyer;
+        let removed = shared
+            .settings
+            .store
+            .invalidate_keys(keyer.seq_key(), &[marker], vec![key.clone()])
+            .await;
+        match removed {
+            Ok(_) => tracing::debug!(key = %key, reason = why.as_str(), "the handler refused the refresh; entry removed"),
+            Err(e) => tracing::debug!(key = %key, error = %e.details(), "could not remove a refused entry"),
+        }
+        drop(permit);
+    });
 }
 
 /// Removes the headers through which handlers talk to the layer.
