@@ -364,13 +364,14 @@ where
                             refresh,
                             fresh,
                         } => {
-                            let Some((mut service, request)) = take_lookup(this.state.as_mut())
+                            let Some((mut service, mut request)) = take_lookup(this.state.as_mut())
                             else {
                                 return Poll::Pending;
                             };
                             if let Some((seq, guard)) = refresh {
                                 // This request's own call refreshes the entry, in the
                                 // background; its client gets the stale entry now.
+                                strip_conditionals(request.headers_mut());
                                 let future = service.call(request);
                                 spawn_refresh(future, refresh_ctx(ctx, seq, guard));
                             }
@@ -394,9 +395,14 @@ where
                         }
                         Found::Unavailable => ctx.status = CacheStatus::Unavailable,
                     }
-                    let Some((mut service, request)) = take_lookup(this.state.as_mut()) else {
+                    let leads = ctx.flight.is_some();
+                    let Some((mut service, mut request)) = take_lookup(this.state.as_mut()) else {
                         return Poll::Pending;
                     };
+                    if leads {
+                        // Its response is for every request waiting on the flight.
+                        strip_conditionals(request.headers_mut());
+                    }
                     let future = service.call(request);
                     match std::mem::replace(this.mode, Mode::Passthrough) {
                         Mode::Cache(ctx) if ctx.flight.is_some() => {
@@ -1169,7 +1175,7 @@ where
 }
 
 /// Whether a response that may not be stored (for reason `why`) is the handler refusing the
-/// request (a 3xx or 4xx other than 408, `no-store`, `private` where not allowed,
+/// request (a 3xx other than 304, a 4xx other than 408, `no-store`, `private` where not allowed,
 /// `Set-Cookie`, a skip...), as opposed to an error (5xx, 408: stale-if-error may answer
 /// those) or something about this request alone (shared-cache mode: its own `no-store`, its
 /// `Authorization`).
@@ -1180,8 +1186,11 @@ fn refusal(
     policy: &Policy,
 ) -> bool {
     match why {
+        // A 304 validates a client's copy: it refuses nothing.
         NotStored::Status => {
-            !(status.is_server_error() || status == http::StatusCode::REQUEST_TIMEOUT)
+            !(status.is_server_error()
+                || status == http::StatusCode::REQUEST_TIMEOUT
+                || status == http::StatusCode::NOT_MODIFIED)
         }
         NotStored::NoStore => {
             let cc = cache_control(headers);
@@ -1232,6 +1241,24 @@ fn remove_refused(ctx: &Ctx, why: NotStored) {
         }
         drop(permit);
     });
+}
+
+/// Removes the request's preconditions (RFC 9110 §13.1) before the cache asks the inner
+/// service for a response of its own (a refresh, a coalescing leader's miss): the answer is
+/// for every client, so it must be a full one, not a 304 or a 412 to this client's
+/// validators. The client's own `If-None-Match` / `If-Modified-Since` are answered by the
+/// cache from the entry.
+fn strip_conditionals(headers: &mut http::HeaderMap) {
+    use http::header::{IF_MATCH, IF_MODIFIED_SINCE, IF_NONE_MATCH, IF_RANGE, IF_UNMODIFIED_SINCE};
+    for name in [
+        IF_NONE_MATCH,
+        IF_MODIFIED_SINCE,
+        IF_MATCH,
+        IF_UNMODIFIED_SINCE,
+        IF_RANGE,
+    ] {
+        headers.remove(name);
+    }
 }
 
 /// Removes the headers through which handlers talk to the layer.
