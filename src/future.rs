@@ -865,8 +865,10 @@ async fn wait_for_other_instance(
     if store.try_lock(&lock_key, lock_ttl).await.unwrap_or(true) {
         return None;
     }
-    let deadline = Instant::now() + wait.min(lock_ttl);
-    while Instant::now() < deadline {
+    // `None`: longer than `Instant` can count (`Duration::MAX` settings): no deadline but the
+    // entry's arrival, as configured.
+    let deadline = Instant::now().checked_add(wait.min(lock_ttl));
+    while deadline.map_or(true, |d| Instant::now() < d) {
         tokio::time::sleep(Duration::from_millis(20)).await;
         if let Ok(Some(raw)) = store.get(key).await {
             if let Ok(entry) = Entry::decode(&raw) {

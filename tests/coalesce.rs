@@ -25,6 +25,7 @@ on_both_stores!(
     an_unstorable_response_is_never_handed_to_the_waiting_requests,
     coalescing_can_be_turned_off,
     two_instances_with_the_lock_make_one_call,
+    the_longest_settings_still_answer,
 );
 
 async fn setup(backing: &Backing, policy: Policy) -> (Router, CacheHandle, Arc<AtomicUsize>) {
@@ -271,4 +272,82 @@ async fn two_instances_with_the_lock_make_one_call(kind: Kind) {
         1,
         "one call across both instances"
     );
+}
+
+/// `Duration::MAX` wherever a setting takes a duration: nothing overflows, every request is
+/// answered, the lock still makes one call across instances and the entry is stored.
+async fn the_longest_settings_still_answer(kind: Kind) {
+    let backing = Backing::start(kind);
+    let max = Duration::MAX;
+    let policy = Policy::shared(max)
+        .coalesce(max)
+        .lock_across_instances(max)
+        .stale_if_error(max)
+        .stale_while_revalidate(max)
+        .status(http::StatusCode::NOT_FOUND, max)
+        .near(max);
+    let calls = Arc::new(AtomicUsize::new(0));
+    let mut apps = Vec::new();
+    let mut handles = Vec::new();
+    for _ in 0..2 {
+        let store: tower_redis_cache::Store = match &backing {
+            Backing::Redis(server) => {
+                let config = RedisConfig::from_url(&server.url())
+                    .unwrap()
+                    .lookup_timeout(max)
+                    .command_timeout(max)
+                    .connect_timeout(max);
+                RedisStore::connect(config).await.unwrap().into()
+            }
+            Backing::Memory(_) => backing.store().await,
+        };
+        let cache = CacheLayer::new(store, policy.clone())
+            .namespace("longest")
+            .unwrap();
+        handles.push(cache.handle());
+        let c = calls.clone();
+        apps.push(
+            Router::new()
+                .route(
+                    "/slow",
+                    get(move || {
+                        let n = c.fetch_add(1, Ordering::SeqCst) + 1;
+                        async move {
+                            tokio::time::sleep(Duration::from_millis(300)).await;
+                            format!("call #{n}")
+                        }
+                    }),
+                )
+                .layer(cache),
+        );
+    }
+    let answered = tokio::time::timeout(Duration::from_secs(30), async {
+        let first = tokio::spawn({
+            let app = apps[0].clone();
+            async move { send(&app, get_req("/slow")).await }
+        });
+        // The first instance holds the lock: the second waits for its entry.
+        common::wait_until("the first call", || calls.load(Ordering::SeqCst) == 1).await;
+        let second = tokio::spawn({
+            let app = apps[1].clone();
+            async move { send(&app, get_req("/slow")).await }
+        });
+        (first.await.unwrap(), second.await.unwrap())
+    })
+    .await
+    .expect("answered");
+    for r in [&answered.0, &answered.1] {
+        assert_eq!((r.status.as_u16(), r.text().as_str()), (200, "call #1"));
+    }
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "one call across both instances"
+    );
+    common::wait_until("stored", || handles[0].stats().stored == 1).await;
+    for _ in 0..2 {
+        // The second from the near-cache, on Redis.
+        let r = send(&apps[1], get_req("/slow")).await;
+        assert_eq!((r.text().as_str(), r.x_cache()), ("call #1", "HIT"));
+    }
 }
