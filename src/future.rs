@@ -136,6 +136,7 @@ impl<R, E> Drop for LeadCall<R, E> {
 fn detach_call<B, E>(future: BoxCall<Response<B>, E>, ctx: Box<Ctx>)
 where
     B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Send,
     E: Send + 'static,
 {
     let shared = Arc::clone(&ctx.shared);
@@ -334,6 +335,7 @@ where
     S::Future: Send + 'static,
     S::Error: Send + 'static,
     ResB: http_body::Body<Data = Bytes> + Send + 'static,
+    ResB::Error: Send,
     ReqB: 'static,
 {
     type Output = Result<Response<ResponseBody<ResB>>, S::Error>;
@@ -570,6 +572,7 @@ fn spawn_refresh<F, B, E>(future: F, ctx: Ctx)
 where
     F: Future<Output = Result<Response<B>, E>> + Send + 'static,
     B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Send,
     E: Send + 'static,
 {
     let Ok(rt) = tokio::runtime::Handle::try_current() else {
@@ -811,10 +814,8 @@ async fn after_miss(
         }
         Role::Follower(mut rx) => {
             let mut landed = false;
-            if let Ok(Ok(outcome)) =
-                tokio::time::timeout(wait, rx.wait_for(|o| !matches!(o, Outcome::Pending))).await
-            {
-                match &*outcome {
+            if let Ok(Some(outcome)) = tokio::time::timeout(wait, follow(&mut rx)).await {
+                match &outcome {
                     Outcome::Stored(raw) => {
                         // Another variant, or not for this request: ask ourselves.
                         if let Some(entry) = Entry::decode(raw).ok().filter(|e| usable(e)) {
@@ -824,7 +825,7 @@ async fn after_miss(
                         }
                     }
                     Outcome::Landed => landed = true,
-                    Outcome::Pending | Outcome::NotStored => {}
+                    Outcome::Pending | Outcome::Streaming(_) | Outcome::NotStored => {}
                 }
             }
             if landed {
@@ -846,6 +847,37 @@ async fn after_miss(
                 flight: None,
                 stale,
                 replaces,
+            }
+        }
+    }
+}
+
+/// Waits for a flight's outcome. While the leader's body streams, has it read ahead, so that
+/// the wait does not depend on how fast the leader's client reads. `None`: the flight is
+/// gone, or its body could not be read ahead (the bounds on background work): the caller asks
+/// the inner service itself.
+async fn follow(rx: &mut tokio::sync::watch::Receiver<Outcome>) -> Option<Outcome> {
+    let mut asked = false;
+    loop {
+        let lead = {
+            let outcome = rx
+                .wait_for(|o| match o {
+                    Outcome::Pending => false,
+                    Outcome::Streaming(_) => !asked,
+                    _ => true,
+                })
+                .await
+                .ok()?;
+            match &*outcome {
+                Outcome::Streaming(lead) => lead.clone(),
+                other => return Some(other.clone()),
+            }
+        };
+        // Outside the channel's lock: the recording may complete the flight meanwhile.
+        asked = true;
+        if let Some(lead) = lead.upgrade() {
+            if !lead.read_ahead() {
+                return None;
             }
         }
     }
@@ -1066,6 +1098,7 @@ fn not_modified_response<B>(entry: Entry, ctx: &Ctx) -> Response<ResponseBody<B>
 fn respond<B>(response: Response<B>, mode: &mut Mode, background: bool) -> Response<ResponseBody<B>>
 where
     B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Send,
 {
     let ctx = match mode {
         Mode::Untouched => return response.map(ResponseBody::passthrough),
