@@ -349,6 +349,8 @@ const DRIVER_BUDGET: usize = 64;
 /// (reference counts, not copies), so it is bounded by the size limit; the driver stops when
 /// the recording ends (stored, over the limit, failed) and the client polls the rest of the
 /// body itself. A client that leaves has its body finished by the driver (as a `Tee`'s is).
+/// On a route with the cross-instance lock the driver starts at once: other instances wait
+/// for the entry in Redis and cannot ask.
 struct Lead<B: Body> {
     state: Mutex<LeadState<B>>,
 }
@@ -407,14 +409,16 @@ where
         });
         let weak = Arc::downgrade(&lead);
         let weak: std::sync::Weak<dyn crate::coalesce::ReadAhead> = weak;
-        if let Some(flight) = lead
-            .state()
-            .recorder
-            .as_ref()
-            .and_then(|r| r.flight.as_ref())
-        {
+        let mut st = lead.state();
+        let eager = st.recorder.as_ref().is_some_and(|r| r.eager);
+        if let Some(flight) = st.recorder.as_ref().and_then(|r| r.flight.as_ref()) {
             flight.streaming(weak);
         }
+        if eager {
+            // Refused by the bounds: at the client's pace, as without read-ahead.
+            lead.spawn_driver(&mut st, false);
+        }
+        drop(st);
         LeadBody { lead }
     }
 
@@ -653,6 +657,9 @@ pub(crate) struct Recorder {
     age: Duration,
     /// A gRPC response: stored only if its trailers say `grpc-status: 0`.
     grpc: bool,
+    /// Other instances may wait for this entry (the route's cross-instance lock): a leader's
+    /// body is read ahead from the start, since they cannot ask for it.
+    eager: bool,
 }
 
 impl Recorder {
@@ -689,6 +696,7 @@ impl Recorder {
             finished: false,
             age: Duration::ZERO,
             grpc: ctx.grpc,
+            eager: ctx.policy.lock.is_some(),
         }
     }
 

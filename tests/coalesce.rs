@@ -28,6 +28,7 @@ on_both_stores!(
     the_longest_settings_still_answer,
     a_leader_that_never_reads_does_not_hold_its_followers,
     a_body_read_ahead_reaches_the_leaders_client_whole,
+    a_leader_that_never_reads_does_not_hold_other_instances,
 );
 
 async fn setup(backing: &Backing, policy: Policy) -> (Router, CacheHandle, Arc<AtomicUsize>) {
@@ -527,4 +528,56 @@ async fn a_body_read_ahead_reaches_the_leaders_client_whole(kind: Kind) {
     }
     // The trailers' entry, and the error's followers'.
     assert!(handle.stats().stored >= 2);
+}
+
+/// With the cross-instance lock, other instances wait for the leader's entry in Redis (they
+/// cannot ask for its body to be read ahead): a leader's client that never reads holds them
+/// no more than it holds its own instance's followers.
+async fn a_leader_that_never_reads_does_not_hold_other_instances(kind: Kind) {
+    let backing = Backing::start(kind);
+    let policy = Policy::shared(Duration::from_secs(60))
+        .coalesce(Duration::from_secs(30))
+        .lock_across_instances(Duration::from_secs(30));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let mut apps = Vec::new();
+    for _ in 0..2 {
+        let store = backing.store_with(Duration::from_secs(2)).await;
+        let cache = CacheLayer::new(store, policy.clone())
+            .namespace("locked")
+            .unwrap();
+        let c = calls.clone();
+        apps.push(
+            Router::new()
+                .route(
+                    "/streamed",
+                    get(move || {
+                        c.fetch_add(1, Ordering::SeqCst);
+                        let parts = futures_util::stream::iter(
+                            ["part one, ", "part two"]
+                                .map(|p| Ok::<_, std::convert::Infallible>(Bytes::from(p))),
+                        );
+                        async move { axum::body::Body::from_stream(parts) }
+                    }),
+                )
+                .layer(cache),
+        );
+    }
+    // The leader's client has the head and never reads the body.
+    let leader = apps[0].clone().oneshot(get_req("/streamed")).await.unwrap();
+    let r = tokio::time::timeout(
+        Duration::from_secs(10),
+        send(&apps[1], get_req("/streamed")),
+    )
+    .await
+    .expect("answered long before the 30 s wait");
+    assert_eq!(
+        (r.status.as_u16(), r.text().as_str()),
+        (200, "part one, part two")
+    );
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "one call across both instances"
+    );
+    drop(leader);
 }
