@@ -340,8 +340,8 @@ const DRIVER_BUDGET: usize = 64;
 /// driver task.
 ///
 /// Without requests waiting on the flight (the common case) the client polls the inner body
-/// itself, recording as a `Tee` does: no task, no copy, and one allocation (this one) that
-/// replaces the `Tee`'s box. Once a request waits, it asks for the body to be read ahead
+/// itself, recording as a `Tee` does: no task, no copy, and one allocation more (this one;
+/// `Recorder::new` saves two by taking the request's key and path). Once a request waits, it asks for the body to be read ahead
 /// (`ReadAhead`): a driver task (within the bounds of `spawn_detached`) polls the inner body
 /// as fast as the handler yields it, records it and queues its frames for the client, so that
 /// the waiting requests get the entry as soon as the handler's body is complete, however slowly
@@ -377,7 +377,7 @@ enum Driver {
     Idle,
     /// Reads the body ahead.
     Running,
-    /// Stopped (or could not start): the client polls the rest of the body, if it is there.
+    /// Stopped: the client polls the rest of the body, if it is there.
     Over,
 }
 
@@ -415,7 +415,7 @@ where
             flight.streaming(weak);
         }
         if eager {
-            // Refused by the bounds: at the client's pace, as without read-ahead.
+            // If the bounds refuse it, at the client's pace, as without read-ahead.
             lead.spawn_driver(&mut st, false);
         }
         drop(st);
@@ -437,8 +437,9 @@ where
         if spawn_bounded(&shared, &key, work, detached) {
             return true;
         }
-        // Not started (its guard did not run): the client goes on polling, if it is there.
-        st.driver = Driver::Over;
+        // Not started (its guard did not run): the client goes on polling; a later request
+        // (or the client leaving) may try again.
+        st.driver = Driver::Idle;
         false
     }
 
@@ -452,8 +453,9 @@ where
                 break true;
             }
             if st.ahead.len() >= MAX_AHEAD_FRAMES {
-                tracing::debug!("too many frames read ahead; response not stored");
-                st.recorder.take();
+                if let Some(r) = st.recorder.take() {
+                    tracing::debug!(key = %r.key, "too many frames read ahead; response not stored");
+                }
                 break true;
             }
             if polled == DRIVER_BUDGET {
