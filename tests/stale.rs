@@ -471,8 +471,10 @@ mod refusals {
     }
 
     async fn a_refused_early_refresh_removes_the_entry(kind: Kind) {
-        // A huge beta: every hit refreshes early (see hot_entries_are_refreshed_early).
-        let policy = Policy::per_user(Duration::from_secs(60)).early_refresh(1e9);
+        // A huge beta: every hit refreshes early (see hot_entries_are_refreshed_early; this
+        // handler takes about 1 ms, so the gap drawn is 1e9 s x X, X exponential: it falls
+        // short of the 60 s TTL when X < 6e-8).
+        let policy = Policy::per_user(Duration::from_secs(60)).early_refresh(1e12);
         let app = app(kind, policy, None).await;
         let r = app.get("a").await;
         assert_eq!(r.text(), "secret #1");
