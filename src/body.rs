@@ -1,10 +1,12 @@
 //! `ResponseBody`: a cached body, an untouched inner body, or an inner body recorded on its
-//! way to the client (a tee bounded by the size limit).
+//! way to the client (a tee bounded by the size limit). A coalescing leader's body can be
+//! read ahead of its client for the requests waiting on it (see `Lead`).
 
+use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -45,6 +47,9 @@ pin_project! {
         },
         Recording {
             tee: Tee<B>,
+        },
+        Leading {
+            lead: LeadBody<B>,
         },
     }
 }
@@ -105,25 +110,45 @@ pub(crate) fn spawn_detached(
     key: &str,
     work: impl std::future::Future<Output = ()> + Send + 'static,
 ) {
+    spawn_bounded(shared, key, work, true);
+}
+
+/// Runs `work` within the bounds of `spawn_detached`; false if it could not start.
+/// `detached`: its client is gone (counted and logged as such), else it reads a leader's body
+/// ahead of a client still there.
+fn spawn_bounded(
+    shared: &CacheLayer,
+    key: &str,
+    work: impl std::future::Future<Output = ()> + Send + 'static,
+    detached: bool,
+) -> bool {
     let Ok(permit) = Arc::clone(&shared.runtime.detached).try_acquire_owned() else {
         tracing::debug!(
             key,
             "too many responses finishing in the background; dropped"
         );
-        return;
+        return false;
     };
     let Ok(rt) = tokio::runtime::Handle::try_current() else {
-        return;
+        return false;
     };
-    Counters::incr(&shared.runtime.counters.detached);
-    tracing::debug!(
-        key,
-        "client gone; response finished in the background for the requests waiting on it"
-    );
+    if detached {
+        Counters::incr(&shared.runtime.counters.detached);
+        tracing::debug!(
+            key,
+            "client gone; response finished in the background for the requests waiting on it"
+        );
+    } else {
+        tracing::debug!(
+            key,
+            "requests wait on this response: its body is read ahead of its client"
+        );
+    }
     rt.spawn(async move {
         let _ = tokio::time::timeout(DETACHED_DEADLINE, work).await;
         drop(permit);
     });
+    true
 }
 
 /// Polls a body to its end (or its first error), dropping the frames.
@@ -157,11 +182,19 @@ impl<B> ResponseBody<B> {
     pub(crate) fn recording(body: B, recorder: Recorder, background: bool) -> Self
     where
         B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Send,
     {
         if body.is_end_stream() {
             // An empty body may never be polled: store it now.
             recorder.finish(None);
             return Self::passthrough(body);
+        }
+        if !background && recorder.flight.is_some() {
+            return ResponseBody {
+                kind: Kind::Leading {
+                    lead: Lead::start(body, recorder),
+                },
+            };
         }
         ResponseBody {
             kind: Kind::Recording {
@@ -185,6 +218,7 @@ impl<B> std::fmt::Debug for ResponseBody<B> {
             Kind::Cached { .. } => "cached",
             Kind::Passthrough { .. } => "passthrough",
             Kind::Recording { .. } => "recording",
+            Kind::Leading { .. } => "leading",
         };
         f.debug_struct("ResponseBody").field("kind", &kind).finish()
     }
@@ -218,38 +252,10 @@ where
                     Poll::Pending => return Poll::Pending,
                     Poll::Ready(f) => f,
                 };
-                match &frame {
-                    None => {
-                        if let Some(r) = recorder.take() {
-                            r.finish(None);
-                        }
-                    }
-                    Some(Err(_)) => {
-                        // Dropping the recorder abandons the entry.
-                        recorder.take();
-                    }
-                    Some(Ok(f)) => {
-                        if let Some(data) = f.data_ref() {
-                            let over = recorder.as_mut().is_some_and(|r| !r.push(data));
-                            if over {
-                                recorder.take();
-                            }
-                        } else if let Some(t) = f.trailers_ref() {
-                            if let Some(r) = recorder.take() {
-                                r.finish(Some(t.clone()));
-                            }
-                        }
-                        // A body may say it is done without yielding `None`; callers such as
-                        // hyper then stop polling.
-                        if body.is_end_stream() {
-                            if let Some(r) = recorder.take() {
-                                r.finish(None);
-                            }
-                        }
-                    }
-                }
+                record(recorder, &frame, body.is_end_stream());
                 Poll::Ready(frame)
             }
+            KindProj::Leading { lead } => lead.lead.poll_client(cx),
         }
     }
 
@@ -258,6 +264,7 @@ where
             Kind::Cached { data, trailers } => data.is_none() && trailers.is_none(),
             Kind::Passthrough { body } => body.is_end_stream(),
             Kind::Recording { tee } => tee.body.as_ref().map_or(true, |b| b.is_end_stream()),
+            Kind::Leading { lead } => lead.lead.is_end_stream(),
         }
     }
 
@@ -279,7 +286,345 @@ where
                 .body
                 .as_ref()
                 .map_or(SizeHint::with_exact(0), |b| b.size_hint()),
+            Kind::Leading { lead } => lead.lead.size_hint(),
         }
+    }
+}
+
+/// Records a frame the body yielded; `end`: the body says it is done. The recorder is taken
+/// when the recording ends: stored at the end of the body (or its trailers), abandoned on an
+/// error or past the size limit.
+fn record<E>(recorder: &mut Option<Recorder>, frame: &Option<Result<Frame<Bytes>, E>>, end: bool) {
+    match frame {
+        None => {
+            if let Some(r) = recorder.take() {
+                r.finish(None);
+            }
+        }
+        Some(Err(_)) => {
+            // Dropping the recorder abandons the entry.
+            recorder.take();
+        }
+        Some(Ok(f)) => {
+            if let Some(data) = f.data_ref() {
+                let over = recorder.as_mut().is_some_and(|r| !r.push(data));
+                if over {
+                    recorder.take();
+                }
+            } else if let Some(t) = f.trailers_ref() {
+                if let Some(r) = recorder.take() {
+                    r.finish(Some(t.clone()));
+                }
+            }
+            // A body may say it is done without yielding `None`; callers such as hyper then
+            // stop polling.
+            if end {
+                if let Some(r) = recorder.take() {
+                    r.finish(None);
+                }
+            }
+        }
+    }
+}
+
+/// How many frames a leader's body may be read ahead of its client. Bytes are bounded by the
+/// size limit (the frames are the recording's own chunks); this bounds a body of countless
+/// empty frames. Past it the recording is abandoned: the waiting requests ask the inner
+/// service themselves.
+const MAX_AHEAD_FRAMES: usize = 16 * 1024;
+
+/// Frames read ahead in one poll of the driver before it yields to other tasks.
+const DRIVER_BUDGET: usize = 64;
+
+/// The recorded body of a request that leads a coalesced miss, shared by its client and a
+/// driver task.
+///
+/// Without requests waiting on the flight (the common case) the client polls the inner body
+/// itself, recording as a `Tee` does: no task, no copy, and one allocation more (this one;
+/// `Recorder::new` saves two by taking the request's key and path). Once a request waits, it asks for the body to be read ahead
+/// (`ReadAhead`): a driver task (within the bounds of `spawn_detached`) polls the inner body
+/// as fast as the handler yields it, records it and queues its frames for the client, so that
+/// the waiting requests get the entry as soon as the handler's body is complete, however slowly
+/// the leader's client reads (or if it never does). The queue holds the recording's own chunks
+/// (reference counts, not copies), so it is bounded by the size limit; the driver stops when
+/// the recording ends (stored, over the limit, failed) and the client polls the rest of the
+/// body itself. A client that leaves has its body finished by the driver (as a `Tee`'s is).
+/// On a route with the cross-instance lock the driver starts at once: other instances wait
+/// for the entry in Redis and cannot ask.
+struct Lead<B: Body> {
+    state: Mutex<LeadState<B>>,
+}
+
+struct LeadState<B: Body> {
+    /// The inner body; `None` once it ended (or failed) while read ahead.
+    body: Option<Pin<Box<B>>>,
+    /// Taken when the recording ends.
+    recorder: Option<Recorder>,
+    /// Frames read ahead, for the client, and their data bytes.
+    ahead: VecDeque<Frame<Bytes>>,
+    ahead_bytes: u64,
+    /// An error read ahead: the client gets it after the frames.
+    failed: Option<B::Error>,
+    driver: Driver,
+    /// The client's task, woken when a frame is read ahead or the driver stops.
+    client: Option<Waker>,
+    client_gone: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Driver {
+    /// Not started: the client polls the body.
+    Idle,
+    /// Reads the body ahead.
+    Running,
+    /// Stopped: the client polls the rest of the body, if it is there.
+    Over,
+}
+
+impl<B: Body> Lead<B> {
+    fn state(&self) -> MutexGuard<'_, LeadState<B>> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl<B> Lead<B>
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Send,
+{
+    /// The client's end of a new lead; the flight's waiting requests are told where to ask
+    /// for the body to be read ahead.
+    fn start(body: B, recorder: Recorder) -> LeadBody<B> {
+        let lead = Arc::new(Lead {
+            state: Mutex::new(LeadState {
+                body: Some(Box::pin(body)),
+                recorder: Some(recorder),
+                ahead: VecDeque::new(),
+                ahead_bytes: 0,
+                failed: None,
+                driver: Driver::Idle,
+                client: None,
+                client_gone: false,
+            }),
+        });
+        let weak = Arc::downgrade(&lead);
+        let weak: std::sync::Weak<dyn crate::coalesce::ReadAhead> = weak;
+        let mut st = lead.state();
+        let eager = st.recorder.as_ref().is_some_and(|r| r.eager);
+        if let Some(flight) = st.recorder.as_ref().and_then(|r| r.flight.as_ref()) {
+            flight.streaming(weak);
+        }
+        if eager {
+            // If the bounds refuse it, at the client's pace, as without read-ahead.
+            lead.spawn_driver(&mut st, false);
+        }
+        drop(st);
+        LeadBody { lead }
+    }
+
+    /// Starts the driver (the lock held). False if the bounds refused it.
+    fn spawn_driver(self: &Arc<Self>, st: &mut LeadState<B>, detached: bool) -> bool {
+        let Some(recorder) = st.recorder.as_ref() else {
+            return true;
+        };
+        let (shared, key) = (Arc::clone(&recorder.shared), recorder.key.clone());
+        st.driver = Driver::Running;
+        let lead = Arc::clone(self);
+        let work = async move {
+            let guard = DriverGuard(lead);
+            std::future::poll_fn(|cx| guard.0.drive(cx)).await;
+        };
+        if spawn_bounded(&shared, &key, work, detached) {
+            return true;
+        }
+        // Not started (its guard did not run): the client goes on polling; a later request
+        // (or the client leaving) may try again.
+        st.driver = Driver::Idle;
+        false
+    }
+
+    /// The driver's poll: reads the body ahead until the recording ends.
+    fn drive(&self, cx: &mut Context<'_>) -> Poll<()> {
+        let mut st = self.state();
+        let mut wake = false;
+        let mut polled = 0;
+        let done = loop {
+            if st.recorder.is_none() {
+                break true;
+            }
+            if st.ahead.len() >= MAX_AHEAD_FRAMES {
+                if let Some(r) = st.recorder.take() {
+                    tracing::debug!(key = %r.key, "too many frames read ahead; response not stored");
+                }
+                break true;
+            }
+            if polled == DRIVER_BUDGET {
+                cx.waker().wake_by_ref();
+                break false;
+            }
+            polled += 1;
+            let st = &mut *st;
+            let Some(body) = st.body.as_mut() else {
+                break true;
+            };
+            let frame = match body.as_mut().poll_frame(cx) {
+                Poll::Pending => break false,
+                Poll::Ready(frame) => frame,
+            };
+            record(&mut st.recorder, &frame, body.is_end_stream());
+            wake = true;
+            match frame {
+                None => st.body = None,
+                Some(Err(e)) => {
+                    st.body = None;
+                    if !st.client_gone {
+                        st.failed = Some(e);
+                    }
+                }
+                Some(Ok(frame)) if !st.client_gone => {
+                    let len = frame.data_ref().map_or(0, |d| d.len() as u64);
+                    st.ahead_bytes = st.ahead_bytes.saturating_add(len);
+                    st.ahead.push_back(frame);
+                }
+                Some(Ok(_)) => {}
+            }
+        };
+        let client = if wake || done { st.client.take() } else { None };
+        drop(st);
+        if let Some(client) = client {
+            client.wake();
+        }
+        if done {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
+}
+
+/// Ends the driver, however it ends (recording over, or its deadline): an unfinished
+/// recording is abandoned (the waiting requests ask the inner service themselves), and the
+/// client polls the rest of the body.
+struct DriverGuard<B: Body>(Arc<Lead<B>>);
+
+impl<B: Body> Drop for DriverGuard<B> {
+    fn drop(&mut self) {
+        let mut st = self.0.state();
+        st.driver = Driver::Over;
+        let recorder = st.recorder.take();
+        let client = st.client.take();
+        drop(st);
+        drop(recorder);
+        if let Some(client) = client {
+            client.wake();
+        }
+    }
+}
+
+impl<B> crate::coalesce::ReadAhead for Lead<B>
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Send,
+{
+    fn read_ahead(self: Arc<Self>) -> bool {
+        let mut st = self.state();
+        if st.driver != Driver::Idle || st.recorder.is_none() {
+            return true;
+        }
+        self.spawn_driver(&mut st, false)
+    }
+}
+
+/// The client's side of a `Lead`, as `ResponseBody` holds it: a trait object, so that
+/// `ResponseBody` (whose definition has no bounds) need not name the body's error type.
+trait LeadClient<B>: Send + Sync {
+    fn poll_client(&self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>>
+    where
+        B: Body;
+    fn is_end_stream(&self) -> bool;
+    fn size_hint(&self) -> SizeHint;
+    /// The client went away: the driver finishes the recording, if it is not done.
+    fn client_gone(self: Arc<Self>);
+}
+
+impl<B> LeadClient<B> for Lead<B>
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Send,
+{
+    fn poll_client(&self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let mut st = self.state();
+        let st = &mut *st;
+        if let Some(frame) = st.ahead.pop_front() {
+            let len = frame.data_ref().map_or(0, |d| d.len() as u64);
+            st.ahead_bytes = st.ahead_bytes.saturating_sub(len);
+            return Poll::Ready(Some(Ok(frame)));
+        }
+        if let Some(e) = st.failed.take() {
+            return Poll::Ready(Some(Err(e)));
+        }
+        if st.driver != Driver::Running {
+            let Some(body) = st.body.as_mut() else {
+                return Poll::Ready(None);
+            };
+            if let Poll::Ready(frame) = body.as_mut().poll_frame(cx) {
+                record(&mut st.recorder, &frame, body.is_end_stream());
+                return Poll::Ready(frame);
+            }
+        }
+        // Woken by the body, or by a driver started meanwhile (which then polls the body).
+        if !st.client.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            st.client = Some(cx.waker().clone());
+        }
+        Poll::Pending
+    }
+
+    fn is_end_stream(&self) -> bool {
+        let st = self.state();
+        st.ahead.is_empty()
+            && st.failed.is_none()
+            && st.body.as_ref().map_or(true, |b| b.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let st = self.state();
+        let body = st
+            .body
+            .as_ref()
+            .map_or(SizeHint::with_exact(0), |b| b.size_hint());
+        let mut hint = SizeHint::new();
+        hint.set_lower(body.lower().saturating_add(st.ahead_bytes));
+        if let Some(upper) = body.upper() {
+            hint.set_upper(upper.saturating_add(st.ahead_bytes));
+        }
+        hint
+    }
+
+    fn client_gone(self: Arc<Self>) {
+        let mut st = self.state();
+        st.client_gone = true;
+        st.client = None;
+        st.ahead.clear();
+        st.ahead_bytes = 0;
+        st.failed = None;
+        if st.driver == Driver::Idle && st.recorder.is_some() && !self.spawn_driver(&mut st, true) {
+            // Past the bounds: the work is dropped, and with it the flight (as for a `Tee`).
+            let recorder = st.recorder.take();
+            let body = st.body.take();
+            drop(st);
+            drop((recorder, body));
+        }
+    }
+}
+
+/// The client's end of a `Lead`.
+struct LeadBody<B> {
+    lead: Arc<dyn LeadClient<B>>,
+}
+
+impl<B> Drop for LeadBody<B> {
+    fn drop(&mut self) {
+        Arc::clone(&self.lead).client_gone();
     }
 }
 
@@ -316,11 +661,16 @@ pub(crate) struct Recorder {
     grpc: bool,
     /// `Policy::max_variants` of the route.
     max_variants: u32,
+    /// Other instances may wait for this entry (the route's cross-instance lock): a leader's
+    /// body is read ahead from the start, since they cannot ask for it.
+    eager: bool,
 }
 
 impl Recorder {
+    /// Takes what it indexes the entry under (key, path, route, identity) from `ctx`, whose
+    /// request is answered: nothing else reads them after.
     pub(crate) fn new(
-        ctx: &Ctx,
+        ctx: &mut Ctx,
         flight: Option<crate::coalesce::FlightGuard>,
         ttl: Duration,
         status: StatusCode,
@@ -330,14 +680,14 @@ impl Recorder {
         let headers = storable_headers(response_headers);
         Recorder {
             shared: Arc::clone(&ctx.shared),
-            key: ctx.key.clone(),
+            key: std::mem::take(&mut ctx.key),
             ttl,
             status,
             headers,
             tags,
-            path: ctx.path.clone(),
-            route: ctx.route.clone(),
-            identity: ctx.identity.clone(),
+            path: std::mem::take(&mut ctx.path),
+            route: ctx.route.take(),
+            identity: ctx.identity.take(),
             miss_seq: ctx.miss_seq.unwrap_or(0),
             started: ctx.started,
             declared_len: headers_len(response_headers),
@@ -351,6 +701,7 @@ impl Recorder {
             age: Duration::ZERO,
             grpc: ctx.grpc,
             max_variants: ctx.policy.max_variants,
+            eager: ctx.policy.lock.is_some(),
         }
     }
 

@@ -2,7 +2,7 @@
 //! service; the others wait for its entry.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -13,6 +13,9 @@ use tokio::sync::watch;
 pub(crate) enum Outcome {
     /// Still being computed.
     Pending,
+    /// Its head is out and its body is being recorded on its way to the leader's client:
+    /// a waiting request asks for it to be read ahead, so as not to wait on that client.
+    Streaming(Weak<dyn ReadAhead>),
     /// Complete and storable: the encoded entry.
     Stored(Bytes),
     /// Not storable (private, Set-Cookie, error, too large, cut short): followers must ask
@@ -21,6 +24,14 @@ pub(crate) enum Outcome {
     /// Stored, and its write to Redis ended (the entry is no longer held here): read it
     /// from Redis.
     Landed,
+}
+
+/// A leader's body being recorded, which can be read ahead of its client.
+pub(crate) trait ReadAhead: Send + Sync {
+    /// Has the body read to the end of its recording by a background task, whatever its
+    /// client does (at once if it is running or done already). False if the bounds on
+    /// background work refused it: the caller should not wait for the flight.
+    fn read_ahead(self: Arc<Self>) -> bool;
 }
 
 /// A flight: the invalidation sequence read before it began, its outcome, and when its
@@ -141,6 +152,12 @@ impl FlightGuard {
             key: std::mem::take(&mut self.key),
             tx: Arc::clone(&self.tx),
         }
+    }
+
+    /// Tells the followers that the response's body is being recorded, and where to ask
+    /// for it to be read ahead.
+    pub(crate) fn streaming(&self, lead: Weak<dyn ReadAhead>) {
+        self.tx.send_replace(Outcome::Streaming(lead));
     }
 
     fn finish(&mut self, outcome: Outcome) {

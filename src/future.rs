@@ -18,8 +18,8 @@ use crate::coalesce::{Outcome, Role};
 use crate::entry::{storable_map, Entry};
 use crate::layer::CacheLayer;
 use crate::policy::{
-    handler_override, storage, take_tags, Policy, SharedRequest, TAG_HEADERS, TTL_OVERRIDE_HEADER,
-    VARY_FINGERPRINT,
+    cache_control, handler_override, storage, take_tags, Policy, SharedRequest, TAG_HEADERS,
+    TTL_OVERRIDE_HEADER, VARY_FINGERPRINT,
 };
 use crate::status::{set_headers, with_number, BypassReason, CacheStatus, Counters, NotStored};
 
@@ -40,6 +40,9 @@ pub(crate) enum Found {
         flight: Option<crate::coalesce::FlightGuard>,
         /// An entry past its freshness but within the stale-if-error window.
         stale: Option<Entry>,
+        /// An entry of this key past its freshness but still within a stale window was
+        /// found: a refusal of this miss removes it (see `Ctx::replaces`).
+        replaces: bool,
     },
     /// The entry of a concurrent miss of the same key (coalescing).
     Collapsed(Entry),
@@ -133,6 +136,7 @@ impl<R, E> Drop for LeadCall<R, E> {
 fn detach_call<B, E>(future: BoxCall<Response<B>, E>, ctx: Box<Ctx>)
 where
     B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Send,
     E: Send + 'static,
 {
     let shared = Arc::clone(&ctx.shared);
@@ -185,6 +189,9 @@ pub(crate) struct Ctx {
     pub(crate) flight: Option<crate::coalesce::FlightGuard>,
     /// A stale entry to answer with if the inner service fails (stale-if-error).
     pub(crate) stale: Option<Entry>,
+    /// This response replaces an entry that may still be served (a refresh, or a miss that
+    /// found a stale entry): if the handler refuses it (see `refusal`), the entry is removed.
+    pub(crate) replaces: bool,
     /// For routes with a near-cache: its epoch before the lookup, and the route's bound.
     pub(crate) near: Option<(u64, Duration)>,
     /// Shared-cache mode: what decides reuse and storage for this request.
@@ -216,6 +223,7 @@ impl Ctx {
             conditional: None,
             flight: None,
             stale: None,
+            replaces: false,
             near: None,
             shared_request: None,
             grpc: false,
@@ -327,6 +335,7 @@ where
     S::Future: Send + 'static,
     S::Error: Send + 'static,
     ResB: http_body::Body<Data = Bytes> + Send + 'static,
+    ResB::Error: Send,
     ReqB: 'static,
 {
     type Output = Result<Response<ResponseBody<ResB>>, S::Error>;
@@ -357,13 +366,14 @@ where
                             refresh,
                             fresh,
                         } => {
-                            let Some((mut service, request)) = take_lookup(this.state.as_mut())
+                            let Some((mut service, mut request)) = take_lookup(this.state.as_mut())
                             else {
                                 return Poll::Pending;
                             };
                             if let Some((seq, guard)) = refresh {
                                 // This request's own call refreshes the entry, in the
                                 // background; its client gets the stale entry now.
+                                strip_conditionals(request.headers_mut());
                                 let future = service.call(request);
                                 spawn_refresh(future, refresh_ctx(ctx, seq, guard));
                             }
@@ -374,16 +384,27 @@ where
                             };
                             return Poll::Ready(Ok(hit_as(entry, ctx, status)));
                         }
-                        Found::Miss { seq, flight, stale } => {
+                        Found::Miss {
+                            seq,
+                            flight,
+                            stale,
+                            replaces,
+                        } => {
                             ctx.miss_seq = seq;
                             ctx.flight = flight;
                             ctx.stale = stale;
+                            ctx.replaces = replaces;
                         }
                         Found::Unavailable => ctx.status = CacheStatus::Unavailable,
                     }
-                    let Some((mut service, request)) = take_lookup(this.state.as_mut()) else {
+                    let leads = ctx.flight.is_some();
+                    let Some((mut service, mut request)) = take_lookup(this.state.as_mut()) else {
                         return Poll::Pending;
                     };
+                    if leads {
+                        // Its response is for every request waiting on the flight.
+                        strip_conditionals(request.headers_mut());
+                    }
                     let future = service.call(request);
                     match std::mem::replace(this.mode, Mode::Passthrough) {
                         Mode::Cache(ctx) if ctx.flight.is_some() => {
@@ -539,6 +560,7 @@ fn refresh_ctx(ctx: &Ctx, seq: u64, guard: crate::coalesce::FlightGuard) -> Ctx 
         conditional: None,
         flight: Some(guard),
         stale: None,
+        replaces: true,
         near: None,
         shared_request: ctx.shared_request.clone(),
         grpc: ctx.grpc,
@@ -550,6 +572,7 @@ fn spawn_refresh<F, B, E>(future: F, ctx: Ctx)
 where
     F: Future<Output = Result<Response<B>, E>> + Send + 'static,
     B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Send,
     E: Send + 'static,
 {
     let Ok(rt) = tokio::runtime::Handle::try_current() else {
@@ -621,6 +644,7 @@ async fn look_up(shared: Arc<CacheLayer>, key: String, ask: Ask) -> Found {
     let counters = &shared.runtime.counters;
     let started = Instant::now();
     let mut stale = None;
+    let mut replaces = false;
     let usable = |entry: &Entry| usable(shared_request.as_deref(), entry);
     let (raw, seq) = match store
         .lookup(&key, shared.settings.keyer.seq_key_shared())
@@ -682,6 +706,7 @@ async fn look_up(shared: Arc<CacheLayer>, key: String, ask: Ask) -> Found {
             }
             Ok(entry) if entry.confirmed => {
                 tracing::debug!(key = %key, "stale entry; cache miss");
+                replaces = within(&entry, entry.swr_ms.max(entry.sie_ms));
                 if within(&entry, entry.sie_ms) {
                     stale = Some(entry);
                 }
@@ -703,6 +728,7 @@ async fn look_up(shared: Arc<CacheLayer>, key: String, ask: Ask) -> Found {
         seq,
         started,
         stale,
+        replaces,
     };
     Box::pin(after_miss(shared, missed, coalesce, lock, shared_request)).await
 }
@@ -716,6 +742,8 @@ struct Missed {
     started: Instant,
     /// A stale entry that may answer if the inner service fails.
     stale: Option<Entry>,
+    /// A stale entry that may still be served was found (see `Found::Miss`).
+    replaces: bool,
 }
 
 /// Shared-cache mode: whether an entry may answer this request (Vary, Authorization,
@@ -741,6 +769,7 @@ async fn after_miss(
         seq,
         started,
         stale,
+        replaces,
     } = missed;
     let usable = |entry: &Entry| usable(shared_request.as_deref(), entry);
     let store = &shared.settings.store;
@@ -762,6 +791,7 @@ async fn after_miss(
             seq,
             flight: None,
             stale,
+            replaces,
         };
     };
     match shared.runtime.flights.join(&key, seq, started) {
@@ -779,14 +809,13 @@ async fn after_miss(
                 seq,
                 flight: Some(guard),
                 stale,
+                replaces,
             }
         }
         Role::Follower(mut rx) => {
             let mut landed = false;
-            if let Ok(Ok(outcome)) =
-                tokio::time::timeout(wait, rx.wait_for(|o| !matches!(o, Outcome::Pending))).await
-            {
-                match &*outcome {
+            if let Ok(Some(outcome)) = tokio::time::timeout(wait, follow(&mut rx)).await {
+                match &outcome {
                     Outcome::Stored(raw) => {
                         // Another variant, or not for this request: ask ourselves.
                         if let Some(entry) = Entry::decode(raw).ok().filter(|e| usable(e)) {
@@ -796,7 +825,7 @@ async fn after_miss(
                         }
                     }
                     Outcome::Landed => landed = true,
-                    Outcome::Pending | Outcome::NotStored => {}
+                    Outcome::Pending | Outcome::Streaming(_) | Outcome::NotStored => {}
                 }
             }
             if landed {
@@ -817,6 +846,38 @@ async fn after_miss(
                 seq,
                 flight: None,
                 stale,
+                replaces,
+            }
+        }
+    }
+}
+
+/// Waits for a flight's outcome. While the leader's body streams, has it read ahead, so that
+/// the wait does not depend on how fast the leader's client reads. `None`: the flight is
+/// gone, or its body could not be read ahead (the bounds on background work): the caller asks
+/// the inner service itself.
+async fn follow(rx: &mut tokio::sync::watch::Receiver<Outcome>) -> Option<Outcome> {
+    let mut asked = false;
+    loop {
+        let lead = {
+            let outcome = rx
+                .wait_for(|o| match o {
+                    Outcome::Pending => false,
+                    Outcome::Streaming(_) => !asked,
+                    _ => true,
+                })
+                .await
+                .ok()?;
+            match &*outcome {
+                Outcome::Streaming(lead) => lead.clone(),
+                other => return Some(other.clone()),
+            }
+        };
+        // Outside the channel's lock: the recording may complete the flight meanwhile.
+        asked = true;
+        if let Some(lead) = lead.upgrade() {
+            if !lead.read_ahead() {
+                return None;
             }
         }
     }
@@ -836,8 +897,10 @@ async fn wait_for_other_instance(
     if store.try_lock(&lock_key, lock_ttl).await.unwrap_or(true) {
         return None;
     }
-    let deadline = Instant::now() + wait.min(lock_ttl);
-    while Instant::now() < deadline {
+    // `None`: longer than `Instant` can count (`Duration::MAX` settings): no deadline but the
+    // entry's arrival, as configured.
+    let deadline = Instant::now().checked_add(wait.min(lock_ttl));
+    while deadline.map_or(true, |d| Instant::now() < d) {
         tokio::time::sleep(Duration::from_millis(20)).await;
         if let Ok(Some(raw)) = store.get(key).await {
             if let Ok(entry) = Entry::decode(&raw) {
@@ -1035,6 +1098,7 @@ fn not_modified_response<B>(entry: Entry, ctx: &Ctx) -> Response<ResponseBody<B>
 fn respond<B>(response: Response<B>, mode: &mut Mode, background: bool) -> Response<ResponseBody<B>>
 where
     B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Send,
 {
     let ctx = match mode {
         Mode::Untouched => return response.map(ResponseBody::passthrough),
@@ -1059,13 +1123,10 @@ where
     let tags = take_tags(&mut parts.headers, &ctx.policy);
 
     let counters = &ctx.shared.runtime.counters;
-    let body = if ctx.head {
-        ResponseBody::passthrough(body)
-    } else if ctx.miss_seq.is_none() {
-        tracing::debug!(key = %ctx.key, "redis unavailable at lookup; response not stored");
-        ResponseBody::passthrough(body)
-    } else {
-        match storage(
+    // Decided for a response that may be stored, and for one that would replace an entry
+    // still served (HEAD included): refused, that entry goes.
+    let decided = ((ctx.miss_seq.is_some() && !ctx.head) || ctx.replaces).then(|| {
+        storage(
             parts.status,
             &parts.headers,
             over,
@@ -1073,8 +1134,23 @@ where
             ctx.shared_request.as_deref(),
             SystemTime::now(),
             ctx.started.elapsed(),
-        ) {
-            Err(why) => {
+        )
+    });
+    if let Some(Err(why)) = decided {
+        if ctx.replaces && refusal(why, parts.status, &parts.headers, &ctx.policy) {
+            remove_refused(ctx, why);
+        }
+    }
+    let body = if ctx.head {
+        ResponseBody::passthrough(body)
+    } else if ctx.miss_seq.is_none() {
+        tracing::debug!(key = %ctx.key, "redis unavailable at lookup; response not stored");
+        ResponseBody::passthrough(body)
+    } else {
+        match decided {
+            // Always decided here (a GET with a sequence).
+            None => ResponseBody::passthrough(body),
+            Some(Err(why)) => {
                 if why == NotStored::Vary {
                     Counters::incr(&counters.vary_refused);
                     let route = ctx.route.as_deref().unwrap_or(&ctx.path);
@@ -1099,15 +1175,15 @@ where
                 tracing::debug!(key = %ctx.key, reason = why.as_str(), "response not stored");
                 ResponseBody::passthrough(body)
             }
-            Ok(_) if ctx.grpc && !crate::grpc::storable_head(&parts.headers) => {
+            Some(Ok(_)) if ctx.grpc && !crate::grpc::storable_head(&parts.headers) => {
                 tracing::debug!(key = %ctx.key, "gRPC trailers-only or compressed response; not stored");
                 ResponseBody::passthrough(body)
             }
-            Ok(_) if !storable_map(&parts.headers) => {
+            Some(Ok(_)) if !storable_map(&parts.headers) => {
                 tracing::debug!(key = %ctx.key, reason = NotStored::Headers.as_str(), "response not stored");
                 ResponseBody::passthrough(body)
             }
-            Ok(stored) => {
+            Some(Ok(stored)) => {
                 let limit = ctx.policy.max_body_size;
                 if http_body::Body::size_hint(&body).lower() > limit as u64 {
                     Counters::incr(&counters.abandoned);
@@ -1131,6 +1207,93 @@ where
     );
     parts.extensions.insert(ctx.status);
     Response::from_parts(parts, body)
+}
+
+/// Whether a response that may not be stored (for reason `why`) is the handler refusing the
+/// request (a 3xx other than 304, a 4xx other than 408, `no-store`, `private` where not allowed,
+/// `Set-Cookie`, a skip...), as opposed to an error (5xx, 408: stale-if-error may answer
+/// those) or something about this request alone (shared-cache mode: its own `no-store`, its
+/// `Authorization`).
+fn refusal(
+    why: NotStored,
+    status: http::StatusCode,
+    headers: &http::HeaderMap,
+    policy: &Policy,
+) -> bool {
+    match why {
+        // A 304 validates a client's copy: it refuses nothing.
+        NotStored::Status => {
+            !(status.is_server_error()
+                || status == http::StatusCode::REQUEST_TIMEOUT
+                || status == http::StatusCode::NOT_MODIFIED)
+        }
+        NotStored::NoStore => {
+            let cc = cache_control(headers);
+            !policy.http_shared || cc.no_store || cc.no_cache
+        }
+        NotStored::Authorization => false,
+        NotStored::Handler
+        | NotStored::SetCookie
+        | NotStored::Private
+        | NotStored::Vary
+        | NotStored::Headers
+        | NotStored::Stale => true,
+    }
+}
+
+/// Removes the entry that a refused response would have replaced (the handler no longer
+/// gives it: it must not be served stale, nor answer the next error), off the response path,
+/// under the bound on pending writes. Race-safe like an invalidation: it takes the next
+/// sequence number and raises the marker of the entry's user (or, on a route without
+/// identities, its path), so that a write of the old data still in flight is refused.
+fn remove_refused(ctx: &Ctx, why: NotStored) {
+    let shared = Arc::clone(&ctx.shared);
+    let keyer = &shared.settings.keyer;
+    let index = match &ctx.identity {
+        Some(id) => keyer.user_index(id),
+        None => keyer.path_index(&ctx.path),
+    };
+    let marker = keyer.marker_of(&index);
+    let key = ctx.key.clone();
+    let Ok(permit) = Arc::clone(&shared.runtime.writes).try_acquire_owned() else {
+        Counters::incr(&shared.runtime.counters.writes_dropped);
+        tracing::debug!(key = %key, "too many pending cache writes; refused entry not removed");
+        return;
+    };
+    let Ok(rt) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    rt.spawn(async move {
+        let keyer = &shared.settings.keyer;
+        let removed = shared
+            .settings
+            .store
+            .invalidate_keys(keyer.seq_key(), &[marker], vec![key.clone()])
+            .await;
+        match removed {
+            Ok(_) => tracing::debug!(key = %key, reason = why.as_str(), "the handler refused the refresh; entry removed"),
+            Err(e) => tracing::debug!(key = %key, error = %e.details(), "could not remove a refused entry"),
+        }
+        drop(permit);
+    });
+}
+
+/// Removes the request's preconditions (RFC 9110 §13.1) before the cache asks the inner
+/// service for a response of its own (a refresh, a coalescing leader's miss): the answer is
+/// for every client, so it must be a full one, not a 304 or a 412 to this client's
+/// validators. The client's own `If-None-Match` / `If-Modified-Since` are answered by the
+/// cache from the entry.
+fn strip_conditionals(headers: &mut http::HeaderMap) {
+    use http::header::{IF_MATCH, IF_MODIFIED_SINCE, IF_NONE_MATCH, IF_RANGE, IF_UNMODIFIED_SINCE};
+    for name in [
+        IF_NONE_MATCH,
+        IF_MODIFIED_SINCE,
+        IF_MATCH,
+        IF_UNMODIFIED_SINCE,
+        IF_RANGE,
+    ] {
+        headers.remove(name);
+    }
 }
 
 /// Removes the headers through which handlers talk to the layer.

@@ -72,6 +72,8 @@ pub struct Policy {
     pub(crate) stale_if_error: Option<Duration>,
     /// How long past its freshness an entry is served at once while it is refreshed.
     pub(crate) stale_while_revalidate: Option<Duration>,
+    /// Whether the response's own stale directives apply (`None`: on all but per-user routes).
+    pub(crate) stale_from_response: Option<bool>,
     /// A Redis lock so that one instance of many computes a miss.
     pub(crate) lock: Option<Duration>,
     /// XFetch's beta: refresh hot entries early, with a probability rising near expiry.
@@ -99,6 +101,7 @@ impl Policy {
             coalesce: Some(DEFAULT_COALESCE_WAIT),
             stale_if_error: None,
             stale_while_revalidate: None,
+            stale_from_response: None,
             lock: None,
             early_refresh: None,
             near: None,
@@ -333,6 +336,31 @@ impl Policy {
         self
     }
 
+    /// Whether the response's own `Cache-Control: stale-while-revalidate=N` and
+    /// `stale-if-error=N` lengthen the route's stale windows.
+    ///
+    /// On by default, except on [`per_user`](Self::per_user) routes: there those directives
+    /// are usually meant for the browser's own cache, and a stale personal response served
+    /// for an hour is one its user may no longer be allowed to see. The route's own
+    /// [`stale_while_revalidate`](Self::stale_while_revalidate) and
+    /// [`stale_if_error`](Self::stale_if_error) windows apply either way. Whatever the
+    /// window, a refresh (or a miss) that the handler refuses (a 4xx other than 408, or a
+    /// response that may not be stored: `no-store`, `private` on a shared route,
+    /// `Set-Cookie`...) removes the stale entry instead of leaving it to be served.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_redis_cache::Policy;
+    ///
+    /// // This per-user route trusts its handler's stale-while-revalidate directives.
+    /// let menu = Policy::per_user(Duration::from_secs(60)).stale_from_response(true);
+    /// # let _ = menu;
+    /// ```
+    pub fn stale_from_response(mut self, on: bool) -> Self {
+        self.stale_from_response = Some(on);
+        self
+    }
+
     /// Coalescing across instances: the instance whose miss leads also takes a short Redis
     /// lock (`SET NX PX lock_ttl`); misses of other instances then wait (up to the
     /// coalescing wait) for its entry to appear, and give up and call their handler after.
@@ -377,12 +405,18 @@ impl Policy {
     }
 
     /// The stale windows of a response (stale-while-revalidate, stale-if-error): the
-    /// route's, or the response's own `Cache-Control` directives when longer.
+    /// route's, or the response's own `Cache-Control` directives when longer and allowed
+    /// (see [`stale_from_response`](Self::stale_from_response)).
     /// In shared-cache mode, `must-revalidate` and `proxy-revalidate` (and `no-cache`) allow
     /// no stale use at all, and `s-maxage` none by the route's configuration.
     pub(crate) fn stale_windows(&self, headers: &HeaderMap) -> (Duration, Duration) {
         let d = cache_control(headers);
-        let own = |s: Option<u64>| s.map(Duration::from_secs).unwrap_or_default();
+        let from_response = self.stale_from_response.unwrap_or(!self.is_per_user());
+        let own = |s: Option<u64>| {
+            s.filter(|_| from_response)
+                .map(Duration::from_secs)
+                .unwrap_or_default()
+        };
         if self.http_shared && (d.must_revalidate || d.proxy_revalidate || d.no_cache) {
             return (Duration::ZERO, Duration::ZERO);
         }

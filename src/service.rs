@@ -69,6 +69,8 @@ where
     S::Future: Send + 'static,
     S::Error: Send + 'static,
     ResB: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    // Read ahead of a slow client for the requests waiting on its response (coalescing).
+    ResB::Error: Send,
     // Opted-in gRPC calls rebuild their request body, of a type found at run time; a GET
     // whose body is not empty is not cached (the body says so itself).
     ReqB: http_body::Body + 'static,

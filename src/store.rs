@@ -434,7 +434,7 @@ async fn probe(config: &RedisConfig) -> Result<(), ConfigError> {
         })
         .build()
         .map_err(|e| ConfigError::InvalidUrl(e.details().to_owned()))?;
-    let result = tokio::time::timeout(timeout * 2, client.init()).await;
+    let result = tokio::time::timeout(timeout.saturating_mul(2), client.init()).await;
     // `quit` has no deadline of its own on this client: a frozen Redis must not hold start-up.
     let _ = tokio::time::timeout(timeout, client.quit()).await;
     let e = match result {
@@ -683,8 +683,14 @@ pub(crate) enum Written {
     Paused,
 }
 
+/// A duration in whole milliseconds for Redis (`PX`, `PEXPIRE`), at least 1 and at most a
+/// century: Redis refuses an expiry that overflows its clock (`Duration::MAX` from a setting
+/// or a header would make every write fail).
 fn ms(d: Duration) -> i64 {
-    i64::try_from(d.as_millis()).unwrap_or(i64::MAX).max(1)
+    const CENTURY_MS: i64 = 100 * 365 * 86_400 * 1000;
+    i64::try_from(d.as_millis())
+        .unwrap_or(i64::MAX)
+        .clamp(1, CENTURY_MS)
 }
 
 impl RedisStore {

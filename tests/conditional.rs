@@ -156,3 +156,107 @@ async fn ttls_from_the_response_are_clamped() {
         assert_eq!(send(&app, get_req("/fresh/0")).await.x_cache(), "MISS");
     }
 }
+
+// A refresh or a coalescing leader's call is the cache's own request: the client's
+// conditional headers are not sent to the handler (issue 12), on both stores.
+mod refreshes {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+    use crate::common::stores::{Backing, Kind};
+
+    crate::on_both_stores!(
+        a_leaders_call_carries_no_conditional_headers,
+        a_refresh_carries_no_conditional_headers,
+    );
+
+    const CONDITIONALS: [(&str, &str); 5] = [
+        ("if-none-match", "\"same\""),
+        ("if-modified-since", "Wed, 25 Nov 2026 10:00:00 GMT"),
+        ("if-match", "\"same\""),
+        ("if-unmodified-since", "Wed, 25 Nov 2026 10:00:00 GMT"),
+        ("if-range", "\"same\""),
+    ];
+
+    /// `/doc` answers version n with the same validators each time, and 304 when the
+    /// request's `If-None-Match` or `If-Modified-Since` match them, as handlers do; it
+    /// records the conditional headers it was sent.
+    async fn app(
+        kind: Kind,
+        policy: Policy,
+    ) -> (Backing, Router, CacheHandle, Arc<Mutex<Vec<String>>>) {
+        let backing = Backing::start(kind);
+        let cache = CacheLayer::new(backing.store().await, policy);
+        let handle = cache.handle();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let calls = Arc::new(AtomicUsize::new(0));
+        let s = seen.clone();
+        let app = Router::new()
+            .route(
+                "/doc",
+                get(move |headers: http::HeaderMap| {
+                    let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
+                    for (name, _) in CONDITIONALS {
+                        if headers.contains_key(name) {
+                            s.lock().unwrap().push(format!("call {n}: {name}"));
+                        }
+                    }
+                    async move {
+                        let unchanged = headers
+                            .get("if-none-match")
+                            .is_some_and(|v| v == "\"same\"")
+                            || headers.contains_key("if-modified-since");
+                        let mut r = if unchanged {
+                            http::StatusCode::NOT_MODIFIED.into_response()
+                        } else {
+                            format!("version {n}").into_response()
+                        };
+                        r.headers_mut()
+                            .insert("etag", HeaderValue::from_static("\"same\""));
+                        r.headers_mut().insert(
+                            "last-modified",
+                            HeaderValue::from_static("Wed, 25 Nov 2026 10:00:00 GMT"),
+                        );
+                        r
+                    }
+                }),
+            )
+            .layer(cache);
+        (backing, app, handle, seen)
+    }
+
+    async fn a_leaders_call_carries_no_conditional_headers(kind: Kind) {
+        let (_backing, app, handle, seen) =
+            app(kind, Policy::shared(Duration::from_secs(60))).await;
+        // A cold key: this request leads the miss; its entry is for everybody.
+        let r = send(&app, get_with("/doc", &CONDITIONALS)).await;
+        assert_eq!(r.x_cache(), "MISS");
+        wait_until("stored", || handle.stats().stored == 1).await;
+        assert_eq!(*seen.lock().unwrap(), Vec::<String>::new());
+        let r = send(&app, get_req("/doc")).await;
+        assert_eq!(
+            (r.status.as_u16(), r.text().as_str(), r.x_cache()),
+            (200, "version 1", "HIT")
+        );
+        // The client's own conditional is answered by the cache from the entry.
+        let r = send(&app, get_with("/doc", &[CONDITIONALS[0]])).await;
+        assert_eq!((r.status.as_u16(), r.x_cache()), (304, "HIT"));
+    }
+
+    async fn a_refresh_carries_no_conditional_headers(kind: Kind) {
+        let policy =
+            Policy::shared(Duration::from_secs(1)).stale_while_revalidate(Duration::from_secs(60));
+        let (_backing, app, handle, seen) = app(kind, policy).await;
+        assert_eq!(send(&app, get_req("/doc")).await.text(), "version 1");
+        wait_until("stored", || handle.stats().stored == 1).await;
+        tokio::time::sleep(Duration::from_millis(1200)).await; // stale now
+                                                               // The client revalidates its copy: answered from the stale entry, which is refreshed.
+        let r = send(&app, get_with("/doc", &[CONDITIONALS[0], CONDITIONALS[1]])).await;
+        assert_eq!(r.status, 304);
+        wait_until("the refresh stored", || handle.stats().stored == 2).await;
+        assert_eq!(*seen.lock().unwrap(), Vec::<String>::new());
+        let r = send(&app, get_req("/doc")).await;
+        assert_eq!((r.text().as_str(), r.x_cache()), ("version 2", "HIT"));
+    }
+}

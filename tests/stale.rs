@@ -269,3 +269,280 @@ async fn hot_entries_are_refreshed_early() {
     }
     assert_eq!(handle.stats().refreshes, 0);
 }
+
+// Stale data after a refusal (issue 12, item 7): on both stores.
+mod refusals {
+    use super::*;
+    use crate::common::stores::{Backing, Kind};
+    use axum::response::IntoResponse;
+    use axum::routing::get;
+    use tower_redis_cache::Identity;
+
+    crate::on_both_stores!(
+        a_refused_refresh_removes_the_stale_entry,
+        a_no_store_refresh_removes_the_stale_entry,
+        per_user_routes_ignore_the_responses_own_stale_directives,
+        a_refusal_is_not_an_error_and_removes_the_stale_entry,
+        a_refused_early_refresh_removes_the_entry,
+        a_write_computed_before_a_refusal_never_lands_after_it,
+        a_per_user_route_may_opt_in_to_the_responses_stale_directives,
+    );
+
+    /// What the handler answers: 0 a 200, 1 a 403, 2 a 500, 3 a 200 with `no-store`,
+    /// 4 a 404, 5 a 401.
+    #[derive(Clone, Default)]
+    struct Answer(Arc<AtomicU8>);
+
+    impl Answer {
+        fn set(&self, mode: u8) {
+            self.0.store(mode, Ordering::SeqCst);
+        }
+        fn respond(&self, n: usize, cache_control: Option<&'static str>) -> Response<Body> {
+            let mut r = match self.0.load(Ordering::SeqCst) {
+                1 => (StatusCode::FORBIDDEN, "revoked").into_response(),
+                2 => (StatusCode::INTERNAL_SERVER_ERROR, "down").into_response(),
+                4 => (StatusCode::NOT_FOUND, "gone").into_response(),
+                5 => (StatusCode::UNAUTHORIZED, "who are you").into_response(),
+                mode => {
+                    let mut r = format!("secret #{n}").into_response();
+                    if mode == 3 {
+                        r.headers_mut()
+                            .insert("cache-control", http::HeaderValue::from_static("no-store"));
+                    }
+                    r
+                }
+            };
+            if let (Some(cc), false) = (cache_control, r.headers().contains_key("cache-control")) {
+                r.headers_mut()
+                    .insert("cache-control", http::HeaderValue::from_static(cc));
+            }
+            r
+        }
+    }
+
+    struct App {
+        app: axum::Router,
+        handle: tower_redis_cache::CacheHandle,
+        answer: Answer,
+        calls: Arc<AtomicUsize>,
+        backing: Backing,
+    }
+
+    impl App {
+        async fn get(&self, user: &str) -> common::Got {
+            common::send(&self.app, common::get_with("/p", &[("x-user", user)])).await
+        }
+        /// Entries of the namespace (pending values and indexes aside).
+        fn entries(&self) -> usize {
+            self.backing.keys("refusals:v*").len()
+        }
+    }
+
+    /// A router whose `/p` answers what `answer` says, optionally with `cache_control` on
+    /// its responses, cached under `policy` with identities from `x-user`.
+    async fn app(kind: Kind, policy: Policy, cache_control: Option<&'static str>) -> App {
+        let backing = Backing::start(kind);
+        let cache = CacheLayer::new(backing.store().await, policy)
+            .namespace("refusals")
+            .unwrap()
+            .identity(Identity::header(http::HeaderName::from_static("x-user")));
+        let handle = cache.handle();
+        let answer = Answer::default();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let (a, c) = (answer.clone(), calls.clone());
+        let app = axum::Router::new()
+            .route(
+                "/p",
+                get(move || {
+                    let n = c.fetch_add(1, Ordering::SeqCst) + 1;
+                    let r = a.respond(n, cache_control);
+                    async move { r }
+                }),
+            )
+            .layer(cache);
+        App {
+            app,
+            handle,
+            answer,
+            calls,
+            backing,
+        }
+    }
+
+    /// Stores user a's entry, then lets it go stale (its TTL is 1 s).
+    async fn stored_then_stale(app: &App) {
+        let r = app.get("a").await;
+        assert_eq!((r.status.as_u16(), r.text().as_str()), (200, "secret #1"));
+        wait_until("stored", || app.handle.stats().stored == 1).await;
+        assert_eq!(app.entries(), 1);
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+    }
+
+    async fn a_refused_refresh_removes_the_stale_entry(kind: Kind) {
+        let policy = Policy::per_user(Duration::from_secs(1))
+            .stale_while_revalidate(Duration::from_secs(3600));
+        let app = app(kind, policy, None).await;
+        stored_then_stale(&app).await;
+        // The user's access is revoked: the handler says 403 from now on.
+        app.answer.set(1);
+        let r = app.get("a").await;
+        assert_eq!(
+            (r.text().as_str(), r.x_cache()),
+            ("secret #1", "STALE"),
+            "served at once while refreshed"
+        );
+        // The refresh got a 403: the entry is gone, not served for the next hour.
+        wait_until("the stale entry removed", || app.entries() == 0).await;
+        let r = app.get("a").await;
+        assert_eq!((r.status.as_u16(), r.text().as_str()), (403, "revoked"));
+    }
+
+    async fn a_no_store_refresh_removes_the_stale_entry(kind: Kind) {
+        let policy = Policy::per_user(Duration::from_secs(1))
+            .stale_while_revalidate(Duration::from_secs(3600));
+        let app = app(kind, policy, None).await;
+        stored_then_stale(&app).await;
+        app.answer.set(3);
+        assert_eq!(app.get("a").await.x_cache(), "STALE");
+        wait_until("the stale entry removed", || app.entries() == 0).await;
+        let r = app.get("a").await;
+        assert_eq!((r.text().as_str(), r.x_cache()), ("secret #3", "MISS"));
+    }
+
+    async fn per_user_routes_ignore_the_responses_own_stale_directives(kind: Kind) {
+        // Directives meant for the browser's own cache (and a CDN that does not see private).
+        let app = app(
+            kind,
+            Policy::per_user(Duration::from_secs(1)),
+            Some("private, max-age=1, stale-while-revalidate=3600, stale-if-error=3600"),
+        )
+        .await;
+        stored_then_stale(&app).await;
+        app.answer.set(1);
+        let r = app.get("a").await;
+        assert_eq!(
+            (r.status.as_u16(), r.text().as_str(), r.x_cache()),
+            (403, "revoked", "MISS"),
+            "no stale 200 after the handler refused"
+        );
+        app.answer.set(2);
+        let r = app.get("a").await;
+        assert_eq!((r.status.as_u16(), r.x_cache()), (500, "MISS"));
+    }
+
+    async fn a_per_user_route_may_opt_in_to_the_responses_stale_directives(kind: Kind) {
+        let app = app(
+            kind,
+            Policy::per_user(Duration::from_secs(1)).stale_from_response(true),
+            Some("private, max-age=1, stale-while-revalidate=3600"),
+        )
+        .await;
+        stored_then_stale(&app).await;
+        app.answer.set(1);
+        let r = app.get("a").await;
+        assert_eq!((r.text().as_str(), r.x_cache()), ("secret #1", "STALE"));
+        // Even so, the refused refresh removes the entry.
+        wait_until("the stale entry removed", || app.entries() == 0).await;
+        assert_eq!(app.get("a").await.status, 403);
+    }
+
+    async fn a_refusal_is_not_an_error_and_removes_the_stale_entry(kind: Kind) {
+        let policy =
+            Policy::per_user(Duration::from_secs(1)).stale_if_error(Duration::from_secs(3600));
+        let app = app(kind, policy, None).await;
+        stored_then_stale(&app).await;
+        // An error may reuse the stale entry...
+        app.answer.set(2);
+        assert_eq!(app.get("a").await.x_cache(), "STALE");
+        // ...a refusal may not, and removes it: no later error brings the 200 back.
+        for (refusal, status) in [(1, 403), (4, 404), (5, 401)] {
+            app.answer.set(refusal);
+            let r = app.get("a").await;
+            assert_eq!((r.status.as_u16(), r.x_cache()), (status, "MISS"));
+        }
+        wait_until("the stale entry removed", || app.entries() == 0).await;
+        app.answer.set(2);
+        let r = app.get("a").await;
+        assert_eq!(
+            (r.status.as_u16(), r.text().as_str(), r.x_cache()),
+            (500, "down", "MISS")
+        );
+        assert_eq!(app.handle.stats().stale_if_error, 1);
+    }
+
+    async fn a_refused_early_refresh_removes_the_entry(kind: Kind) {
+        // A huge beta: every hit refreshes early (see hot_entries_are_refreshed_early; this
+        // handler takes about 1 ms, so the gap drawn is 1e9 s x X, X exponential: it falls
+        // short of the 60 s TTL when X < 6e-8).
+        let policy = Policy::per_user(Duration::from_secs(60)).early_refresh(1e12);
+        let app = app(kind, policy, None).await;
+        let r = app.get("a").await;
+        assert_eq!(r.text(), "secret #1");
+        wait_until("stored", || app.handle.stats().stored == 1).await;
+        app.answer.set(1);
+        let r = app.get("a").await;
+        assert_eq!((r.text().as_str(), r.x_cache()), ("secret #1", "HIT"));
+        wait_until("the refused entry removed", || app.entries() == 0).await;
+        assert_eq!(app.get("a").await.status, 403);
+    }
+
+    async fn a_write_computed_before_a_refusal_never_lands_after_it(kind: Kind) {
+        // Without coalescing, two misses of the key run side by side: one computed with the
+        // old permissions (held by the test), one refused after the revocation.
+        let backing = Backing::start(kind);
+        let policy = Policy::per_user(Duration::from_secs(1))
+            .stale_if_error(Duration::from_secs(3600))
+            .coalesce(Duration::ZERO);
+        let cache = CacheLayer::new(backing.store().await, policy)
+            .namespace("refusals")
+            .unwrap()
+            .identity(Identity::header(http::HeaderName::from_static("x-user")));
+        let handle = cache.handle();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let (c, g) = (calls.clone(), gate.clone());
+        let app = axum::Router::new()
+            .route(
+                "/p",
+                get(move || {
+                    let n = c.fetch_add(1, Ordering::SeqCst) + 1;
+                    let gate = g.clone();
+                    async move {
+                        match n {
+                            1 => "secret #1".into_response(),
+                            2 => {
+                                // Computed before the revocation, slow to finish.
+                                gate.acquire().await.unwrap().forget();
+                                "secret #2 (old permissions)".into_response()
+                            }
+                            _ => (StatusCode::FORBIDDEN, "revoked").into_response(),
+                        }
+                    }
+                }),
+            )
+            .layer(cache);
+        let app = App {
+            app,
+            handle,
+            answer: Answer::default(),
+            calls,
+            backing,
+        };
+        stored_then_stale(&app).await;
+        let slow = tokio::spawn({
+            let app = app.app.clone();
+            async move { common::send(&app, common::get_with("/p", &[("x-user", "a")])).await }
+        });
+        wait_until("the slow call", || app.calls.load(Ordering::SeqCst) == 2).await;
+        let r = app.get("a").await;
+        assert_eq!(r.status, 403);
+        wait_until("the stale entry removed", || app.entries() == 0).await;
+        gate.add_permits(1);
+        assert_eq!(slow.await.unwrap().text(), "secret #2 (old permissions)");
+        wait_until("the old write refused", || app.handle.stats().refused == 1).await;
+        assert_eq!(app.entries(), 0);
+        assert_eq!(app.handle.stats().stored, 1);
+        let r = app.get("a").await;
+        assert_eq!((r.status.as_u16(), r.x_cache()), (403, "MISS"));
+    }
+}
