@@ -181,6 +181,7 @@ fn write_cost(c: &mut Criterion) {
         return;
     }
     let rt = rt_one();
+    #[allow(clippy::type_complexity)]
     let kinds: [(&str, fn(usize) -> String); 2] = [
         ("write_in_one_index", query_variant),
         ("write_in_own_index", path_variant),
@@ -216,6 +217,7 @@ fn interleaved() {
     let (rounds, batch) = (env("ROUNDS", 9), env("BATCH", 2_000));
     let rt = rt_one();
     let sizes = [1_000usize, 10_000, 100_000];
+    #[allow(clippy::type_complexity)]
     let kinds: [(&str, fn(usize) -> String); 2] =
         [("one index", query_variant), ("own index", path_variant)];
     let mut cases = Vec::new();
