@@ -17,18 +17,19 @@
 //! replaced, removed) releases what it held; the last release removes the member, the last
 //! member its set. So the sets never hold more than the strings do, and the bytes of the
 //! memberships are weighed with their strings against the bound. A write costs the same
-//! whatever its indexes hold: it adds its memberships and applies a bounded number of
-//! releases (moka reports them, at most one per string, so they never outrun the writes).
-//! Nothing sweeps a whole set.
+//! whatever its indexes hold (amortised: a set's table grows by doubling): it adds its
+//! memberships and applies a bounded number of releases (moka reports each string once, so
+//! they never outrun the writes). Nothing sweeps a whole set.
 //!
 //! A write checks its markers and stores its entry under one lock, which invalidations also
 //! take: an invalidation either comes before the check (the write is refused) or after the
 //! entry is stored (and removes it). No pending value is needed, as no reader can see the
 //! entry before its check passed. An invalidation of indexes raises its markers and takes
 //! the sets out under that lock at once, then removes their strings in slices, releasing the
-//! lock between slices so that misses and writes are never held behind a large index; a
-//! string is removed only if it still holds its membership of a set taken out (one stored
-//! since belongs to a new set and stays, like a member re-added in Redis with a new score).
+//! lock between slices (waiting callers take it first) so that misses and writes are never
+//! held behind a large index; a string is removed only if it still holds its membership of
+//! a set taken out (one stored since belongs to a new set and stays, like a member re-added
+//! in Redis with a new score).
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
