@@ -74,10 +74,10 @@ const SLICE: usize = 64;
 ///
 /// ```
 /// use std::time::Duration;
-/// use tower_redis_cache::{CacheLayer, MemoryStore};
+/// use tower_redis_cache::{CacheLayer, MemoryStore, Policy};
 ///
 /// let store = MemoryStore::new(64 * 1024 * 1024);
-/// let cache = CacheLayer::new(store.clone(), Duration::from_secs(60));
+/// let cache = CacheLayer::new(store.clone(), Policy::shared(Duration::from_secs(60)));
 /// assert_eq!(store.used_bytes(), 0);
 /// ```
 #[derive(Clone)]
