@@ -1,45 +1,82 @@
-//! The Python backend's cached endpoints, in Rust, with `tower-redis-cache`.
+//! The Python backend's cached endpoints, in Rust, with `tower-redis-cache`, on a real
+//! database.
 //!
-//! Run with `cargo run --example backend` (Redis on 127.0.0.1:6379 by default), then:
+//! Run with `cargo run --example backend` (Redis on 127.0.0.1:6379 by default; without one it
+//! runs uncached, and `CACHE_STORE=memory` caches in the process). Its data is in SQLite, a
+//! file created and seeded at start (sqlx bundles SQLite: nothing to install), or in
+//! PostgreSQL when `DATABASE_URL=postgres://...` says so. Then:
 //!
 //! ```text
-//! curl -i -H 'Authorization: Bearer user-1' localhost:3000/users/1/permissions   # MISS, then HIT
+//! # MISS (the database: tens of ms), then HIT (the cache: about a millisecond)
+//! curl -s -o /dev/null -w '%{time_total}s\n' -H 'Authorization: Bearer user-1' localhost:3000/users/1/permissions
+//! curl -i -H 'Authorization: Bearer user-1' localhost:3000/users/1/permissions
 //! curl -i localhost:3000/roles
 //! curl -i 'localhost:3000/prompts/welcome?lang=en&version=2'
 //! curl -i -X PUT -H 'Authorization: Bearer user-1' -H 'content-type: application/json' \
 //!      -d '{"roles":["admin"]}' localhost:3000/users/1/roles                      # invalidates
+//! curl -i -X PUT -H 'Authorization: Bearer admin' -H 'content-type: application/json' \
+//!      -d '{"permissions":["read","write"]}' localhost:3000/roles/viewer/permissions
 //! curl -i localhost:3000/health
 //! curl -i -X POST -H 'Authorization: Bearer admin' -H 'content-type: application/json' \
 //!      -d '{"pattern":"/users/*/permissions"}' localhost:3000/admin/cache/invalidate
 //! ```
 //!
-//! Tokens: `Bearer user-<id>` is user `<id>`; `Bearer admin` is the administrator.
+//! Tokens: `Bearer user-<id>` is user `<id>` (1 to 20,000 exist); `Bearer admin` is the
+//! administrator.
 //!
-//! Settings (environment): `BIND` (127.0.0.1:3000), `REDIS_URL` or `REDIS_HOST`,
-//! `REDIS_PORT`, `REDIS_PASSWORD`, `REDIS_DB`, `REDIS_SSL` (see `RedisConfig::from_env`),
-//! `CACHE_NAMESPACE` (backend), `DB_DELAY_MS` (50: the simulated cost of a database read),
-//! `CACHE_ENABLED` (true; `false` runs the same service without the cache layer),
+//! # Writes and the cache
+//!
+//! A change of permissions (`PUT /users/{id}/roles`, `PUT /roles/{name}/permissions`) is one
+//! database transaction, and the cache entries it affects are invalidated **after its
+//! commit**, before the response. In that order no client is served data from before the
+//! change once the response is sent: a request that read the database before the commit and
+//! stores its response after the invalidation is refused by the cache (an invalidation moves
+//! a marker that every write checks against the time its miss began), and a request whose
+//! miss begins after the invalidation reads the committed data. Invalidating *before* the
+//! commit leaves a window: a request that reads the old rows between the invalidation and
+//! the commit stores them, and they are served until their TTL ends.
+//!
+//! If the invalidation fails (Redis unreachable), the change is committed and cannot be
+//! taken back. So the transaction also writes a row to an outbox table (`cache_outbox`),
+//! deleted once the invalidation succeeded: the response is then `503` with `"changed":
+//! true` (the client may repeat the `PUT`, which is idempotent), and a background task of
+//! every instance retries what the outbox holds once a second until Redis answers, after a
+//! crash between commit and invalidation too. Until then the old entries may be served once
+//! Redis is back, for at most the time to the next retry (a second or two), and at worst for
+//! their TTL (600 s and 900 s here) if Redis never comes back with the outbox still
+//! unprocessed: keep TTLs of data that changes short where that matters.
+//!
+//! Settings (environment): `BIND` (127.0.0.1:3000), `DATABASE_URL` (`sqlite://<temp
+//! dir>/tower-redis-cache-backend.db?mode=rwc`; or `postgres://user@host/db`, whose tables
+//! go in the schema `backend_example`), `REDIS_URL` or `REDIS_HOST`, `REDIS_PORT`,
+//! `REDIS_PASSWORD`, `REDIS_DB`, `REDIS_SSL` (see `RedisConfig::from_env`), `CACHE_NAMESPACE`
+//! (backend), `DB_DELAY_MS` (0: extra time added to every database read, to play a slower
+//! database), `CACHE_ENABLED` (true; `false` runs the same service without the cache layer),
 //! `CACHE_STORE` (`redis`; `memory` keeps the cache in this process, without Redis, for a
 //! single instance or a test run), `CACHE_MEMORY_MB` (64: the memory store's bound),
 //! `APP_ENV` (development), `RUST_LOG` (for example `tower_redis_cache=debug`).
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use axum::extract::{Path, Query, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, put};
 use axum::{Extension, Json, Router};
 use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::json;
 use tower_redis_cache::{
-    CacheHandle, CacheLayer, Identity, MemoryStore, PathPattern, Policy, RedisConfig, RedisStore,
-    Store,
+    CacheError, CacheHandle, CacheLayer, Identity, MemoryStore, PathPattern, Policy, RedisConfig,
+    RedisStore, Store,
 };
+
+#[path = "backend/db.rs"]
+pub(crate) mod db;
+
+use db::{Db, Invalidation, Refused};
 
 /// The authenticated caller, set by `auth` and read by the cache layer as the identity.
 #[derive(Clone, Debug)]
@@ -54,56 +91,11 @@ impl std::fmt::Display for UserId {
 /// The administrator's user id (and token).
 const ADMIN: &str = "admin";
 
-/// The stand-in for the database.
-struct Db {
-    delay: Duration,
-    reads: AtomicU64,
-    roles: RwLock<HashMap<String, Vec<String>>>,
-}
-
-impl Db {
-    /// One simulated database read: costs `delay`, returns the read count so far.
-    async fn read(&self) -> u64 {
-        tokio::time::sleep(self.delay).await;
-        self.reads.fetch_add(1, Ordering::SeqCst) + 1
-    }
-
-    fn roles_of(&self, user: &str) -> Vec<String> {
-        let roles = self.roles.read().unwrap_or_else(|e| e.into_inner());
-        roles
-            .get(user)
-            .cloned()
-            .unwrap_or_else(|| vec!["viewer".to_owned()])
-    }
-}
-
 #[derive(Clone)]
 struct AppState {
     db: Arc<Db>,
     cache: Option<CacheHandle>,
     env: String,
-}
-
-fn permissions(roles: &[String]) -> Vec<&'static str> {
-    let mut p = vec!["read"];
-    if roles.iter().any(|r| r == "editor" || r == "admin") {
-        p.push("write");
-    }
-    if roles.iter().any(|r| r == "admin") {
-        p.extend(["delete", "manage_users"]);
-    }
-    p
-}
-
-fn menu(roles: &[String]) -> Vec<&'static str> {
-    let mut m = vec!["home", "profile"];
-    if roles.iter().any(|r| r == "editor" || r == "admin") {
-        m.push("editor");
-    }
-    if roles.iter().any(|r| r == "admin") {
-        m.push("admin");
-    }
-    m
 }
 
 /// `Authorization: Bearer user-<id>` → `UserId(<id>)`; any other credential → 401. Requests
@@ -148,6 +140,18 @@ fn error(status: StatusCode, message: &str) -> Response {
     (status, Json(json!({ "error": message }))).into_response()
 }
 
+/// A database failure: logged, answered 500 (never cached; the shared routes serve their
+/// stale entry instead, `stale_if_error`).
+fn db_error(e: db::Error) -> Response {
+    tracing::error!(error = %e, "database error");
+    error(StatusCode::INTERNAL_SERVER_ERROR, "database error")
+}
+
+/// Path ids are the users table's integer keys; anything else names nobody.
+fn user_key(id: &str) -> Option<i64> {
+    id.parse().ok().filter(|n| *n > 0)
+}
+
 async fn user_permissions(
     State(s): State<AppState>,
     Path(id): Path<String>,
@@ -156,10 +160,24 @@ async fn user_permissions(
     if let Some((status, message)) = check_caller(caller.as_deref(), &id) {
         return error(status, message);
     }
-    let db_reads = s.db.read().await;
-    let roles = s.db.roles_of(&id);
-    Json(json!({"user_id": id, "roles": roles, "permissions": permissions(&roles), "db_reads": db_reads}))
-        .into_response()
+    let Some(key) = user_key(&id) else {
+        return error(StatusCode::NOT_FOUND, "no such user");
+    };
+    match s.db.access(key).await {
+        Ok((Some(a), db_reads)) => {
+            let projects: BTreeMap<String, i64> = a.projects.into_iter().collect();
+            Json(json!({
+                "user_id": id,
+                "roles": a.roles,
+                "permissions": a.permissions,
+                "projects": projects,
+                "db_reads": db_reads,
+            }))
+            .into_response()
+        }
+        Ok((None, _)) => error(StatusCode::NOT_FOUND, "no such user"),
+        Err(e) => db_error(e),
+    }
 }
 
 async fn user_menu(
@@ -170,14 +188,31 @@ async fn user_menu(
     if let Some((status, message)) = check_caller(caller.as_deref(), &id) {
         return error(status, message);
     }
-    let db_reads = s.db.read().await;
-    let roles = s.db.roles_of(&id);
-    Json(json!({"user_id": id, "menu": menu(&roles), "db_reads": db_reads})).into_response()
+    let Some(key) = user_key(&id) else {
+        return error(StatusCode::NOT_FOUND, "no such user");
+    };
+    match s.db.menu(key).await {
+        Ok((Some(menu), db_reads)) => {
+            Json(json!({"user_id": id, "menu": menu, "db_reads": db_reads})).into_response()
+        }
+        Ok((None, _)) => error(StatusCode::NOT_FOUND, "no such user"),
+        Err(e) => db_error(e),
+    }
 }
 
-async fn roles(State(s): State<AppState>) -> Json<Value> {
-    let db_reads = s.db.read().await;
-    Json(json!({"roles": ["admin", "editor", "viewer"], "db_reads": db_reads}))
+async fn roles(State(s): State<AppState>) -> Response {
+    match s.db.roles().await {
+        Ok((roles, db_reads)) => {
+            let names: Vec<&str> = roles.iter().map(|(r, _)| r.as_str()).collect();
+            let permissions: BTreeMap<&str, &[String]> = roles
+                .iter()
+                .map(|(r, p)| (r.as_str(), p.as_slice()))
+                .collect();
+            Json(json!({"roles": names, "permissions": permissions, "db_reads": db_reads}))
+                .into_response()
+        }
+        Err(e) => db_error(e),
+    }
 }
 
 #[derive(Deserialize)]
@@ -190,17 +225,66 @@ async fn prompt(
     State(s): State<AppState>,
     Path(name): Path<String>,
     Query(q): Query<PromptQuery>,
-) -> Json<Value> {
-    let db_reads = s.db.read().await;
+) -> Response {
     let lang = q.lang.unwrap_or_else(|| "en".to_owned());
     let version = q.version.unwrap_or(1);
-    Json(json!({
-        "name": name,
-        "lang": lang,
-        "version": version,
-        "text": format!("[{lang} v{version}] prompt {name}"),
-        "db_reads": db_reads,
-    }))
+    match s.db.prompt(&name, &lang, i64::from(version)).await {
+        Ok((Some(text), db_reads)) => Json(json!({
+            "name": name,
+            "lang": lang,
+            "version": version,
+            "text": text,
+            "db_reads": db_reads,
+        }))
+        .into_response(),
+        Ok((None, _)) => error(StatusCode::NOT_FOUND, "no such prompt"),
+        Err(e) => db_error(e),
+    }
+}
+
+/// Removes what a committed change made stale.
+async fn invalidate(cache: &CacheHandle, what: &Invalidation) -> Result<(), CacheError> {
+    match what {
+        Invalidation::User(id) => cache.invalidate_user(id).await.map(drop),
+        Invalidation::RolePermissions => {
+            // Every user holding the role may see other permissions and another menu.
+            cache.invalidate_route("/users/{id}/permissions").await?;
+            cache.invalidate_route("/users/{id}/menu").await?;
+            cache.invalidate_tag("roles").await.map(drop)
+        }
+    }
+}
+
+/// After the commit of a change whose outbox row is `pending`: invalidates, then deletes
+/// the row. `None` when done (or when there is no cache); otherwise the response to send.
+async fn invalidate_committed(
+    s: &AppState,
+    what: Invalidation,
+    pending: Option<i64>,
+) -> Option<Response> {
+    let (Some(cache), Some(row)) = (&s.cache, pending) else {
+        return None;
+    };
+    if let Err(e) = invalidate(cache, &what).await {
+        tracing::error!(error = %e, ?what, "committed, but the invalidation failed; the outbox retries it");
+        let body = json!({
+            "error": "changed, but cached copies may still be served until the cache is reachable; retried in the background",
+            "changed": true,
+        });
+        return Some(
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                [(axum::http::header::RETRY_AFTER, "1")],
+                Json(body),
+            )
+                .into_response(),
+        );
+    }
+    if let Err(e) = s.db.done(row).await {
+        // Harmless: the outbox task repeats an invalidation that already succeeded.
+        tracing::warn!(error = %e, "outbox row not deleted");
+    }
+    None
 }
 
 #[derive(Deserialize)]
@@ -208,13 +292,8 @@ struct RolesBody {
     roles: Vec<String>,
 }
 
-/// Changes a user's roles (the user themself or the administrator), then drops that
-/// user's cached entries before answering, so the next read sees the change.
-///
-/// If the cache cannot be reached, nothing is changed and the answer is 503: a change whose
-/// invalidation failed could leave stale permissions cached for their whole TTL. The cache
-/// is invalidated before the change too, so a Redis outage is found before anything is
-/// written.
+/// Replaces a user's roles (the user themself or the administrator): one transaction,
+/// then the user's cache entries are invalidated after the commit (see the file's header).
 async fn set_roles(
     State(s): State<AppState>,
     Path(id): Path<String>,
@@ -226,37 +305,101 @@ async fn set_roles(
         Some(c) if c.0 != id && c.0 != ADMIN => return error(StatusCode::FORBIDDEN, "forbidden"),
         Some(_) => {}
     }
-    if let Some(cache) = &s.cache {
-        if let Err(e) = cache.invalidate_user(&id).await {
-            tracing::error!(error = %e, user = %id, "cache unreachable; roles not changed");
-            return error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "cache unavailable; try again",
-            );
-        }
-    }
-    s.db.roles
-        .write()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(id.clone(), body.roles);
-    if let Some(cache) = &s.cache {
-        // Requests that read the old roles meanwhile are not stored (the invalidation
-        // handle is race-safe); this second call removes what was stored in between.
-        if let Err(e) = cache.invalidate_user(&id).await {
-            tracing::error!(error = %e, user = %id, "invalidation after the change failed; retrying");
-            let cache = cache.clone();
-            tokio::spawn(async move {
-                for attempt in 1..=10u32 {
-                    tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
-                    if cache.invalidate_user(&id).await.is_ok() {
-                        return;
-                    }
-                }
-                tracing::error!(user = %id, "invalidation kept failing; entries expire with their TTL");
-            });
-        }
+    let Some(key) = user_key(&id) else {
+        return error(StatusCode::NOT_FOUND, "no such user");
+    };
+    let pending = match s.db.set_roles(key, &body.roles, s.cache.is_some()).await {
+        Ok(Ok(pending)) => pending,
+        Ok(Err(refused)) => return refusal(refused),
+        Err(e) => return db_error(e),
+    };
+    // Committed: only now may the cache forget the old roles.
+    if let Some(response) = invalidate_committed(&s, Invalidation::User(id), pending).await {
+        return response;
     }
     StatusCode::NO_CONTENT.into_response()
+}
+
+#[derive(Deserialize)]
+struct PermissionsBody {
+    permissions: Vec<String>,
+}
+
+/// Replaces a role's permissions (administrator only): every user's permissions and menu
+/// and `/roles` may change, so their routes and tag are invalidated after the commit.
+async fn set_role_permissions(
+    State(s): State<AppState>,
+    Path(role): Path<String>,
+    caller: Option<Extension<UserId>>,
+    Json(body): Json<PermissionsBody>,
+) -> Response {
+    match caller.as_deref() {
+        Some(c) if c.0 == ADMIN => {}
+        Some(_) => return error(StatusCode::FORBIDDEN, "administrator only"),
+        None => return error(StatusCode::UNAUTHORIZED, "authentication required"),
+    }
+    let pending = match s
+        .db
+        .set_role_permissions(&role, &body.permissions, s.cache.is_some())
+        .await
+    {
+        Ok(Ok(pending)) => pending,
+        Ok(Err(refused)) => return refusal(refused),
+        Err(e) => return db_error(e),
+    };
+    if let Some(response) = invalidate_committed(&s, Invalidation::RolePermissions, pending).await {
+        return response;
+    }
+    StatusCode::NO_CONTENT.into_response()
+}
+
+fn refusal(refused: Refused) -> Response {
+    match refused {
+        Refused::NoSuchUser => error(StatusCode::NOT_FOUND, "no such user"),
+        Refused::NoSuchRole => error(StatusCode::NOT_FOUND, "no such role"),
+        Refused::UnknownName(name) => error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            &format!("unknown role or permission {name:?}"),
+        ),
+    }
+}
+
+/// Retries, once a second, the invalidations of committed changes that are still in the
+/// outbox (failed, or their process stopped before them). Rows younger than a second are
+/// left to the request that wrote them.
+async fn outbox_worker(db: Arc<Db>, cache: CacheHandle) {
+    let mut failing = false;
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let pending = match db.pending(Duration::from_secs(1)).await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %e, "outbox not read");
+                continue;
+            }
+        };
+        for p in pending {
+            match invalidate(&cache, &p.invalidation).await {
+                Ok(()) => {
+                    if failing {
+                        tracing::info!("outbox: invalidations succeed again");
+                        failing = false;
+                    }
+                    tracing::info!(what = ?p.invalidation, "outbox: invalidated");
+                    if let Err(e) = db.done(p.id).await {
+                        tracing::warn!(error = %e, "outbox row not deleted");
+                    }
+                }
+                Err(e) => {
+                    if !failing {
+                        tracing::error!(error = %e, "outbox: invalidation still failing; retrying every second");
+                        failing = true;
+                    }
+                    break;
+                }
+            }
+        }
+    }
 }
 
 /// What `POST /admin/cache/invalidate` takes: exactly one of the fields.
@@ -328,16 +471,17 @@ fn env_or(name: &str, default: &str) -> String {
 }
 
 #[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
+pub async fn main() -> Result<(), Box<dyn std::error::Error>> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,tower_redis_cache=debug".into()),
+                // sqlx warns of statements over a second: only the seed's are.
+                .unwrap_or_else(|_| "info,tower_redis_cache=debug,sqlx::query=error".into()),
         )
         .init();
 
     let bind = env_or("BIND", "127.0.0.1:3000");
-    let delay_ms: u64 = env_or("DB_DELAY_MS", "50")
+    let delay_ms: u64 = env_or("DB_DELAY_MS", "0")
         .parse()
         .map_err(|_| "DB_DELAY_MS must be a whole number of milliseconds")?;
     let cache_enabled = match env_or("CACHE_ENABLED", "true")
@@ -349,11 +493,19 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         other => return Err(format!("CACHE_ENABLED must be true or false, got {other:?}").into()),
     };
 
-    let db = Arc::new(Db {
-        delay: Duration::from_millis(delay_ms),
-        reads: AtomicU64::new(0),
-        roles: RwLock::new(HashMap::new()),
-    });
+    let url = env_or("DATABASE_URL", &db::default_url());
+    let (db, seeded) = Db::open(&url, Duration::from_millis(delay_ms)).await?;
+    match seeded {
+        Some(seeded) => {
+            tracing::info!(database = db.kind().name(), rows = ?seeded.rows, took = ?seeded.took, "seeded")
+        }
+        None => tracing::info!(database = db.kind().name(), "already seeded"),
+    }
+    // What a miss costs: the permissions queries of one user, straight from the database.
+    let started = Instant::now();
+    db.query_access(1).await?;
+    tracing::info!(took = ?started.elapsed(), "the permissions queries of user 1, uncached");
+    let db = Arc::new(db);
 
     let cache = if cache_enabled {
         let store: Store = match env_or("CACHE_STORE", "redis").to_ascii_lowercase().as_str() {
@@ -408,6 +560,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     if let Some(cache) = &cache {
         // A Redis user without the permissions the cache needs is a start-up error.
         cache.handle().check().await?;
+        tokio::spawn(outbox_worker(db.clone(), cache.handle()));
     }
     let state = AppState {
         db,
@@ -418,8 +571,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut app = Router::new()
         .route("/users/{id}/permissions", get(user_permissions))
         .route("/users/{id}/menu", get(user_menu))
-        .route("/users/{id}/roles", axum::routing::put(set_roles))
+        .route("/users/{id}/roles", put(set_roles))
         .route("/roles", get(roles))
+        .route("/roles/{name}/permissions", put(set_role_permissions))
         .route("/prompts/{name}", get(prompt))
         .route("/health", get(health))
         .route(

@@ -1,5 +1,8 @@
 //! Runs `examples/backend.rs` as a process (built by `cargo test`) against a redis-server of
-//! its own, over loopback HTTP, including a Redis outage.
+//! its own, over loopback HTTP, including a Redis outage. Its database is a SQLite file of
+//! each process's own (in the redis-server's folder), and once PostgreSQL: a database of the
+//! test's own on the server `TEST_POSTGRES_URL` names (`.ci/run` sets it when a server
+//! answers; the test says it is skipped otherwise).
 
 mod common;
 
@@ -47,8 +50,11 @@ fn example(name: &str) -> PathBuf {
             .join("examples")
             .join(format!("{name}.rs"));
         let lib = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
-        let newest_src = std::fs::read_dir(&lib)
-            .into_iter()
+        // The example's own modules, if it has some (examples/backend/db.rs).
+        let modules = source.with_extension("");
+        let newest_src = [lib, modules]
+            .iter()
+            .flat_map(std::fs::read_dir)
             .flatten()
             .flatten()
             .filter_map(|e| modified(&e.path()))
@@ -76,12 +82,17 @@ fn start_backend(redis: &RedisServer, extra: &[(&str, &str)]) -> Backend {
         .local_addr()
         .unwrap()
         .port();
+    // A SQLite file of this process's own, removed with the redis-server's folder.
+    let db = redis.dir().join(format!("backend-{port}.db"));
     let mut cmd = Command::new(example_binary());
     cmd.env_clear()
         .env("BIND", format!("127.0.0.1:{port}"))
+        .env(
+            "DATABASE_URL",
+            format!("sqlite://{}?mode=rwc", db.display()),
+        )
         .env("REDIS_HOST", "127.0.0.1")
         .env("REDIS_PORT", redis.port().to_string())
-        .env("DB_DELAY_MS", "20")
         .env("APP_ENV", "test")
         .env("RUST_LOG", "warn")
         // Out of reach of a loaded machine's hiccups, below the outage test's 1 s bound.
@@ -91,12 +102,16 @@ fn start_backend(redis: &RedisServer, extra: &[(&str, &str)]) -> Backend {
     for (k, v) in extra {
         cmd.env(k, v);
     }
-    let backend = Backend {
+    let mut backend = Backend {
         child: cmd.spawn().unwrap(),
         port,
     };
-    let deadline = Instant::now() + Duration::from_secs(20);
+    // It seeds its database before it listens: a second or two, more on a loaded machine.
+    let deadline = Instant::now() + Duration::from_secs(60);
     while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if let Ok(Some(status)) = backend.child.try_wait() {
+            panic!("backend exited at start: {status}");
+        }
         assert!(Instant::now() < deadline, "backend did not start");
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -374,6 +389,313 @@ fn backend_starts_without_redis_and_without_cache() {
     assert_eq!(r1.header("x-cache"), None);
     assert_eq!(r2.db_reads(), r1.db_reads() + 1);
     assert_eq!(get(plain.port, "/health", None).body["redis"], "disabled");
+}
+
+/// The roles a `GET /users/{id}/permissions` answer shows.
+fn roles_of(r: &Reply) -> Vec<String> {
+    r.body["roles"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+const ADMIN: (&str, &str) = ("authorization", "Bearer admin");
+
+/// While three readers keep asking for `user`'s permissions (so that misses are reading the
+/// database when a write commits), the administrator changes that user's roles back and
+/// forth through the database. Every answer to a request sent after a change was answered
+/// (and before the next change began) shows that change, never a response cached from
+/// before it; the writer's own next read too. Then a change of a role's permissions reaches
+/// every user's cached permissions and `/roles`, and refused writes change nothing.
+fn writes_are_never_followed_by_older_responses(p: u16, user: &str) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    let path = format!("/users/{user}/permissions");
+    let first = until_hit(p, &path, Some(user));
+    assert_eq!(roles_of(&first), ["viewer"], "{:?}", first.body);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let readers: Vec<_> = (0..3)
+        .map(|_| {
+            let (stop, path, user) = (stop.clone(), path.clone(), user.to_owned());
+            std::thread::spawn(move || {
+                let mut seen = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let sent = Instant::now();
+                    let r = get(p, &path, Some(&user));
+                    assert_eq!(r.status, 200, "{:?}", r.body);
+                    let hit = r.header("x-cache") == Some("HIT");
+                    seen.push((sent, Instant::now(), roles_of(&r), hit));
+                }
+                seen
+            })
+        })
+        .collect();
+
+    // (began, answered, roles) of every write.
+    let mut writes: Vec<(Instant, Instant, Vec<String>)> = Vec::new();
+    for i in 0..20u64 {
+        let roles: &[&str] = if i % 2 == 0 {
+            &["viewer", "editor"]
+        } else {
+            &["viewer"]
+        };
+        let began = Instant::now();
+        let body = serde_json::json!({ "roles": roles }).to_string();
+        let put = http(p, "PUT", &format!("/users/{user}/roles"), &[ADMIN], &body);
+        let answered = Instant::now();
+        assert_eq!(put.status, 204, "write {i}: {:?}", put.body);
+        let after = get(p, &path, Some(user));
+        assert_eq!(
+            roles_of(&after),
+            roles,
+            "write {i}: the writer's next read (x-cache {:?})",
+            after.header("x-cache")
+        );
+        writes.push((
+            began,
+            answered,
+            roles.iter().map(|r| r.to_string()).collect(),
+        ));
+        // The next write at another moment of the refill (misses in flight, or hits).
+        std::thread::sleep(Duration::from_millis(5 + 23 * (i % 5)));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let (mut checked, mut hits) = (0, 0);
+    for reader in readers {
+        for (sent, received, roles, hit) in reader.join().unwrap() {
+            let Some(last) = writes.iter().rposition(|w| w.1 < sent) else {
+                continue;
+            };
+            if writes.get(last + 1).is_some_and(|next| next.0 < received) {
+                continue; // the next write was under way: either state is right
+            }
+            assert_eq!(
+                roles,
+                writes[last].2,
+                "a request sent {:?} after write {last} was answered got older roles (hit: {hit})",
+                sent - writes[last].1
+            );
+            checked += 1;
+            hits += usize::from(hit);
+        }
+    }
+    assert!(
+        checked >= 20 && hits > 0,
+        "{checked} reads between writes, {hits} of them hits"
+    );
+
+    // One role's permissions: every user holding it, and /roles.
+    until_hit(p, "/users/8/permissions", Some("8"));
+    until_hit(p, "/roles", None);
+    let set = |perms: &str| {
+        http(
+            p,
+            "PUT",
+            "/roles/viewer/permissions",
+            &[ADMIN],
+            &format!(r#"{{"permissions":{perms}}}"#),
+        )
+    };
+    assert_eq!(set(r#"["read","write"]"#).status, 204);
+    for u in [user, "8"] {
+        let r = get(p, &format!("/users/{u}/permissions"), Some(u));
+        assert_eq!(
+            (r.header("x-cache"), &r.body["permissions"]),
+            (Some("MISS"), &serde_json::json!(["read", "write"]))
+        );
+    }
+    let roles = get(p, "/roles", None);
+    assert_eq!(
+        roles.body["permissions"]["viewer"],
+        serde_json::json!(["read", "write"])
+    );
+    assert_eq!(set(r#"["read"]"#).status, 204);
+    assert_eq!(
+        get(p, "/users/8/permissions", Some("8")).body["permissions"],
+        serde_json::json!(["read"])
+    );
+
+    // Refused writes: nothing changes.
+    let (n, v) = bearer("8");
+    assert_eq!(
+        http(
+            p,
+            "PUT",
+            "/roles/viewer/permissions",
+            &[(n, &v)],
+            "{\"permissions\":[]}"
+        )
+        .status,
+        403
+    );
+    assert_eq!(set(r#"["read","fly"]"#).status, 422);
+    let unknown_role = http(
+        p,
+        "PUT",
+        "/roles/pilot/permissions",
+        &[ADMIN],
+        r#"{"permissions":["read"]}"#,
+    );
+    assert_eq!(unknown_role.status, 404);
+    let bad = http(
+        p,
+        "PUT",
+        &format!("/users/{user}/roles"),
+        &[ADMIN],
+        r#"{"roles":["admin","pilot"]}"#,
+    );
+    assert_eq!(bad.status, 422, "{:?}", bad.body);
+    let nobody = http(p, "PUT", "/users/999999/roles", &[ADMIN], r#"{"roles":[]}"#);
+    assert_eq!(nobody.status, 404);
+    let r = until_hit(p, &path, Some(user));
+    assert_eq!(
+        (roles_of(&r), &r.body["permissions"]),
+        (vec!["viewer".to_owned()], &serde_json::json!(["read"]))
+    );
+}
+
+#[test]
+fn backend_write_through_the_database_is_never_followed_by_an_older_cached_response() {
+    let redis = RedisServer::start();
+    let b = start_backend(&redis, &[]);
+    writes_are_never_followed_by_older_responses(b.port, "7");
+}
+
+#[test]
+fn backend_on_the_memory_store_never_serves_a_response_from_before_a_write() {
+    let nowhere = RedisServer::unstarted();
+    let b = start_backend(&nowhere, &[("CACHE_STORE", "memory")]);
+    writes_are_never_followed_by_older_responses(b.port, "7");
+}
+
+/// A change committed while Redis does not answer: the write says so (503, `"changed":
+/// true`), and the outbox row its transaction wrote has the old entry removed once Redis
+/// answers again, without anyone asking (Redis was frozen, not restarted: it still holds
+/// the entry).
+#[test]
+fn backend_retries_an_invalidation_that_failed_after_the_commit() {
+    let mut redis = RedisServer::start();
+    let b = start_backend(&redis, &[]);
+    let p = b.port;
+    let before = until_hit(p, "/users/5/permissions", Some("5"));
+    assert_eq!(roles_of(&before), ["viewer"]);
+
+    redis.freeze();
+    let put = http(
+        p,
+        "PUT",
+        "/users/5/roles",
+        &[ADMIN],
+        r#"{"roles":["viewer","editor"]}"#,
+    );
+    assert_eq!(
+        (put.status, &put.body["changed"]),
+        (503, &Value::Bool(true)),
+        "{:?}",
+        put.body
+    );
+    redis.thaw();
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = get(p, "/users/5/permissions", Some("5"));
+        if r.status == 200 && roles_of(&r) == ["viewer", "editor"] {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the committed change was never served: {:?} (x-cache {:?})",
+            r.body,
+            r.header("x-cache")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let r = until_hit(p, "/users/5/permissions", Some("5"));
+    assert_eq!(roles_of(&r), ["viewer", "editor"]);
+}
+
+/// A database of its own on the PostgreSQL server `TEST_POSTGRES_URL` names, dropped at
+/// the end.
+struct PgDatabase {
+    server: String,
+    name: String,
+    url: String,
+}
+
+impl PgDatabase {
+    fn create(server: &str) -> Self {
+        let name = format!(
+            "trc_example_{}_{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .subsec_nanos()
+        );
+        // postgres://user@host:port/db?params → postgres://user@host:port/<name>
+        let after_scheme = server.find("://").map_or(0, |i| i + 3);
+        let base = match server[after_scheme..].find(['/', '?']) {
+            Some(i) => &server[..after_scheme + i],
+            None => server,
+        };
+        let db = PgDatabase {
+            server: server.to_owned(),
+            url: format!("{base}/{name}"),
+            name,
+        };
+        db.run(&format!("CREATE DATABASE {}", db.name));
+        db
+    }
+
+    fn run(&self, sql: &str) {
+        use sqlx::{Connection, Executor};
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let mut conn = sqlx::postgres::PgConnection::connect(&self.server)
+                .await
+                .unwrap_or_else(|e| panic!("PostgreSQL at TEST_POSTGRES_URL: {e}"));
+            conn.execute(sqlx::AssertSqlSafe(sql.to_owned()))
+                .await
+                .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        });
+    }
+}
+
+impl Drop for PgDatabase {
+    fn drop(&mut self) {
+        self.run(&format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            self.name
+        ));
+    }
+}
+
+/// The per-user, invalidation and write checks once against PostgreSQL.
+#[test]
+fn backend_on_postgres_caches_and_never_serves_a_response_from_before_a_write() {
+    let Some(server) = std::env::var("TEST_POSTGRES_URL")
+        .ok()
+        .filter(|v| !v.is_empty())
+    else {
+        eprintln!(
+            "skipped: TEST_POSTGRES_URL is not set (.ci/run sets it when PostgreSQL answers on 127.0.0.1:5432)"
+        );
+        return;
+    };
+    let db = PgDatabase::create(&server);
+    let redis = RedisServer::start();
+    let b = start_backend(&redis, &[("DATABASE_URL", &db.url)]);
+    caches_per_user_and_invalidates_on_role_change(b.port, "connected");
+    writes_are_never_followed_by_older_responses(b.port, "7");
 }
 
 #[test]
