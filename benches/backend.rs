@@ -32,9 +32,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::TcpStream;
-
 use common::load::percentiles;
 
 /// The contenders: the same example process, configured by its environment.
@@ -104,96 +101,23 @@ struct Answer {
     took: Duration,
 }
 
-/// A keep-alive HTTP/1.1 connection (reconnects after an error).
-struct Conn {
-    addr: SocketAddr,
-    stream: Option<BufReader<TcpStream>>,
-}
+/// The shared keep-alive client, with the example's bearer tokens.
+struct Conn(common::load::Conn);
 
 impl Conn {
     fn new(addr: SocketAddr) -> Self {
-        Conn { addr, stream: None }
+        Conn(common::load::Conn::new(addr))
     }
 
     async fn send(&mut self, method: &str, path: &str, token: &str, body: &str) -> Option<Answer> {
-        let started = Instant::now();
-        let r = tokio::time::timeout(
-            Duration::from_secs(10),
-            self.exchange(method, path, token, body),
-        )
-        .await;
-        match r {
-            Ok(Ok((status, hit))) => Some(Answer {
-                status,
-                hit,
-                took: started.elapsed(),
-            }),
-            _ => {
-                self.stream = None;
-                None
-            }
-        }
-    }
-
-    async fn exchange(
-        &mut self,
-        method: &str,
-        path: &str,
-        token: &str,
-        body: &str,
-    ) -> std::io::Result<(u16, bool)> {
-        let bad =
-            |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_owned());
-        if self.stream.is_none() {
-            let s = TcpStream::connect(self.addr).await?;
-            s.set_nodelay(true)?;
-            self.stream = Some(BufReader::new(s));
-        }
-        let stream = self.stream.as_mut().ok_or_else(|| bad("no connection"))?;
-        let mut req = format!(
-            "{method} {path} HTTP/1.1\r\nhost: localhost\r\nauthorization: Bearer {token}\r\n"
-        );
-        if !body.is_empty() {
-            req.push_str(&format!(
-                "content-type: application/json\r\ncontent-length: {}\r\n",
-                body.len()
-            ));
-        }
-        req.push_str("\r\n");
-        req.push_str(body);
-        stream.get_mut().write_all(req.as_bytes()).await?;
-        let mut line = String::new();
-        stream.read_line(&mut line).await?;
-        let status: u16 = line
-            .split(' ')
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| bad("status line"))?;
-        let (mut len, mut hit) = (None, false);
-        loop {
-            line.clear();
-            stream.read_line(&mut line).await?;
-            let l = line.trim_end();
-            if l.is_empty() {
-                break;
-            }
-            if let Some((n, v)) = l.split_once(':') {
-                let (n, v) = (n.trim().to_ascii_lowercase(), v.trim());
-                if n == "content-length" {
-                    len = v.parse::<usize>().ok();
-                } else if n == "x-cache" {
-                    hit = v == "HIT";
-                }
-            }
-        }
-        let len = match (len, status) {
-            (Some(n), _) => n,
-            (None, 204 | 304) => 0,
-            (None, _) => return Err(bad("no content-length")),
-        };
-        let mut rest = vec![0; len];
-        stream.read_exact(&mut rest).await?;
-        Ok((status, hit))
+        let bearer = format!("Bearer {token}");
+        let headers = [("authorization", bearer.as_str())];
+        let reply = self.0.request(method, path, &headers, body).await.ok()?;
+        Some(Answer {
+            status: reply.status,
+            hit: reply.hit,
+            took: reply.took,
+        })
     }
 }
 

@@ -549,33 +549,15 @@ impl Db {
         if !Self::user_exists(&mut tx, id).await? {
             return Ok(Err(Refused::NoSuchUser));
         }
-        for role in roles {
-            let added = sqlx::query(
-                "INSERT INTO user_roles (user_id, role_id)
-                 SELECT $1, id FROM roles WHERE name = $2
-                 AND NOT EXISTS (SELECT 1 FROM user_roles WHERE user_id = $1 AND role_id = roles.id)",
-            )
-            .bind(id)
-            .bind(role)
-            .execute(&mut *tx)
-            .await?;
-            if added.rows_affected() == 0
-                && sqlx::query("SELECT 1 FROM roles WHERE name = $1")
-                    .bind(role)
-                    .fetch_optional(&mut *tx)
-                    .await?
-                    .is_none()
-            {
-                return Ok(Err(Refused::UnknownName(role.clone())));
-            }
+        let insert = "INSERT INTO user_roles (user_id, role_id)
+             SELECT $1, id FROM roles WHERE name = $2
+             AND NOT EXISTS (SELECT 1 FROM user_roles WHERE user_id = $1 AND role_id = roles.id)";
+        let known = "SELECT 1 FROM roles WHERE name = $1";
+        if let Some(unknown) = Self::link_names(&mut tx, insert, known, id, roles).await? {
+            return Ok(Err(unknown));
         }
-        let pending = if outbox {
-            Some(Self::record(&mut tx, &Invalidation::User(id.to_string())).await?)
-        } else {
-            None
-        };
-        tx.commit().await?;
-        Ok(Ok(pending))
+        let what = outbox.then(|| Invalidation::User(id.to_string()));
+        Self::commit(tx, what).await.map(Ok)
     }
 
     /// Replaces a role's permissions in one transaction, as [`Db::set_roles`] does.
@@ -601,38 +583,65 @@ impl Db {
         let Some(role_id) = role_id else {
             return Ok(Err(Refused::NoSuchRole));
         };
-        for permission in permissions {
-            let added = sqlx::query(
-                "INSERT INTO role_permissions (role_id, permission_id)
-                 SELECT $1, id FROM permissions WHERE name = $2
-                 AND NOT EXISTS (SELECT 1 FROM role_permissions
-                                 WHERE role_id = $1 AND permission_id = permissions.id)",
-            )
-            .bind(role_id)
-            .bind(permission)
-            .execute(&mut *tx)
-            .await?;
-            if added.rows_affected() == 0
-                && sqlx::query("SELECT 1 FROM permissions WHERE name = $1")
-                    .bind(permission)
-                    .fetch_optional(&mut *tx)
-                    .await?
-                    .is_none()
-            {
-                return Ok(Err(Refused::UnknownName(permission.clone())));
-            }
+        let insert = "INSERT INTO role_permissions (role_id, permission_id)
+             SELECT $1, id FROM permissions WHERE name = $2
+             AND NOT EXISTS (SELECT 1 FROM role_permissions
+                             WHERE role_id = $1 AND permission_id = permissions.id)";
+        let known = "SELECT 1 FROM permissions WHERE name = $1";
+        if let Some(unknown) =
+            Self::link_names(&mut tx, insert, known, role_id, permissions).await?
+        {
+            return Ok(Err(unknown));
         }
-        let pending = if outbox {
-            Some(Self::record(&mut tx, &Invalidation::RolePermissions).await?)
-        } else {
-            None
-        };
-        tx.commit().await?;
-        Ok(Ok(pending))
+        let what = outbox.then_some(Invalidation::RolePermissions);
+        Self::commit(tx, what).await.map(Ok)
     }
 
     /// Adds an outbox row inside the caller's transaction: it commits with the change, or
     /// not at all.
+    /// Links `owner` to each of `names` with `insert` (binds: owner, name; a link that exists
+    /// is kept). A name that links nothing and that `known` (bind: name) does not find is
+    /// refused, and the transaction is left to roll back.
+    async fn link_names(
+        tx: &mut sqlx::AnyConnection,
+        insert: &'static str,
+        known: &'static str,
+        owner: i64,
+        names: &[String],
+    ) -> Result<Option<Refused>, Error> {
+        for name in names {
+            let added = sqlx::query(insert)
+                .bind(owner)
+                .bind(name)
+                .execute(&mut *tx)
+                .await?;
+            if added.rows_affected() == 0
+                && sqlx::query(known)
+                    .bind(name)
+                    .fetch_optional(&mut *tx)
+                    .await?
+                    .is_none()
+            {
+                return Ok(Some(Refused::UnknownName(name.clone())));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Commits, with the outbox row of `what` written in the transaction when there is one;
+    /// returns that row's id.
+    async fn commit(
+        mut tx: sqlx::Transaction<'static, sqlx::Any>,
+        what: Option<Invalidation>,
+    ) -> Result<Option<i64>, Error> {
+        let pending = match what {
+            Some(what) => Some(Self::record(&mut tx, &what).await?),
+            None => None,
+        };
+        tx.commit().await?;
+        Ok(pending)
+    }
+
     async fn record(conn: &mut sqlx::AnyConnection, what: &Invalidation) -> Result<i64, Error> {
         let (kind, target) = what.to_row();
         sqlx::query(

@@ -27,8 +27,21 @@ impl Conn {
 
     /// GET `path`; `Err` on any transport or protocol error.
     pub async fn get(&mut self, path: &str, headers: &[(&str, &str)]) -> Result<Reply, String> {
+        self.request("GET", path, headers, "").await
+    }
+
+    /// `method` on `path`, with a JSON `body` when it is not empty; `Err` on any transport or
+    /// protocol error.
+    pub async fn request(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> Result<Reply, String> {
         let started = Instant::now();
-        let r = tokio::time::timeout(Duration::from_secs(10), self.get_inner(path, headers)).await;
+        let exchange = self.exchange(method, path, headers, body);
+        let r = tokio::time::timeout(Duration::from_secs(10), exchange).await;
         match r {
             Ok(Ok(mut reply)) => {
                 reply.took = started.elapsed();
@@ -45,7 +58,13 @@ impl Conn {
         }
     }
 
-    async fn get_inner(&mut self, path: &str, headers: &[(&str, &str)]) -> Result<Reply, String> {
+    async fn exchange(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> Result<Reply, String> {
         if self.stream.is_none() {
             let s = TcpStream::connect(self.addr)
                 .await
@@ -54,11 +73,18 @@ impl Conn {
             self.stream = Some(BufReader::new(s));
         }
         let stream = self.stream.as_mut().ok_or("no connection")?;
-        let mut req = format!("GET {path} HTTP/1.1\r\nhost: localhost\r\n");
+        let mut req = format!("{method} {path} HTTP/1.1\r\nhost: localhost\r\n");
         for (n, v) in headers {
             req.push_str(&format!("{n}: {v}\r\n"));
         }
+        if !body.is_empty() {
+            let len = body.len();
+            req.push_str(&format!(
+                "content-type: application/json\r\ncontent-length: {len}\r\n"
+            ));
+        }
         req.push_str("\r\n");
+        req.push_str(body);
         stream
             .get_mut()
             .write_all(req.as_bytes())
@@ -95,7 +121,12 @@ impl Conn {
                 }
             }
         }
-        let len = len.ok_or("no content-length")?;
+        // 204 and 304 never have a body (RFC 9112 §6.3).
+        let len = match (len, status) {
+            (Some(n), _) => n,
+            (None, 204 | 304) => 0,
+            (None, _) => return Err("no content-length".into()),
+        };
         let mut body = vec![0; len];
         stream
             .read_exact(&mut body)
