@@ -29,11 +29,11 @@ use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use tower_service::Service;
 
-use crate::future::{Ctx, ResponseFuture};
+use crate::http::future::{Ctx, ResponseFuture};
 use crate::key::KeyInput;
 use crate::layer::CacheLayer;
 use crate::policy::Policy;
-use crate::status::{BypassReason, Counters};
+use crate::outcome::{BypassReason, Counters};
 
 /// The default bound on the request message of an opted-in gRPC method: 64 KiB. Larger
 /// requests are passed to the inner service (nothing lost) and not cached.

@@ -5,10 +5,10 @@ use std::time::Duration;
 
 use http::{HeaderMap, HeaderName, HeaderValue, Uri};
 
-use crate::breaker::BreakerState;
+use crate::store::redis::breaker::BreakerState;
 use crate::key::KeyInput;
 use crate::layer::CacheLayer;
-use crate::status::Stats;
+use crate::outcome::Stats;
 
 /// A cheap, cloneable handle on a [`CacheLayer`]'s store, for the application's own code
 /// (for example in axum state, to invalidate after a write).
@@ -311,7 +311,7 @@ impl CacheHandle {
         (key, path.to_owned())
     }
 
-    pub(crate) fn store(&self) -> &crate::backend::Store {
+    pub(crate) fn store(&self) -> &crate::store::Store {
         &self.layer.settings.store
     }
 

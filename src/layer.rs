@@ -8,13 +8,13 @@ use http::HeaderName;
 use tokio::sync::Semaphore;
 use tower_layer::Layer;
 
-use crate::backend::Store;
-use crate::config::ConfigError;
+use crate::store::Store;
+use crate::store::redis::config::ConfigError;
 use crate::handle::CacheHandle;
 use crate::key::{valid_namespace, Identity, Keyer};
 use crate::policy::Policy;
 use crate::service::CacheService;
-use crate::status::Counters;
+use crate::outcome::Counters;
 
 /// The default namespace, the first part of every key.
 pub const DEFAULT_NAMESPACE: &str = "cache";
@@ -57,12 +57,12 @@ pub(crate) struct Runtime {
     /// `get_or_insert_json` computations in flight, by key.
     pub(crate) inflight: crate::value::Inflight,
     /// Misses in flight, for request coalescing.
-    pub(crate) flights: crate::coalesce::Flights,
+    pub(crate) flights: crate::engine::coalesce::Flights,
     /// Leaders of coalesced misses finishing in the background after their client left.
     pub(crate) detached: Arc<Semaphore>,
     /// The near-cache, made on first use (with the namespace and capacity of that moment).
     #[cfg(feature = "near")]
-    pub(crate) near: std::sync::OnceLock<Arc<crate::near::Near>>,
+    pub(crate) near: std::sync::OnceLock<Arc<crate::store::near::Near>>,
     /// Routes whose responses were refused for their `Vary` (logged once each).
     vary_logged: std::sync::Mutex<std::collections::HashSet<String>>,
 }
@@ -91,7 +91,7 @@ impl Runtime {
             writes: Arc::new(Semaphore::new(max_pending_writes)),
             write_bytes: Arc::new(Semaphore::new(DEFAULT_MAX_PENDING_BYTES)),
             inflight: crate::value::Inflight::default(),
-            flights: crate::coalesce::Flights::default(),
+            flights: crate::engine::coalesce::Flights::default(),
             detached: Arc::new(Semaphore::new(MAX_DETACHED)),
             #[cfg(feature = "near")]
             near: std::sync::OnceLock::new(),
@@ -164,7 +164,7 @@ impl CacheLayer {
                 x_cache: Some(HeaderName::from_static("x-cache")),
                 invalidate_on_write: false,
                 #[cfg(feature = "near")]
-                near_capacity: crate::near::DEFAULT_NEAR_CAPACITY,
+                near_capacity: crate::store::near::DEFAULT_NEAR_CAPACITY,
             },
             routes: Arc::new(Routes {
                 default: Arc::new(policy),
@@ -353,9 +353,9 @@ impl CacheLayer {
 
     /// The near-cache of this layer (and its clones and handle), made on first use.
     #[cfg(feature = "near")]
-    pub(crate) fn near(&self) -> &Arc<crate::near::Near> {
+    pub(crate) fn near(&self) -> &Arc<crate::store::near::Near> {
         self.runtime.near.get_or_init(|| {
-            Arc::new(crate::near::Near::new(
+            Arc::new(crate::store::near::Near::new(
                 self.settings.near_capacity,
                 format!("{}:near", self.settings.keyer.namespace()),
             ))

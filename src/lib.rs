@@ -166,36 +166,27 @@
 #![warn(missing_debug_implementations, rust_2018_idioms)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
-mod backend;
-mod batch;
-mod body;
-mod breaker;
-mod coalesce;
-mod config;
+mod engine;
 mod entry;
-mod future;
 mod grpc;
 mod handle;
+mod http;
 mod key;
 mod layer;
-#[cfg(feature = "memory")]
-mod memory;
-#[cfg(feature = "near")]
-mod near;
+mod outcome;
 mod policy;
 mod service;
-mod status;
 mod store;
 mod value;
 
-pub use backend::Store;
-pub use body::ResponseBody;
-pub use breaker::BreakerState;
-pub use config::{
+pub use store::Store;
+pub use http::body::ResponseBody;
+pub use store::redis::breaker::BreakerState;
+pub use store::redis::config::{
     ConfigError, RedisConfig, DEFAULT_COMMAND_TIMEOUT, DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_LOOKUP_TIMEOUT, DEFAULT_POOL_SIZE,
 };
-pub use future::ResponseFuture;
+pub use http::future::ResponseFuture;
 pub use grpc::DEFAULT_MAX_GRPC_REQUEST_SIZE;
 #[cfg(feature = "axum")]
 pub use handle::health_route;
@@ -203,12 +194,12 @@ pub use handle::{CacheError, CacheHandle, Health, PathPattern, RedisStatus, Requ
 pub use key::Identity;
 pub use layer::{CacheLayer, DEFAULT_MAX_PENDING_WRITES, DEFAULT_NAMESPACE};
 #[cfg(feature = "memory")]
-pub use memory::MemoryStore;
+pub use store::memory::MemoryStore;
 pub use policy::{
     CacheOverride, Policy, DEFAULT_COALESCE_WAIT, DEFAULT_MAX_BODY_SIZE, DEFAULT_MAX_VARIANTS,
     TAG_HEADERS, TTL_OVERRIDE_HEADER,
 };
 pub use service::CacheService;
-pub use status::{BypassReason, CacheStatus, Stats, CACHE_NAME, CACHE_STATUS};
-pub use store::RedisStore;
+pub use outcome::{BypassReason, CacheStatus, Stats, CACHE_NAME, CACHE_STATUS};
+pub use store::redis::RedisStore;
 pub use value::ValueKey;

@@ -7,12 +7,12 @@ use std::task::{Context, Poll};
 use http::{Method, Request, Response};
 use tower_service::Service;
 
-use crate::body::ResponseBody;
-use crate::future::{Ctx, ResponseFuture};
+use crate::http::body::ResponseBody;
+use crate::http::future::{Ctx, ResponseFuture};
 use crate::key::KeyInput;
 use crate::layer::CacheLayer;
 use crate::policy::{cacheable_method, request_bypass, SharedRequest};
-use crate::status::{BypassReason, Counters};
+use crate::outcome::{BypassReason, Counters};
 
 /// The service made by [`CacheLayer`]. See the [crate docs](crate) for an example.
 pub struct CacheService<S> {
@@ -194,7 +194,7 @@ where
                     tracing::debug!(key = %key, "near-cache hit");
                     if !(policy.etag && conditional.is_some()) {
                         // The common case: the ready head, no request context.
-                        let now = crate::future::now_ms();
+                        let now = crate::http::future::now_ms();
                         return ResponseFuture::near_ready(held.respond(head, now));
                     }
                     let ctx = Ctx {

@@ -330,14 +330,14 @@ impl CacheHandle {
     ) {
         let runtime = self.runtime();
         let Ok(permit) = Arc::clone(&runtime.writes).try_acquire_owned() else {
-            crate::status::Counters::incr(&runtime.counters.writes_dropped);
+            crate::outcome::Counters::incr(&runtime.counters.writes_dropped);
             return;
         };
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return;
         };
         let keyer = self.keyer();
-        let nonce = crate::body::nonce_now();
+        let nonce = crate::http::body::nonce_now();
         let mut markers: Vec<String> = indexes.iter().map(|i| keyer.marker_of(i)).collect();
         markers.push(keyer.all_marker());
         let write = crate::store::Write {
@@ -358,20 +358,20 @@ impl CacheHandle {
             let counters = &handle.runtime().counters;
             match handle.store().write(write).await {
                 Ok(crate::store::Written::Stored) => {
-                    crate::status::Counters::incr(&counters.stored)
+                    crate::outcome::Counters::incr(&counters.stored)
                 }
                 Ok(crate::store::Written::Refused) => {
-                    crate::status::Counters::incr(&counters.refused)
+                    crate::outcome::Counters::incr(&counters.refused)
                 }
                 // Values are not bounded by variants.
                 Ok(crate::store::Written::TooManyVariants) => {
-                    crate::status::Counters::incr(&counters.variants_refused)
+                    crate::outcome::Counters::incr(&counters.variants_refused)
                 }
                 Ok(crate::store::Written::Paused) => {
-                    crate::status::Counters::incr(&counters.writes_paused)
+                    crate::outcome::Counters::incr(&counters.writes_paused)
                 }
                 Err(e) => {
-                    crate::status::Counters::incr(&counters.write_errors);
+                    crate::outcome::Counters::incr(&counters.write_errors);
                     tracing::debug!(error = %e.details(), "value not cached");
                 }
             }

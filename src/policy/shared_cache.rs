@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime};
 use http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 
 use super::{cache_control, expires_in, response_ttl, CacheOverride, Policy};
-use crate::status::NotStored;
+use crate::outcome::NotStored;
 
 /// The stored header that holds a hash of the request headers a stored response was
 /// selected by (its `Vary`). Written by the layer only (an origin's is replaced or removed)
@@ -736,7 +736,7 @@ mod tests {
 
     #[test]
     fn request_bypass_in_shared_mode() {
-        use crate::status::BypassReason;
+        use crate::outcome::BypassReason;
         let p = Policy::http_shared(MAX);
         assert_eq!(
             super::super::request_bypass(&h(&[("authorization", "x")]), true, &p, &[]),

@@ -1,17 +1,23 @@
 //! `Store`: the store a layer keeps its entries in, Redis or this process's memory. Every
 //! operation of the cache goes through it and means the same on both.
 
+#[cfg(feature = "memory")]
+pub(crate) mod memory;
+#[cfg(feature = "near")]
+pub(crate) mod near;
+pub(crate) mod redis;
+
 use std::fmt;
 use std::time::Duration;
 
 use bytes::Bytes;
 use fred::prelude::Error as FredError;
 
-use crate::breaker::BreakerState;
-use crate::config::ConfigError;
+use crate::store::redis::breaker::BreakerState;
+use crate::store::redis::config::ConfigError;
 #[cfg(feature = "memory")]
-use crate::memory::MemoryStore;
-use crate::store::{Incomplete, RedisStore, Write, Written};
+use crate::store::memory::MemoryStore;
+use crate::store::redis::RedisStore;
 
 /// Where a [`CacheLayer`](crate::CacheLayer) keeps its entries: a [`RedisStore`] (shared by
 /// every instance of a service) or, with the `memory` feature, a `MemoryStore` (this
@@ -67,7 +73,7 @@ impl Store {
         match &self.0 {
             Backend::Redis(s) => s.lookup_timeout(),
             #[cfg(feature = "memory")]
-            Backend::Memory(_) => crate::config::DEFAULT_LOOKUP_TIMEOUT,
+            Backend::Memory(_) => crate::store::redis::config::DEFAULT_LOOKUP_TIMEOUT,
         }
     }
 
@@ -266,3 +272,66 @@ impl Store {
         self.as_redis().is_none()
     }
 }
+
+/// How long an invalidation marker lives. A response whose miss began longer ago than this
+/// is never stored, so a marker always outlives the writes it must stop.
+pub(crate) const MARKER_TTL: Duration = Duration::from_secs(600);
+
+/// One entry to write, with what it must be registered under and checked against.
+pub(crate) struct Write {
+    pub(crate) key: String,
+    pub(crate) value: Bytes,
+    pub(crate) nonce: [u8; 8],
+    pub(crate) ttl: Duration,
+    /// Indexes the entry belongs to (path, user, route, tags).
+    pub(crate) indexes: Vec<String>,
+    /// The path and the registry it goes into, for glob patterns (responses only).
+    pub(crate) path: Option<(String, String)>,
+    /// Markers that must not have moved past `miss_seq`.
+    pub(crate) markers: Vec<String>,
+    /// The namespace's invalidation sequence when the miss began.
+    pub(crate) miss_seq: u64,
+    /// The sequence counter itself: a counter lower than `miss_seq` (Redis restarted empty,
+    /// or evicted it) refuses the write.
+    pub(crate) seq_key: String,
+    /// When the miss began: past the marker TTL a race can no longer be detected.
+    pub(crate) started: std::time::Instant,
+    /// The set of the variants of the entry's path for its caller and route, and how many it
+    /// may hold (responses only): a new variant past the bound is not written.
+    pub(crate) variants: Option<Variants>,
+}
+
+/// Where a write's variant is counted, and the bound (`Policy::max_variants`).
+pub(crate) struct Variants {
+    pub(crate) key: String,
+    pub(crate) max: u32,
+}
+
+/// What became of a write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Written {
+    /// Stored and confirmed.
+    Stored,
+    /// An invalidation ran while the response was computed: withdrawn.
+    Refused,
+    /// Its path already has as many variants for its caller as the route allows: not
+    /// written.
+    TooManyVariants,
+    /// Redis is (nearly) out of memory: entry writes are paused (see `MemoryGuard`).
+    Paused,
+}
+
+/// An invalidation that failed part-way: how many entries it removed before it stopped
+/// (they stay removed), and why it stopped.
+#[derive(Debug)]
+pub(crate) struct Incomplete {
+    pub(crate) removed: u64,
+    pub(crate) error: FredError,
+}
+
+impl From<FredError> for Incomplete {
+    fn from(error: FredError) -> Self {
+        Incomplete { removed: 0, error }
+    }
+}
+

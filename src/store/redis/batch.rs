@@ -26,7 +26,7 @@ use fred::prelude::{ClientLike, Error as FredError, ErrorKind, KeysInterface, Op
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::store::Inner;
+use crate::store::redis::Inner;
 
 /// The most keys in one `MGET`, and about the most keys out at once.
 pub(crate) const MAX_BATCH: usize = 64;

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use http::{header, HeaderMap, HeaderName, Method, StatusCode};
 
-use crate::status::{BypassReason, NotStored};
+use crate::outcome::{BypassReason, NotStored};
 
 mod shared_cache;
 pub(crate) use shared_cache::{storage, SharedRequest, VARY_FINGERPRINT};

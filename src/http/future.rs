@@ -13,15 +13,15 @@ use pin_project_lite::pin_project;
 use sync_wrapper::SyncWrapper;
 use tower_service::Service;
 
-use crate::body::{drain, spawn_detached, Recorder, ResponseBody};
-use crate::coalesce::{Outcome, Role};
+use crate::http::body::{drain, spawn_detached, Recorder, ResponseBody};
+use crate::engine::coalesce::{Outcome, Role};
 use crate::entry::{storable_map, Entry};
 use crate::layer::CacheLayer;
 use crate::policy::{
     cache_control, handler_override, storage, take_tags, Policy, SharedRequest, TAG_HEADERS,
     TTL_OVERRIDE_HEADER, VARY_FINGERPRINT,
 };
-use crate::status::{set_headers, with_number, BypassReason, CacheStatus, Counters, NotStored};
+use crate::outcome::{set_headers, with_number, BypassReason, CacheStatus, Counters, NotStored};
 
 type Lookup = Pin<Box<dyn Future<Output = Found> + Send>>;
 type BoxCall<R, E> = Pin<Box<dyn Future<Output = Result<R, E>> + Send>>;
@@ -37,7 +37,7 @@ pub(crate) enum Found {
     /// `flight` is set when this request leads a coalesced miss.
     Miss {
         seq: Option<u64>,
-        flight: Option<crate::coalesce::FlightGuard>,
+        flight: Option<crate::engine::coalesce::FlightGuard>,
         /// An entry past its freshness but within the stale-if-error window.
         stale: Option<Entry>,
         /// An entry of this key past its freshness but still within a stale window was
@@ -50,7 +50,7 @@ pub(crate) enum Found {
     /// sequence read before it) when this request is the one to refresh it.
     Revalidate {
         entry: Entry,
-        refresh: Option<(u64, crate::coalesce::FlightGuard)>,
+        refresh: Option<(u64, crate::engine::coalesce::FlightGuard)>,
         /// Still fresh (an early refresh): served as a plain hit.
         fresh: bool,
     },
@@ -186,7 +186,7 @@ pub(crate) struct Ctx {
     /// The request's `If-None-Match` and `If-Modified-Since`, for 304s on hits.
     pub(crate) conditional: Option<Box<(Option<HeaderValue>, Option<HeaderValue>)>>,
     /// Set when this request leads a coalesced miss.
-    pub(crate) flight: Option<crate::coalesce::FlightGuard>,
+    pub(crate) flight: Option<crate::engine::coalesce::FlightGuard>,
     /// A stale entry to answer with if the inner service fails (stale-if-error).
     pub(crate) stale: Option<Entry>,
     /// This response replaces an entry that may still be served (a refresh, or a miss that
@@ -545,7 +545,7 @@ fn stale_on_failure<B, E>(
 }
 
 /// The context of a background refresh: a miss of the same key that leads its flight.
-fn refresh_ctx(ctx: &Ctx, seq: u64, guard: crate::coalesce::FlightGuard) -> Ctx {
+fn refresh_ctx(ctx: &Ctx, seq: u64, guard: crate::engine::coalesce::FlightGuard) -> Ctx {
     Ctx {
         shared: Arc::clone(&ctx.shared),
         key: ctx.key.clone(),
@@ -918,7 +918,7 @@ async fn wait_for_other_instance(
 async fn claim_refresh(
     shared: &CacheLayer,
     key: &str,
-) -> Option<(u64, crate::coalesce::FlightGuard)> {
+) -> Option<(u64, crate::engine::coalesce::FlightGuard)> {
     let store = &shared.settings.store;
     let seq = store
         .read_seq(shared.settings.keyer.seq_key(), store.lookup_timeout())

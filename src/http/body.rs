@@ -16,10 +16,10 @@ use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
 use crate::entry::{storable_map, Entry};
-use crate::future::Ctx;
+use crate::http::future::Ctx;
 use crate::layer::CacheLayer;
 use crate::policy::{TAG_HEADERS, TTL_OVERRIDE_HEADER};
-use crate::status::{Counters, CACHE_STATUS};
+use crate::outcome::{Counters, CACHE_STATUS};
 use crate::store::{Write, Written, MARKER_TTL};
 
 pin_project! {
@@ -408,7 +408,7 @@ where
             }),
         });
         let weak = Arc::downgrade(&lead);
-        let weak: std::sync::Weak<dyn crate::coalesce::ReadAhead> = weak;
+        let weak: std::sync::Weak<dyn crate::engine::coalesce::ReadAhead> = weak;
         let mut st = lead.state();
         let eager = st.recorder.as_ref().is_some_and(|r| r.eager);
         if let Some(flight) = st.recorder.as_ref().and_then(|r| r.flight.as_ref()) {
@@ -521,7 +521,7 @@ impl<B: Body> Drop for DriverGuard<B> {
     }
 }
 
-impl<B> crate::coalesce::ReadAhead for Lead<B>
+impl<B> crate::engine::coalesce::ReadAhead for Lead<B>
 where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Send,
@@ -653,7 +653,7 @@ pub(crate) struct Recorder {
     /// Whether to add a strong `ETag` computed from the body when the handler set none.
     etag: bool,
     /// Set when this response leads a coalesced miss: its followers get the entry.
-    flight: Option<crate::coalesce::FlightGuard>,
+    flight: Option<crate::engine::coalesce::FlightGuard>,
     finished: bool,
     /// Shared-cache mode: the response's age on arrival (`ttl` counts from its birth).
     age: Duration,
@@ -671,7 +671,7 @@ impl Recorder {
     /// request is answered: nothing else reads them after.
     pub(crate) fn new(
         ctx: &mut Ctx,
-        flight: Option<crate::coalesce::FlightGuard>,
+        flight: Option<crate::engine::coalesce::FlightGuard>,
         ttl: Duration,
         status: StatusCode,
         response_headers: &HeaderMap,

@@ -26,9 +26,9 @@ use fred::types::ClientState;
 use moka::sync::Cache;
 
 use crate::entry::Entry;
-use crate::future::Ready;
-use crate::status::{set_headers, with_number, CacheStatus, CACHE_STATUS, NEAR_HIT_PREFIX};
-use crate::store::RedisStore;
+use crate::http::future::Ready;
+use crate::outcome::{set_headers, with_number, CacheStatus, CACHE_STATUS, NEAR_HIT_PREFIX};
+use crate::store::redis::RedisStore;
 
 /// The default size of the tier: 64 MiB of bodies and headers.
 pub(crate) const DEFAULT_NEAR_CAPACITY: u64 = 64 * 1024 * 1024;

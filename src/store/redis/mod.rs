@@ -1,5 +1,9 @@
 //! The Redis store on a fred `Pool`. Every Redis command of the crate lives here.
 
+pub(crate) mod batch;
+pub(crate) mod breaker;
+pub(crate) mod config;
+
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -14,8 +18,9 @@ use fred::prelude::{
 use fred::types::config::UnresponsiveConfig;
 use fred::types::{FromValue, MultipleKeys, MultipleValues};
 
-use crate::breaker::{Breaker, BreakerState};
-use crate::config::{ConfigError, RedisConfig};
+use crate::store::redis::breaker::{Breaker, BreakerState};
+use crate::store::{Incomplete, Write, Written, MARKER_TTL};
+use crate::store::redis::config::{ConfigError, RedisConfig};
 
 /// Deletes a key only if it still holds the given bytes, so that removing a corrupt entry
 /// never removes a good one written in the meantime.
@@ -83,7 +88,7 @@ pub(crate) struct Inner {
     write: Options,
     breaker: Breaker,
     /// Lookups batched into MGET (not on a cluster; see `batch`).
-    pub(crate) batcher: Option<crate::batch::Batcher>,
+    pub(crate) batcher: Option<crate::store::redis::batch::Batcher>,
     /// Set when Redis refuses SCRIPT LOAD for good (ACL): scripts go as text (EVAL).
     eval_only: AtomicBool,
     /// Set when Redis does not know script flags (older than 7.0): scripts go without.
@@ -163,7 +168,7 @@ impl RedisStore {
                     ..Options::default()
                 },
                 breaker: Breaker::new(),
-                batcher: batch.then(crate::batch::Batcher::default),
+                batcher: batch.then(crate::store::redis::batch::Batcher::default),
                 eval_only: AtomicBool::new(false),
                 no_flags: AtomicBool::new(false),
                 memory: MemoryGuard::new(),
@@ -337,7 +342,7 @@ impl RedisStore {
         self.gate()?;
         let batcher = self.inner.batcher.as_ref();
         // Alone (nothing out to batch with): a GET of its own, counted as out meanwhile.
-        let alone = batcher.and_then(crate::batch::Batcher::alone);
+        let alone = batcher.and_then(crate::store::redis::batch::Batcher::alone);
         if let (Some(batcher), None) = (batcher, &alone) {
             if let Some(answer) = batcher.submit(&self.inner, key, seq_key) {
                 // Its own deadline too, should the batch task not be driven.
@@ -394,7 +399,7 @@ impl Inner {
     pub(crate) fn lookup_timeout(&self) -> Duration {
         self.read
             .timeout
-            .unwrap_or(crate::config::DEFAULT_LOOKUP_TIMEOUT)
+            .unwrap_or(crate::store::redis::config::DEFAULT_LOOKUP_TIMEOUT)
     }
 
     /// Feeds a command's outcome to the circuit breaker.
@@ -624,10 +629,6 @@ static NEXT_SEQ: Lua = Lua::flagged(
 );
 static NEXT_SEQ_COMPAT: Lua = Lua::new(next_seq!());
 
-/// How long an invalidation marker lives. A response whose miss began longer ago than this
-/// is never stored, so a marker always outlives the writes it must stop.
-pub(crate) const MARKER_TTL: Duration = Duration::from_secs(600);
-
 /// The arguments of `ADD_TO_INDEX` for `members`, kept for `ttl_ms`.
 fn index_args(ttl_ms: i64, members: &[&str]) -> Vec<String> {
     let mut args = vec![
@@ -637,50 +638,6 @@ fn index_args(ttl_ms: i64, members: &[&str]) -> Vec<String> {
     ];
     args.extend(members.iter().map(|m| (*m).to_owned()));
     args
-}
-
-/// One entry to write, with what it must be registered under and checked against.
-pub(crate) struct Write {
-    pub(crate) key: String,
-    pub(crate) value: Bytes,
-    pub(crate) nonce: [u8; 8],
-    pub(crate) ttl: Duration,
-    /// Indexes the entry belongs to (path, user, route, tags).
-    pub(crate) indexes: Vec<String>,
-    /// The path and the registry it goes into, for glob patterns (responses only).
-    pub(crate) path: Option<(String, String)>,
-    /// Markers that must not have moved past `miss_seq`.
-    pub(crate) markers: Vec<String>,
-    /// The namespace's invalidation sequence when the miss began.
-    pub(crate) miss_seq: u64,
-    /// The sequence counter itself: a counter lower than `miss_seq` (Redis restarted empty,
-    /// or evicted it) refuses the write.
-    pub(crate) seq_key: String,
-    /// When the miss began: past the marker TTL a race can no longer be detected.
-    pub(crate) started: std::time::Instant,
-    /// The set of the variants of the entry's path for its caller and route, and how many it
-    /// may hold (responses only): a new variant past the bound is not written.
-    pub(crate) variants: Option<Variants>,
-}
-
-/// Where a write's variant is counted, and the bound (`Policy::max_variants`).
-pub(crate) struct Variants {
-    pub(crate) key: String,
-    pub(crate) max: u32,
-}
-
-/// What became of a write.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Written {
-    /// Stored and confirmed.
-    Stored,
-    /// An invalidation ran while the response was computed: withdrawn.
-    Refused,
-    /// Its path already has as many variants for its caller as the route allows: not
-    /// written.
-    TooManyVariants,
-    /// Redis is (nearly) out of memory: entry writes are paused (see `MemoryGuard`).
-    Paused,
 }
 
 /// A duration in whole milliseconds for Redis (`PX`, `PEXPIRE`), at least 1 and at most a
@@ -1179,20 +1136,6 @@ const IN_FLIGHT: usize = 8;
 
 /// Indexes drained at once by one invalidation (a pattern may match many paths).
 const INDEXES_AT_ONCE: usize = 4;
-
-/// An invalidation that failed part-way: how many entries it removed before it stopped
-/// (they stay removed), and why it stopped.
-#[derive(Debug)]
-pub(crate) struct Incomplete {
-    pub(crate) removed: u64,
-    pub(crate) error: FredError,
-}
-
-impl From<FredError> for Incomplete {
-    fn from(error: FredError) -> Self {
-        Incomplete { removed: 0, error }
-    }
-}
 
 /// Pauses entry writes while Redis is (nearly) out of memory and cannot evict, so that the
 /// cache never fills it: with `maxmemory-policy noeviction`, a full Redis refuses every

@@ -1,0 +1,3 @@
+//! The protocol-agnostic engine.
+
+pub(crate) mod coalesce;

@@ -1,0 +1,4 @@
+//! The HTTP front end.
+
+pub(crate) mod body;
+pub(crate) mod future;
