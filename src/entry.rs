@@ -288,6 +288,35 @@ impl Cursor {
     }
 }
 
+/// A response made before the first poll (a near hit): its head and its body.
+pub(crate) struct Ready {
+    pub(crate) parts: http::response::Parts,
+    pub(crate) body: Option<bytes::Bytes>,
+    pub(crate) trailers: Option<http::HeaderMap>,
+}
+
+/// A nonce for a write starting now.
+pub(crate) fn nonce_now() -> [u8; 8] {
+    nonce(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default(),
+    )
+}
+
+/// A value unique to one write: time, process and a counter.
+pub(crate) fn nonce(now: std::time::Duration) -> [u8; 8] {
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut h = blake3::Hasher::new();
+    h.update(&now.as_nanos().to_le_bytes());
+    h.update(&std::process::id().to_le_bytes());
+    h.update(&n.to_le_bytes());
+    let mut out = [0u8; 8];
+    out.copy_from_slice(&h.finalize().as_bytes()[..8]);
+    out
+}
+
 #[cfg(test)]
 fn timing(e: &Entry) -> Timing {
     Timing {

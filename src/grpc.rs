@@ -32,8 +32,8 @@ use tower_service::Service;
 use crate::http::future::{Ctx, ResponseFuture};
 use crate::key::KeyInput;
 use crate::layer::CacheLayer;
-use crate::policy::Policy;
 use crate::outcome::{BypassReason, Counters};
+use crate::policy::Policy;
 
 /// The default bound on the request message of an opted-in gRPC method: 64 KiB. Larger
 /// requests are passed to the inner service (nothing lost) and not cached.

@@ -5,10 +5,10 @@ use std::time::Duration;
 
 use http::{HeaderMap, HeaderName, HeaderValue, Uri};
 
-use crate::store::redis::breaker::BreakerState;
 use crate::key::KeyInput;
 use crate::layer::CacheLayer;
 use crate::outcome::Stats;
+use crate::store::redis::breaker::BreakerState;
 
 /// A cheap, cloneable handle on a [`CacheLayer`]'s store, for the application's own code
 /// (for example in axum state, to invalidate after a write).

@@ -8,13 +8,13 @@ use http::HeaderName;
 use tokio::sync::Semaphore;
 use tower_layer::Layer;
 
-use crate::store::Store;
-use crate::store::redis::config::ConfigError;
 use crate::handle::CacheHandle;
 use crate::key::{valid_namespace, Identity, Keyer};
+use crate::outcome::Counters;
 use crate::policy::Policy;
 use crate::service::CacheService;
-use crate::outcome::Counters;
+use crate::store::redis::config::ConfigError;
+use crate::store::Store;
 
 /// The default namespace, the first part of every key.
 pub const DEFAULT_NAMESPACE: &str = "cache";

@@ -179,27 +179,27 @@ mod service;
 mod store;
 mod value;
 
-pub use store::Store;
-pub use http::body::ResponseBody;
-pub use store::redis::breaker::BreakerState;
-pub use store::redis::config::{
-    ConfigError, RedisConfig, DEFAULT_COMMAND_TIMEOUT, DEFAULT_CONNECT_TIMEOUT,
-    DEFAULT_LOOKUP_TIMEOUT, DEFAULT_POOL_SIZE,
-};
-pub use http::future::ResponseFuture;
 pub use grpc::DEFAULT_MAX_GRPC_REQUEST_SIZE;
 #[cfg(feature = "axum")]
 pub use handle::health_route;
 pub use handle::{CacheError, CacheHandle, Health, PathPattern, RedisStatus, RequestKey};
+pub use http::body::ResponseBody;
+pub use http::future::ResponseFuture;
 pub use key::Identity;
 pub use layer::{CacheLayer, DEFAULT_MAX_PENDING_WRITES, DEFAULT_NAMESPACE};
-#[cfg(feature = "memory")]
-pub use store::memory::MemoryStore;
+pub use outcome::{BypassReason, CacheStatus, Stats, CACHE_NAME, CACHE_STATUS};
 pub use policy::{
     CacheOverride, Policy, DEFAULT_COALESCE_WAIT, DEFAULT_MAX_BODY_SIZE, DEFAULT_MAX_VARIANTS,
     TAG_HEADERS, TTL_OVERRIDE_HEADER,
 };
 pub use service::CacheService;
-pub use outcome::{BypassReason, CacheStatus, Stats, CACHE_NAME, CACHE_STATUS};
+#[cfg(feature = "memory")]
+pub use store::memory::MemoryStore;
+pub use store::redis::breaker::BreakerState;
+pub use store::redis::config::{
+    ConfigError, RedisConfig, DEFAULT_COMMAND_TIMEOUT, DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_LOOKUP_TIMEOUT, DEFAULT_POOL_SIZE,
+};
 pub use store::redis::RedisStore;
+pub use store::Store;
 pub use value::ValueKey;

@@ -11,8 +11,8 @@ use crate::http::body::ResponseBody;
 use crate::http::future::{Ctx, ResponseFuture};
 use crate::key::KeyInput;
 use crate::layer::CacheLayer;
-use crate::policy::{cacheable_method, request_bypass, SharedRequest};
 use crate::outcome::{BypassReason, Counters};
+use crate::policy::{cacheable_method, request_bypass, SharedRequest};
 
 /// The service made by [`CacheLayer`]. See the [crate docs](crate) for an example.
 pub struct CacheService<S> {

@@ -337,7 +337,7 @@ impl CacheHandle {
             return;
         };
         let keyer = self.keyer();
-        let nonce = crate::http::body::nonce_now();
+        let nonce = crate::entry::nonce_now();
         let mut markers: Vec<String> = indexes.iter().map(|i| keyer.marker_of(i)).collect();
         markers.push(keyer.all_marker());
         let write = crate::store::Write {

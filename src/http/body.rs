@@ -4,7 +4,6 @@
 
 use std::collections::VecDeque;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -18,8 +17,8 @@ use pin_project_lite::pin_project;
 use crate::entry::{storable_map, Entry};
 use crate::http::future::Ctx;
 use crate::layer::CacheLayer;
-use crate::policy::{TAG_HEADERS, TTL_OVERRIDE_HEADER};
 use crate::outcome::{Counters, CACHE_STATUS};
+use crate::policy::{TAG_HEADERS, TTL_OVERRIDE_HEADER};
 use crate::store::{Write, Written, MARKER_TTL};
 
 pin_project! {
@@ -759,7 +758,7 @@ impl Recorder {
         let stored_at_ms =
             u64::try_from(now.saturating_sub(self.age).as_millis()).unwrap_or(u64::MAX);
         let ttl_ms = u64::try_from(self.ttl.as_millis()).unwrap_or(u64::MAX);
-        let nonce = nonce(now);
+        let nonce = crate::entry::nonce(now);
         if self.etag && !self.headers.contains_key(header::ETAG) {
             // Strong, and the same in every process and after restarts: a hash of the body.
             let mut h = blake3::Hasher::new();
@@ -882,28 +881,6 @@ fn headers_len(headers: &HeaderMap) -> Option<usize> {
         return None;
     }
     first.to_str().ok()?.trim().parse().ok()
-}
-
-/// A nonce for a write starting now.
-pub(crate) fn nonce_now() -> [u8; 8] {
-    nonce(
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default(),
-    )
-}
-
-/// A value unique to one write: time, process and a counter.
-fn nonce(now: Duration) -> [u8; 8] {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let mut h = blake3::Hasher::new();
-    h.update(&now.as_nanos().to_le_bytes());
-    h.update(&std::process::id().to_le_bytes());
-    h.update(&n.to_le_bytes());
-    let mut out = [0u8; 8];
-    out.copy_from_slice(&h.finalize().as_bytes()[..8]);
-    out
 }
 
 impl Drop for Recorder {

@@ -13,15 +13,15 @@ use pin_project_lite::pin_project;
 use sync_wrapper::SyncWrapper;
 use tower_service::Service;
 
-use crate::http::body::{drain, spawn_detached, Recorder, ResponseBody};
 use crate::engine::coalesce::{Outcome, Role};
-use crate::entry::{storable_map, Entry};
+use crate::entry::{storable_map, Entry, Ready};
+use crate::http::body::{drain, spawn_detached, Recorder, ResponseBody};
 use crate::layer::CacheLayer;
+use crate::outcome::{set_headers, with_number, BypassReason, CacheStatus, Counters, NotStored};
 use crate::policy::{
     cache_control, handler_override, storage, take_tags, Policy, SharedRequest, TAG_HEADERS,
     TTL_OVERRIDE_HEADER, VARY_FINGERPRINT,
 };
-use crate::outcome::{set_headers, with_number, BypassReason, CacheStatus, Counters, NotStored};
 
 type Lookup = Pin<Box<dyn Future<Output = Found> + Send>>;
 type BoxCall<R, E> = Pin<Box<dyn Future<Output = Result<R, E>> + Send>>;
@@ -148,13 +148,6 @@ where
         }
     };
     spawn_detached(&shared, &key, work);
-}
-
-/// A response made before the first poll (a near hit): its head and its body.
-pub(crate) struct Ready {
-    pub(crate) parts: http::response::Parts,
-    pub(crate) body: Option<Bytes>,
-    pub(crate) trailers: Option<http::HeaderMap>,
 }
 
 /// What to do with the inner response.

@@ -13,10 +13,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use fred::prelude::Error as FredError;
 
-use crate::store::redis::breaker::BreakerState;
-use crate::store::redis::config::ConfigError;
 #[cfg(feature = "memory")]
 use crate::store::memory::MemoryStore;
+use crate::store::redis::breaker::BreakerState;
+use crate::store::redis::config::ConfigError;
 use crate::store::redis::RedisStore;
 
 /// Where a [`CacheLayer`](crate::CacheLayer) keeps its entries: a [`RedisStore`] (shared by
@@ -334,4 +334,3 @@ impl From<FredError> for Incomplete {
         Incomplete { removed: 0, error }
     }
 }
-

@@ -26,7 +26,7 @@ use fred::types::ClientState;
 use moka::sync::Cache;
 
 use crate::entry::Entry;
-use crate::http::future::Ready;
+use crate::entry::Ready;
 use crate::outcome::{set_headers, with_number, CacheStatus, CACHE_STATUS, NEAR_HIT_PREFIX};
 use crate::store::redis::RedisStore;
 

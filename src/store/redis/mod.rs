@@ -19,8 +19,8 @@ use fred::types::config::UnresponsiveConfig;
 use fred::types::{FromValue, MultipleKeys, MultipleValues};
 
 use crate::store::redis::breaker::{Breaker, BreakerState};
-use crate::store::{Incomplete, Write, Written, MARKER_TTL};
 use crate::store::redis::config::{ConfigError, RedisConfig};
+use crate::store::{Incomplete, Write, Written, MARKER_TTL};
 
 /// Deletes a key only if it still holds the given bytes, so that removing a corrupt entry
 /// never removes a good one written in the meantime.
