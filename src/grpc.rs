@@ -16,7 +16,7 @@
 )]
 
 use std::any::Any;
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -29,35 +29,15 @@ use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use tower_service::Service;
 
-use crate::http::future::{Ctx, ResponseFuture};
+use crate::engine::ctx::{Ctx, Deferred};
+use crate::engine::Engine;
+use crate::http::future::ResponseFuture;
 use crate::key::KeyInput;
-use crate::layer::CacheLayer;
 use crate::outcome::{BypassReason, Counters};
 use crate::policy::Policy;
 
-/// The default bound on the request message of an opted-in gRPC method: 64 KiB. Larger
-/// requests are passed to the inner service (nothing lost) and not cached.
-pub const DEFAULT_MAX_GRPC_REQUEST_SIZE: usize = 64 * 1024;
-
 /// The request header naming the compression of the request message.
 const GRPC_ENCODING: HeaderName = HeaderName::from_static("grpc-encoding");
-const GRPC_STATUS: &str = "grpc-status";
-
-/// The opted-in unary methods of a layer, by full path.
-#[derive(Clone, Debug)]
-pub(crate) struct Methods {
-    pub(crate) by_path: HashMap<String, Arc<Policy>>,
-    pub(crate) max_request: usize,
-}
-
-impl Default for Methods {
-    fn default() -> Self {
-        Methods {
-            by_path: HashMap::new(),
-            max_request: DEFAULT_MAX_GRPC_REQUEST_SIZE,
-        }
-    }
-}
 
 /// Whether a method path has the shape `/package.Service/Method`.
 pub(crate) fn valid_method_path(path: &str) -> bool {
@@ -110,42 +90,9 @@ fn is_grpc_over_http2(headers: &HeaderMap) -> bool {
         })
 }
 
-/// Whether a response head may be stored: not trailers-only (its status would be in the
-/// headers), and not compressed (a hit must be readable by any client, whatever it accepts).
-pub(crate) fn storable_head(headers: &HeaderMap) -> bool {
-    if headers.contains_key(GRPC_STATUS) {
-        return false;
-    }
-    headers
-        .get("grpc-encoding")
-        .map_or(true, |v| v.as_bytes().eq_ignore_ascii_case(b"identity"))
-}
-
-/// Whether a response ended as a success: trailers with `grpc-status: 0`.
-pub(crate) fn ok_trailers(trailers: Option<&HeaderMap>) -> bool {
-    trailers
-        .and_then(|t| t.get(GRPC_STATUS))
-        .is_some_and(|v| v.as_bytes() == b"0")
-}
-
-/// What the read of an opted-in request hands back to the response future.
-pub(crate) struct Read {
-    parts: http::request::Parts,
-    /// The whole request body when it is exactly one message within the bound.
-    message: Option<Bytes>,
-    /// The rebuilt request body, of the inner service's request body type.
-    body: Box<dyn Any + Send>,
-    shared: Arc<CacheLayer>,
-    policy: Arc<Policy>,
-    method: String,
-    identity: Option<Vec<u8>>,
-}
-
-pub(crate) type ReadFuture = Pin<Box<dyn Future<Output = Read> + Send>>;
-
 /// Handles a gRPC call: untouched unless its method is opted in.
 pub(crate) fn call<S, ReqB>(
-    shared: &Arc<CacheLayer>,
+    shared: &Arc<Engine>,
     mut inner: S,
     req: Request<ReqB>,
 ) -> ResponseFuture<S, ReqB>
@@ -220,9 +167,9 @@ where
     };
     let method = parts.uri.path().to_owned();
     let (shared, policy) = (Arc::clone(shared), Arc::clone(policy));
-    let future: ReadFuture = Box::pin(async move {
+    let future: crate::http::future::DeferredRead = Box::pin(async move {
         let (message, body) = read.await;
-        Read {
+        Deferred {
             parts,
             message,
             body,
@@ -232,17 +179,17 @@ where
             identity,
         }
     });
-    ResponseFuture::grpc(future, inner)
+    ResponseFuture::deferred(future, inner, after_read::<S, ReqB>)
 }
 
 /// After the request body was read: looks the call up, or passes it through when its
 /// message cannot be keyed.
-pub(crate) fn after_read<S, ReqB>(read: Read, mut inner: S) -> Option<ResponseFuture<S, ReqB>>
+pub(crate) fn after_read<S, ReqB>(read: Deferred, mut inner: S) -> Option<ResponseFuture<S, ReqB>>
 where
     S: Service<Request<ReqB>>,
     ReqB: 'static,
 {
-    let Read {
+    let Deferred {
         parts,
         message,
         body,
@@ -518,6 +465,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::policy::grpc::{ok_trailers, storable_head};
     use http::HeaderValue;
     use http_body_util::{BodyExt, StreamBody};
 

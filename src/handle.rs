@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use http::{HeaderMap, HeaderName, HeaderValue, Uri};
 
+use crate::engine::Engine;
 use crate::key::KeyInput;
-use crate::layer::CacheLayer;
 use crate::outcome::Stats;
 use crate::store::redis::breaker::BreakerState;
 
@@ -28,7 +28,7 @@ use crate::store::redis::breaker::BreakerState;
 /// ```
 #[derive(Clone)]
 pub struct CacheHandle {
-    layer: CacheLayer,
+    engine: Engine,
 }
 
 /// The state of Redis as seen by [`CacheHandle::health`].
@@ -212,16 +212,16 @@ impl RequestKey {
 }
 
 impl CacheHandle {
-    pub(crate) fn new(layer: CacheLayer) -> Self {
-        CacheHandle { layer }
+    pub(crate) fn new(engine: Engine) -> Self {
+        CacheHandle { engine }
     }
 
     /// Counters since the layer was built.
     pub fn stats(&self) -> Stats {
-        let mut stats = self.layer.runtime.counters.snapshot();
+        let mut stats = self.engine.runtime.counters.snapshot();
         stats.breaker_opened = self.store().breaker_opened();
         #[cfg(feature = "near")]
-        if let Some(near) = self.layer.runtime.near.get() {
+        if let Some(near) = self.engine.runtime.near.get() {
             use std::sync::atomic::Ordering::Relaxed;
             stats.near_hits = near.hits.load(Relaxed);
             stats.near_flushes = near.flushes.load(Relaxed);
@@ -285,7 +285,7 @@ impl CacheHandle {
             Some(u) => (u.path(), u.query()),
             None => (request.uri.as_str(), None),
         };
-        let routes = &self.layer.routes;
+        let routes = &self.engine.routes;
         let (route, policy) = match &request.route {
             Some(r) => (Some(r.as_str()), routes.lookup(Some(r.as_str()), path).1),
             None => routes.lookup(None, path),
@@ -299,7 +299,7 @@ impl CacheHandle {
             let host = request.headers.get(http::header::HOST)?;
             host.to_str().ok()
         });
-        let key = self.layer.settings.keyer.key(&KeyInput {
+        let key = self.engine.settings.keyer.key(&KeyInput {
             route,
             identity,
             path,
@@ -312,15 +312,15 @@ impl CacheHandle {
     }
 
     pub(crate) fn store(&self) -> &crate::store::Store {
-        &self.layer.settings.store
+        &self.engine.settings.store
     }
 
     pub(crate) fn keyer(&self) -> &crate::key::Keyer {
-        &self.layer.settings.keyer
+        &self.engine.settings.keyer
     }
 
-    pub(crate) fn runtime(&self) -> &crate::layer::Runtime {
-        &self.layer.runtime
+    pub(crate) fn runtime(&self) -> &crate::engine::Runtime {
+        &self.engine.runtime
     }
 
     async fn by_indexes(&self, indexes: Vec<String>) -> Result<u64, CacheError> {
@@ -539,8 +539,8 @@ impl CacheHandle {
         #[cfg(feature = "near")]
         let work = {
             let store = self.store().as_redis().cloned();
-            let near = (self.layer.routes.uses_near() && store.is_some())
-                .then(|| std::sync::Arc::clone(self.layer.near()));
+            let near = (self.engine.routes.uses_near() && store.is_some())
+                .then(|| std::sync::Arc::clone(self.engine.near()));
             async move {
                 let result = work.await;
                 if let (Some(near), Some(store)) = (near, store) {
@@ -593,7 +593,7 @@ impl From<crate::store::Incomplete> for CacheError {
 impl fmt::Debug for CacheHandle {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CacheHandle")
-            .field("namespace", &self.layer.settings.keyer.namespace())
+            .field("namespace", &self.engine.settings.keyer.namespace())
             .finish()
     }
 }

@@ -5,12 +5,11 @@ use std::fmt;
 use std::sync::Arc;
 
 use http::HeaderName;
-use tokio::sync::Semaphore;
 use tower_layer::Layer;
 
+use crate::engine::{Engine, Routes, Runtime, Settings};
 use crate::handle::CacheHandle;
 use crate::key::{valid_namespace, Identity, Keyer};
-use crate::outcome::Counters;
 use crate::policy::Policy;
 use crate::service::CacheService;
 use crate::store::redis::config::ConfigError;
@@ -28,109 +27,7 @@ pub const DEFAULT_MAX_PENDING_WRITES: usize = 1024;
 #[derive(Clone)]
 #[must_use]
 pub struct CacheLayer {
-    pub(crate) settings: Settings,
-    pub(crate) routes: Arc<Routes>,
-    pub(crate) runtime: Arc<Runtime>,
-}
-
-/// What the services of one layer read on every request.
-#[derive(Clone)]
-pub(crate) struct Settings {
-    pub(crate) store: Store,
-    pub(crate) keyer: Keyer,
-    pub(crate) identity: Identity,
-    /// Credential-bearing request headers besides `Authorization` and `Cookie`.
-    pub(crate) credentials: Arc<[HeaderName]>,
-    pub(crate) x_cache: Option<HeaderName>,
-    pub(crate) invalidate_on_write: bool,
-    #[cfg(feature = "near")]
-    pub(crate) near_capacity: u64,
-}
-
-/// Counters and the write bound: shared by every clone of a layer, its services and handle.
-#[derive(Debug)]
-pub(crate) struct Runtime {
-    pub(crate) counters: Counters,
-    pub(crate) writes: Arc<Semaphore>,
-    /// Bytes of entries being written: bounds memory while Redis is slow.
-    pub(crate) write_bytes: Arc<Semaphore>,
-    /// `get_or_insert_json` computations in flight, by key.
-    pub(crate) inflight: crate::value::Inflight,
-    /// Misses in flight, for request coalescing.
-    pub(crate) flights: crate::engine::coalesce::Flights,
-    /// Leaders of coalesced misses finishing in the background after their client left.
-    pub(crate) detached: Arc<Semaphore>,
-    /// The near-cache, made on first use (with the namespace and capacity of that moment).
-    #[cfg(feature = "near")]
-    pub(crate) near: std::sync::OnceLock<Arc<crate::store::near::Near>>,
-    /// Routes whose responses were refused for their `Vary` (logged once each).
-    vary_logged: std::sync::Mutex<std::collections::HashSet<String>>,
-}
-
-impl Runtime {
-    /// True the first time a route's response is refused for its `Vary` (bounded: at most
-    /// 1,000 routes are remembered).
-    pub(crate) fn first_vary_refusal(&self, route: &str) -> bool {
-        let mut seen = self.vary_logged.lock().unwrap_or_else(|e| e.into_inner());
-        seen.len() < 1000 && seen.insert(route.to_owned())
-    }
-}
-
-/// At most this many coalesced misses finish in the background after their clients left; past
-/// it, a leaving client's work is dropped as without coalescing (its followers call the
-/// inner service themselves).
-pub(crate) const MAX_DETACHED: usize = 256;
-
-/// The default bound on the bytes of entries being written at once.
-pub(crate) const DEFAULT_MAX_PENDING_BYTES: usize = 64 * 1024 * 1024;
-
-impl Runtime {
-    fn new(max_pending_writes: usize) -> Self {
-        Runtime {
-            counters: Counters::default(),
-            writes: Arc::new(Semaphore::new(max_pending_writes)),
-            write_bytes: Arc::new(Semaphore::new(DEFAULT_MAX_PENDING_BYTES)),
-            inflight: crate::value::Inflight::default(),
-            flights: crate::engine::coalesce::Flights::default(),
-            detached: Arc::new(Semaphore::new(MAX_DETACHED)),
-            #[cfg(feature = "near")]
-            near: std::sync::OnceLock::new(),
-            vary_logged: std::sync::Mutex::default(),
-        }
-    }
-}
-
-/// The default policy and the table of route templates.
-#[derive(Clone)]
-pub(crate) struct Routes {
-    pub(crate) default: Arc<Policy>,
-    pub(crate) by_template: HashMap<String, Arc<Policy>>,
-    pub(crate) matcher: matchit::Router<String>,
-    /// Opted-in unary gRPC methods.
-    pub(crate) grpc: crate::grpc::Methods,
-}
-
-impl Routes {
-    /// The route template and policy of a request: axum's `MatchedPath` when the layer runs
-    /// inside a router, otherwise the table's own match of the path.
-    pub(crate) fn lookup<'a>(
-        &'a self,
-        matched: Option<&'a str>,
-        path: &str,
-    ) -> (Option<&'a str>, &'a Arc<Policy>) {
-        if let Some(template) = matched {
-            let policy = self.by_template.get(template).unwrap_or(&self.default);
-            return (Some(template), policy);
-        }
-        match self.matcher.at(path) {
-            Ok(m) => {
-                let template = m.value.as_str();
-                let policy = self.by_template.get(template).unwrap_or(&self.default);
-                (Some(template), policy)
-            }
-            Err(_) => (None, &self.default),
-        }
-    }
+    pub(crate) engine: Engine,
 }
 
 impl CacheLayer {
@@ -156,23 +53,25 @@ impl CacheLayer {
     /// ```
     pub fn new(store: impl Into<Store>, policy: Policy) -> Self {
         CacheLayer {
-            settings: Settings {
-                store: store.into(),
-                keyer: Keyer::new(DEFAULT_NAMESPACE),
-                identity: Identity::default(),
-                credentials: Arc::from(crate::policy::DEFAULT_CREDENTIAL_HEADERS.as_slice()),
-                x_cache: Some(HeaderName::from_static("x-cache")),
-                invalidate_on_write: false,
-                #[cfg(feature = "near")]
-                near_capacity: crate::store::near::DEFAULT_NEAR_CAPACITY,
+            engine: Engine {
+                settings: Settings {
+                    store: store.into(),
+                    keyer: Keyer::new(DEFAULT_NAMESPACE),
+                    identity: Identity::default(),
+                    credentials: Arc::from(crate::policy::DEFAULT_CREDENTIAL_HEADERS.as_slice()),
+                    x_cache: Some(HeaderName::from_static("x-cache")),
+                    invalidate_on_write: false,
+                    #[cfg(feature = "near")]
+                    near_capacity: crate::store::near::DEFAULT_NEAR_CAPACITY,
+                },
+                routes: Arc::new(Routes {
+                    default: Arc::new(policy),
+                    by_template: HashMap::new(),
+                    matcher: matchit::Router::new(),
+                    grpc: crate::engine::Methods::default(),
+                }),
+                runtime: Arc::new(Runtime::new(DEFAULT_MAX_PENDING_WRITES)),
             },
-            routes: Arc::new(Routes {
-                default: Arc::new(policy),
-                by_template: HashMap::new(),
-                matcher: matchit::Router::new(),
-                grpc: crate::grpc::Methods::default(),
-            }),
-            runtime: Arc::new(Runtime::new(DEFAULT_MAX_PENDING_WRITES)),
         }
     }
 
@@ -182,7 +81,7 @@ impl CacheLayer {
         if !valid_namespace(namespace) {
             return Err(ConfigError::InvalidNamespace(namespace.to_owned()));
         }
-        self.settings.keyer = Keyer::new(namespace);
+        self.engine.settings.keyer = Keyer::new(namespace);
         Ok(self)
     }
 
@@ -190,7 +89,7 @@ impl CacheLayer {
     /// cache nothing until this is set). On strictly shared routes, a request with an
     /// identity is passed through, like one with `Authorization`.
     pub fn identity(mut self, identity: Identity) -> Self {
-        self.settings.identity = identity;
+        self.engine.settings.identity = identity;
         self
     }
 
@@ -213,10 +112,10 @@ impl CacheLayer {
     /// # let _ = cache;
     /// ```
     pub fn credential_header(mut self, name: HeaderName) -> Self {
-        if !self.settings.credentials.contains(&name) {
-            let mut names = self.settings.credentials.to_vec();
+        if !self.engine.settings.credentials.contains(&name) {
+            let mut names = self.engine.settings.credentials.to_vec();
             names.push(name);
-            self.settings.credentials = Arc::from(names);
+            self.engine.settings.credentials = Arc::from(names);
         }
         self
     }
@@ -225,7 +124,7 @@ impl CacheLayer {
     /// `Router::route_layer`, give each route a clone of one layer with its own policy:
     /// they share the store, the counters and the handle.
     pub fn policy(mut self, policy: Policy) -> Self {
-        Arc::make_mut(&mut self.routes).default = Arc::new(policy);
+        Arc::make_mut(&mut self.engine.routes).default = Arc::new(policy);
         self
     }
 
@@ -234,7 +133,7 @@ impl CacheLayer {
     /// `MatchedPath`; elsewhere (a layer around the whole router, tonic) the request path is
     /// matched against the templates.
     pub fn route(mut self, template: &str, policy: Policy) -> Result<Self, ConfigError> {
-        let routes = Arc::make_mut(&mut self.routes);
+        let routes = Arc::make_mut(&mut self.engine.routes);
         if !routes.by_template.contains_key(template) {
             routes
                 .matcher
@@ -298,7 +197,7 @@ impl CacheLayer {
             });
         }
         let policy = crate::grpc::method_policy(policy);
-        Arc::make_mut(&mut self.routes)
+        Arc::make_mut(&mut self.engine.routes)
             .grpc
             .by_path
             .insert(path.to_owned(), Arc::new(policy));
@@ -309,14 +208,14 @@ impl CacheLayer {
     /// (default [`DEFAULT_MAX_GRPC_REQUEST_SIZE`](crate::DEFAULT_MAX_GRPC_REQUEST_SIZE),
     /// 64 KiB). Larger requests are handed to the inner service as they came, uncached.
     pub fn grpc_max_request_size(mut self, bytes: usize) -> Self {
-        Arc::make_mut(&mut self.routes).grpc.max_request = bytes;
+        Arc::make_mut(&mut self.engine.routes).grpc.max_request = bytes;
         self
     }
 
     /// The name of the short status header (default `x-cache`: `HIT`, `MISS` or `BYPASS`).
     /// `Cache-Status` (RFC 9211) is always sent.
     pub fn status_header(mut self, name: HeaderName) -> Self {
-        self.settings.x_cache = Some(name);
+        self.engine.settings.x_cache = Some(name);
         self
     }
 
@@ -325,13 +224,13 @@ impl CacheLayer {
     /// Off by default. Entries of other paths that show the same data (a list showing the
     /// item just changed) still need [`CacheHandle`] calls or tags of your own.
     pub fn invalidate_on_write(mut self, on: bool) -> Self {
-        self.settings.invalidate_on_write = on;
+        self.engine.settings.invalidate_on_write = on;
         self
     }
 
     /// Sends no short status header, only `Cache-Status`.
     pub fn no_status_header(mut self) -> Self {
-        self.settings.x_cache = None;
+        self.engine.settings.x_cache = None;
         self
     }
 
@@ -339,7 +238,7 @@ impl CacheLayer {
     /// hold 64 MiB in all). Past either bound new writes are dropped and counted in
     /// [`Stats::writes_dropped`](crate::Stats); the response is never delayed. Resets the counters: call it before [`handle`](Self::handle).
     pub fn max_pending_writes(mut self, n: usize) -> Self {
-        self.runtime = Arc::new(Runtime::new(n.max(1)));
+        self.engine.runtime = Arc::new(Runtime::new(n.max(1)));
         self
     }
 
@@ -347,33 +246,14 @@ impl CacheLayer {
     /// it ([`Policy::near`]). Entries are weighed by body, headers and key.
     #[cfg(feature = "near")]
     pub fn near_capacity(mut self, bytes: u64) -> Self {
-        self.settings.near_capacity = bytes;
+        self.engine.settings.near_capacity = bytes;
         self
-    }
-
-    /// The near-cache of this layer (and its clones and handle), made on first use.
-    #[cfg(feature = "near")]
-    pub(crate) fn near(&self) -> &Arc<crate::store::near::Near> {
-        self.runtime.near.get_or_init(|| {
-            Arc::new(crate::store::near::Near::new(
-                self.settings.near_capacity,
-                format!("{}:near", self.settings.keyer.namespace()),
-            ))
-        })
     }
 
     /// A handle for invalidation, health and counters, shared by every clone of this layer.
     /// Take it after the other settings: it keeps the namespace it was taken with.
     pub fn handle(&self) -> CacheHandle {
-        CacheHandle::new(self.clone())
-    }
-}
-
-impl Routes {
-    /// Whether any route keeps entries in the near-cache.
-    #[cfg(feature = "near")]
-    pub(crate) fn uses_near(&self) -> bool {
-        self.default.near.is_some() || self.by_template.values().any(|p| p.near.is_some())
+        CacheHandle::new(self.engine.clone())
     }
 }
 
@@ -381,19 +261,12 @@ impl<S> Layer<S> for CacheLayer {
     type Service = CacheService<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        CacheService::new(inner, self.clone())
+        CacheService::new(inner, self.engine.clone())
     }
 }
 
 impl fmt::Debug for CacheLayer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("CacheLayer")
-            .field("namespace", &self.settings.keyer.namespace())
-            .field("identity", &self.settings.identity)
-            .field("default", &self.routes.default)
-            .field("routes", &self.routes.by_template)
-            .field("grpc_methods", &self.routes.grpc.by_path)
-            .field("store", &self.settings.store)
-            .finish()
+        fmt::Debug::fmt(&self.engine, f)
     }
 }

@@ -179,7 +179,7 @@ mod service;
 mod store;
 mod value;
 
-pub use grpc::DEFAULT_MAX_GRPC_REQUEST_SIZE;
+pub use engine::DEFAULT_MAX_GRPC_REQUEST_SIZE;
 #[cfg(feature = "axum")]
 pub use handle::health_route;
 pub use handle::{CacheError, CacheHandle, Health, PathPattern, RedisStatus, RequestKey};

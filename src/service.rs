@@ -7,24 +7,25 @@ use std::task::{Context, Poll};
 use http::{Method, Request, Response};
 use tower_service::Service;
 
+use crate::engine::ctx::Ctx;
+use crate::engine::Engine;
 use crate::http::body::ResponseBody;
-use crate::http::future::{Ctx, ResponseFuture};
+use crate::http::future::ResponseFuture;
 use crate::key::KeyInput;
-use crate::layer::CacheLayer;
 use crate::outcome::{BypassReason, Counters};
 use crate::policy::{cacheable_method, request_bypass, SharedRequest};
 
 /// The service made by [`CacheLayer`]. See the [crate docs](crate) for an example.
 pub struct CacheService<S> {
     inner: S,
-    shared: Arc<CacheLayer>,
+    shared: Arc<Engine>,
 }
 
 impl<S> CacheService<S> {
-    pub(crate) fn new(inner: S, layer: CacheLayer) -> Self {
+    pub(crate) fn new(inner: S, engine: Engine) -> Self {
         CacheService {
             inner,
-            shared: Arc::new(layer),
+            shared: Arc::new(engine),
         }
     }
 

@@ -1,10 +1,9 @@
 //! The value cache: JSON values under keys of your own, and memoized async functions (the
 //! Python utility's `set_cache` / `get_cache` / `delete_cache` and `@cached`).
 
-use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -12,6 +11,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::sync::OnceCell;
 
+use crate::engine::inflight::Inflight;
 use crate::handle::{CacheError, CacheHandle};
 
 /// The key of a cached value: a name, parts (escaped), and optionally the user it belongs
@@ -94,37 +94,6 @@ fn json_of(raw: &[u8]) -> Option<&[u8]> {
         && raw.starts_with(VALUE_MAGIC)
         && raw[VALUE_MAGIC.len()] == crate::entry::CONFIRMED)
         .then(|| &raw[VALUE_HEADER..])
-}
-
-/// A computation in flight, and the invalidation sequence read before it began: a caller
-/// that read a later sequence (an invalidation ran since) does not join it.
-type Slot = (Option<u64>, Arc<OnceCell<Bytes>>);
-
-/// Computations in flight, so that concurrent callers of one key share one run.
-#[derive(Debug, Default)]
-pub(crate) struct Inflight(Mutex<HashMap<String, Slot>>);
-
-impl Inflight {
-    fn cell(&self, key: &str, seq: Option<u64>) -> Arc<OnceCell<Bytes>> {
-        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        match map.get(key) {
-            // Join unless this caller saw an invalidation the computation did not (a caller
-            // without a sequence, Redis being unreachable, joins any).
-            Some((started, cell)) if seq <= *started => Arc::clone(cell),
-            _ => {
-                let cell = Arc::new(OnceCell::new());
-                map.insert(key.to_owned(), (seq, Arc::clone(&cell)));
-                cell
-            }
-        }
-    }
-
-    fn done(&self, key: &str, cell: &Arc<OnceCell<Bytes>>) {
-        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if map.get(key).is_some_and(|(_, c)| Arc::ptr_eq(c, cell)) {
-            map.remove(key);
-        }
-    }
 }
 
 /// Forgets a computation when its caller is done or dropped (cancelled), so the map never

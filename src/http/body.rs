@@ -14,9 +14,9 @@ use http::{HeaderMap, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
+use crate::engine::ctx::Ctx;
+use crate::engine::Engine;
 use crate::entry::{storable_map, Entry};
-use crate::http::future::Ctx;
-use crate::layer::CacheLayer;
 use crate::outcome::{Counters, CACHE_STATUS};
 use crate::policy::{TAG_HEADERS, TTL_OVERRIDE_HEADER};
 use crate::store::{Write, Written, MARKER_TTL};
@@ -105,7 +105,7 @@ where
 /// each for at most `DETACHED_DEADLINE`. Past either bound `work` is dropped, and with it
 /// the flight: its followers call the inner service themselves, as without coalescing.
 pub(crate) fn spawn_detached(
-    shared: &CacheLayer,
+    shared: &Engine,
     key: &str,
     work: impl std::future::Future<Output = ()> + Send + 'static,
 ) {
@@ -116,7 +116,7 @@ pub(crate) fn spawn_detached(
 /// `detached`: its client is gone (counted and logged as such), else it reads a leader's body
 /// ahead of a client still there.
 fn spawn_bounded(
-    shared: &CacheLayer,
+    shared: &Engine,
     key: &str,
     work: impl std::future::Future<Output = ()> + Send + 'static,
     detached: bool,
@@ -630,7 +630,7 @@ impl<B> Drop for LeadBody<B> {
 /// Collects a response body on its way out and stores it at a clean end of stream.
 /// Dropped before that (client gone, body error, over the limit), it stores nothing.
 pub(crate) struct Recorder {
-    shared: Arc<CacheLayer>,
+    shared: Arc<Engine>,
     key: String,
     ttl: Duration,
     status: StatusCode,
@@ -739,7 +739,7 @@ impl Recorder {
             tracing::debug!(key = %self.key, "body length differs from Content-Length; not stored");
             return;
         }
-        if self.grpc && !crate::grpc::ok_trailers(trailers.as_ref()) {
+        if self.grpc && !crate::policy::grpc::ok_trailers(trailers.as_ref()) {
             tracing::debug!(key = %self.key, "gRPC call did not end with grpc-status 0; not stored");
             return;
         }

@@ -14,15 +14,18 @@ use sync_wrapper::SyncWrapper;
 use tower_service::Service;
 
 use crate::engine::coalesce::{Outcome, Role};
+use crate::engine::ctx::{Ctx, Deferred};
+use crate::engine::Engine;
 use crate::entry::{storable_map, Entry, Ready};
 use crate::http::body::{drain, spawn_detached, Recorder, ResponseBody};
-use crate::layer::CacheLayer;
 use crate::outcome::{set_headers, with_number, BypassReason, CacheStatus, Counters, NotStored};
 use crate::policy::{
     cache_control, handler_override, storage, take_tags, Policy, SharedRequest, TAG_HEADERS,
     TTL_OVERRIDE_HEADER, VARY_FINGERPRINT,
 };
 
+/// The read of a deferred request's body.
+pub(crate) type DeferredRead = Pin<Box<dyn Future<Output = Deferred> + Send>>;
 type Lookup = Pin<Box<dyn Future<Output = Found> + Send>>;
 type BoxCall<R, E> = Pin<Box<dyn Future<Output = Result<R, E>> + Send>>;
 type Detach<R, E> = fn(BoxCall<R, E>, Box<Ctx>);
@@ -96,10 +99,12 @@ pin_project! {
         Ready {
             ready: Option<Ready>,
         },
-        // An opted-in gRPC call whose request message is being read.
-        Grpc {
-            read: SyncWrapper<crate::grpc::ReadFuture>,
+        // A request held while its front end reads its body (an opted-in gRPC call); then
+        // `decide` says what to do with it.
+        Deferred {
+            read: SyncWrapper<DeferredRead>,
             service: S,
+            decide: fn(Deferred, S) -> Option<ResponseFuture<S, ReqB>>,
         },
         Invalidate {
             invalidation: SyncWrapper<Pin<Box<dyn Future<Output = ()> + Send>>>,
@@ -161,67 +166,7 @@ enum Mode {
     /// Looked up; on a miss the response may be stored.
     Cache(Box<Ctx>),
     /// A write (PUT, PATCH, POST, DELETE) whose success invalidates its path's entries.
-    Write(Arc<CacheLayer>, String),
-}
-
-pub(crate) struct Ctx {
-    pub(crate) shared: Arc<CacheLayer>,
-    pub(crate) key: String,
-    pub(crate) policy: Arc<Policy>,
-    pub(crate) head: bool,
-    pub(crate) status: CacheStatus,
-    /// What the entry is indexed under.
-    pub(crate) path: String,
-    pub(crate) route: Option<String>,
-    pub(crate) identity: Option<Vec<u8>>,
-    pub(crate) miss_seq: Option<u64>,
-    pub(crate) started: Instant,
-    /// The request's `If-None-Match` and `If-Modified-Since`, for 304s on hits.
-    pub(crate) conditional: Option<Box<(Option<HeaderValue>, Option<HeaderValue>)>>,
-    /// Set when this request leads a coalesced miss.
-    pub(crate) flight: Option<crate::engine::coalesce::FlightGuard>,
-    /// A stale entry to answer with if the inner service fails (stale-if-error).
-    pub(crate) stale: Option<Entry>,
-    /// This response replaces an entry that may still be served (a refresh, or a miss that
-    /// found a stale entry): if the handler refuses it (see `refusal`), the entry is removed.
-    pub(crate) replaces: bool,
-    /// For routes with a near-cache: its epoch before the lookup, and the route's bound.
-    pub(crate) near: Option<(u64, Duration)>,
-    /// Shared-cache mode: what decides reuse and storage for this request.
-    pub(crate) shared_request: Option<Arc<SharedRequest>>,
-    /// An opted-in gRPC call: stored only if it ends with `grpc-status: 0`.
-    pub(crate) grpc: bool,
-}
-
-impl Ctx {
-    /// The context of a GET of `key` starting now, before its lookup: a miss so far, with
-    /// nothing indexed, coalesced, conditional or near; callers set what applies.
-    pub(crate) fn new(
-        shared: Arc<CacheLayer>,
-        key: String,
-        policy: Arc<Policy>,
-        identity: Option<Vec<u8>>,
-    ) -> Self {
-        Ctx {
-            shared,
-            key,
-            policy,
-            head: false,
-            status: CacheStatus::Miss,
-            path: String::new(),
-            route: None,
-            identity,
-            miss_seq: None,
-            started: Instant::now(),
-            conditional: None,
-            flight: None,
-            stale: None,
-            replaces: false,
-            near: None,
-            shared_request: None,
-            grpc: false,
-        }
-    }
+    Write(Arc<Engine>, String),
 }
 
 impl<S, ReqB> ResponseFuture<S, ReqB>
@@ -242,7 +187,7 @@ where
         }
     }
 
-    pub(crate) fn write(future: S::Future, shared: Arc<CacheLayer>, path: String) -> Self {
+    pub(crate) fn write(future: S::Future, shared: Arc<Engine>, path: String) -> Self {
         ResponseFuture {
             state: State::Call { future },
             mode: Mode::Write(shared, path),
@@ -278,11 +223,17 @@ where
         }
     }
 
-    pub(crate) fn grpc(read: crate::grpc::ReadFuture, service: S) -> Self {
+    /// A request whose body is read first; `decide` then builds the future that answers it.
+    pub(crate) fn deferred(
+        read: DeferredRead,
+        service: S,
+        decide: fn(Deferred, S) -> Option<ResponseFuture<S, ReqB>>,
+    ) -> Self {
         ResponseFuture {
-            state: State::Grpc {
+            state: State::Deferred {
                 read: SyncWrapper::new(read),
                 service,
+                decide,
             },
             mode: Mode::Passthrough,
         }
@@ -477,15 +428,16 @@ where
                     this.state.set(State::Done);
                     return Poll::Ready(Ok(respond(response, this.mode, false)));
                 }
-                StateProj::Grpc { read, .. } => {
+                StateProj::Deferred { read, .. } => {
                     let read = ready!(read.get_mut().as_mut().poll(cx));
-                    let StateOwn::Grpc { service, .. } =
-                        this.state.as_mut().project_replace(State::Done)
+                    let StateOwn::Deferred {
+                        service, decide, ..
+                    } = this.state.as_mut().project_replace(State::Done)
                     else {
                         return Poll::Pending; // the state matched just above
                     };
                     // `None` only if the rebuilt body had another type: cannot happen.
-                    let Some(next) = crate::grpc::after_read(read, service) else {
+                    let Some(next) = decide(read, service) else {
                         return Poll::Pending;
                     };
                     let ResponseFuture { state, mode } = next;
@@ -585,7 +537,7 @@ where
 /// Invalidates a path after a successful write to it, before the response is returned, so
 /// the writer's next read is fresh. A failure is logged and counted; the write's own
 /// response is returned either way (it succeeded).
-async fn invalidate_after_write(shared: Arc<CacheLayer>, path: String) {
+async fn invalidate_after_write(shared: Arc<Engine>, path: String) {
     let handle = crate::handle::CacheHandle::new((*shared).clone());
     if let Err(e) = handle.invalidate_path(&path).await {
         Counters::incr(&shared.runtime.counters.write_errors);
@@ -624,7 +576,7 @@ struct Ask {
 }
 
 /// GET the entry; on a miss, read the invalidation sequence before the inner service runs.
-async fn look_up(shared: Arc<CacheLayer>, key: String, ask: Ask) -> Found {
+async fn look_up(shared: Arc<Engine>, key: String, ask: Ask) -> Found {
     let Ask {
         coalesce,
         revalidate,
@@ -751,7 +703,7 @@ fn usable(shared_request: Option<&SharedRequest>, entry: &Entry) -> bool {
 /// The rest of a lookup that found no usable entry: reads the invalidation sequence within
 /// what is left of the lookup deadline, then joins or leads the key's flight.
 async fn after_miss(
-    shared: Arc<CacheLayer>,
+    shared: Arc<Engine>,
     missed: Missed,
     coalesce: Option<Duration>,
     lock: Option<Duration>,
@@ -880,7 +832,7 @@ async fn follow(rx: &mut tokio::sync::watch::Receiver<Outcome>) -> Option<Outcom
 /// up to `wait`) for that instance's confirmed entry. `None`: compute it here (the lock was
 /// ours, Redis did not answer, or the wait ran out: the give-up path).
 async fn wait_for_other_instance(
-    shared: &CacheLayer,
+    shared: &Engine,
     key: &str,
     lock_ttl: Duration,
     wait: Duration,
@@ -909,7 +861,7 @@ async fn wait_for_other_instance(
 /// Becomes the one request of this process that refreshes `key` (the flight of the key,
 /// as for a miss), with the invalidation sequence read before.
 async fn claim_refresh(
-    shared: &CacheLayer,
+    shared: &Engine,
     key: &str,
 ) -> Option<(u64, crate::engine::coalesce::FlightGuard)> {
     let store = &shared.settings.store;
@@ -1168,7 +1120,7 @@ where
                 tracing::debug!(key = %ctx.key, reason = why.as_str(), "response not stored");
                 ResponseBody::passthrough(body)
             }
-            Some(Ok(_)) if ctx.grpc && !crate::grpc::storable_head(&parts.headers) => {
+            Some(Ok(_)) if ctx.grpc && !crate::policy::grpc::storable_head(&parts.headers) => {
                 tracing::debug!(key = %ctx.key, "gRPC trailers-only or compressed response; not stored");
                 ResponseBody::passthrough(body)
             }
@@ -1298,7 +1250,7 @@ fn strip_control_headers(headers: &mut http::HeaderMap) {
 }
 
 /// Removes an undecodable entry, off the request path, only if it still holds the same bytes.
-fn remove_if_unchanged(shared: &Arc<CacheLayer>, key: String, raw: Bytes) {
+fn remove_if_unchanged(shared: &Arc<Engine>, key: String, raw: Bytes) {
     let store = shared.settings.store.clone();
     // Under the same bound as writes: a flood of corrupt entries cannot pile up tasks.
     let Ok(permit) = Arc::clone(&shared.runtime.writes).try_acquire_owned() else {

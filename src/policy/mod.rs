@@ -6,6 +6,7 @@ use http::{header, HeaderMap, HeaderName, Method, StatusCode};
 
 use crate::outcome::{BypassReason, NotStored};
 
+pub(crate) mod grpc;
 mod shared_cache;
 pub(crate) use shared_cache::{storage, SharedRequest, VARY_FINGERPRINT};
 
