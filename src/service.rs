@@ -15,7 +15,7 @@ use crate::key::KeyInput;
 use crate::outcome::{BypassReason, Counters};
 use crate::policy::{cacheable_method, request_bypass, SharedRequest};
 
-/// The service made by [`CacheLayer`]. See the [crate docs](crate) for an example.
+/// The service made by [`CacheLayer`](crate::CacheLayer). See the [crate docs](crate) for an example.
 pub struct CacheService<S> {
     inner: S,
     shared: Arc<Engine>,
