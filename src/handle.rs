@@ -10,8 +10,8 @@ use crate::key::KeyInput;
 use crate::outcome::Stats;
 use crate::store::redis::breaker::BreakerState;
 
-/// A cheap, cloneable handle on a [`CacheLayer`](crate::CacheLayer)'s store, for the application's own code
-/// (for example in axum state, to invalidate after a write).
+/// A cheap, cloneable handle on a [`CacheLayer`](crate::CacheLayer)'s store, for the
+/// application's own code (for example in axum state, to invalidate after a write).
 ///
 /// ```no_run
 /// use std::time::Duration;

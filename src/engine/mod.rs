@@ -63,7 +63,7 @@ pub(crate) struct Runtime {
     /// `get_or_insert_json` computations in flight, by key.
     pub(crate) inflight: inflight::Inflight,
     /// Misses in flight, for request coalescing.
-    pub(crate) flights: crate::engine::coalesce::Flights,
+    pub(crate) flights: coalesce::Flights,
     /// Leaders of coalesced misses finishing in the background after their client left.
     pub(crate) detached: Arc<Semaphore>,
     /// The near-cache, made on first use (with the namespace and capacity of that moment).
@@ -71,15 +71,6 @@ pub(crate) struct Runtime {
     pub(crate) near: std::sync::OnceLock<Arc<crate::store::near::Near>>,
     /// Routes whose responses were refused for their `Vary` (logged once each).
     vary_logged: std::sync::Mutex<std::collections::HashSet<String>>,
-}
-
-impl Runtime {
-    /// True the first time a route's response is refused for its `Vary` (bounded: at most
-    /// 1,000 routes are remembered).
-    pub(crate) fn first_vary_refusal(&self, route: &str) -> bool {
-        let mut seen = self.vary_logged.lock().unwrap_or_else(|e| e.into_inner());
-        seen.len() < 1000 && seen.insert(route.to_owned())
-    }
 }
 
 /// At most this many coalesced misses finish in the background after their clients left; past
@@ -97,12 +88,19 @@ impl Runtime {
             writes: Arc::new(Semaphore::new(max_pending_writes)),
             write_bytes: Arc::new(Semaphore::new(DEFAULT_MAX_PENDING_BYTES)),
             inflight: inflight::Inflight::default(),
-            flights: crate::engine::coalesce::Flights::default(),
+            flights: coalesce::Flights::default(),
             detached: Arc::new(Semaphore::new(MAX_DETACHED)),
             #[cfg(feature = "near")]
             near: std::sync::OnceLock::new(),
             vary_logged: std::sync::Mutex::default(),
         }
+    }
+
+    /// True the first time a route's response is refused for its `Vary` (bounded: at most
+    /// 1,000 routes are remembered).
+    pub(crate) fn first_vary_refusal(&self, route: &str) -> bool {
+        let mut seen = self.vary_logged.lock().unwrap_or_else(|e| e.into_inner());
+        seen.len() < 1000 && seen.insert(route.to_owned())
     }
 }
 
@@ -137,15 +135,17 @@ impl Routes {
             Err(_) => (None, &self.default),
         }
     }
-}
 
-impl Routes {
     /// Whether any route keeps entries in the near-cache.
     #[cfg(feature = "near")]
     pub(crate) fn uses_near(&self) -> bool {
         self.default.near.is_some() || self.by_template.values().any(|p| p.near.is_some())
     }
 }
+
+/// The default bound on the request message of an opted-in gRPC method: 64 KiB. Larger
+/// requests are passed to the inner service (nothing lost) and not cached.
+pub const DEFAULT_MAX_GRPC_REQUEST_SIZE: usize = 64 * 1024;
 
 /// The opted-in unary methods of a layer, by full path.
 #[derive(Clone, Debug)]
@@ -163,10 +163,8 @@ impl Default for Methods {
     }
 }
 
-/// The default bound on the request message of an opted-in gRPC method: 64 KiB. Larger
-/// requests are passed to the inner service (nothing lost) and not cached.
-pub const DEFAULT_MAX_GRPC_REQUEST_SIZE: usize = 64 * 1024;
-
+// Named as the public type it stands for: a layer's, a service's and a handle's `Debug`
+// show the layer's configuration.
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CacheLayer")
